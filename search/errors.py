@@ -1,0 +1,52 @@
+"""User-facing errors: one message, exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+
+class UserError(Exception):
+    """Bad input from the user (file, field, value, path). The CLI prints it and exits 2."""
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    # Imported lazily so `sparse-search --help` stays fast (no torch import).
+    from trainables.arch import ArchError
+
+    types: list[type[BaseException]] = [UserError, ArchError]
+    try:
+        from search.spec import SpecError
+
+        types.append(SpecError)
+    except ImportError:  # spec not importable: the other types still apply
+        pass
+    try:
+        from trainables.data import DataError
+
+        types.append(DataError)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def run_cli(app: typer.Typer) -> None:
+    """Run the typer app; user errors become ``error: ...`` on stderr and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(2)
+        if isinstance(e, _user_error_types()):
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        raise
