@@ -132,10 +132,10 @@ class StageConfig:
                 f"{path}.downsample='stride' is invalid for a {self.block} stage: its layers "
                 "concatenate same-size maps; expected one of none, maxpool, avgpool"
             )
-        if self.block == "residual" and self.padding == "valid":
+        if self.block != "plain" and self.padding == "valid":
             raise ArchError(
-                f"{path}.padding='valid' is invalid for a residual stage: the skip needs the "
-                "conv to keep HxW; expected same"
+                f"{path}.padding='valid' is invalid for a {self.block} stage: its skips/concats "
+                "need every conv to keep HxW; expected same"
             )
 
 
@@ -230,6 +230,13 @@ class ArchConfig:
                 )
             _check(self.in_channels == 3, "in_channels", self.in_channels,
                    "3 for a torchvision backbone")
+            _check(self.batch_norm, "batch_norm", self.batch_norm,
+                   "true with a torchvision backbone (its BatchNorm layers are part of it)")
+            # densenet121's trunk pools 5 times with kernel 2 after a stride-4 stem: < 29 px
+            # reaches 0x0 (resnet18 pads every pooling, so any size works).
+            min_side = 29 if self.backbone.name == "densenet121" else 1
+            _check(min(self.input_size) >= min_side, "input_size", list(self.input_size),
+                   f"at least {min_side}x{min_side} for {self.backbone.name}")
             return
         if self.stem is not None:
             _check(isinstance(self.stem, StemConfig), "stem", self.stem, "a StemConfig or null")
