@@ -16,18 +16,12 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from trainables.arch import ArchError
 
     types: list[type[BaseException]] = [UserError, ArchError]
-    try:
-        from search.spec import SpecError
-
-        types.append(SpecError)
-    except ImportError:  # spec not importable: the other types still apply
-        pass
-    try:
-        from trainables.data import DataError
-
-        types.append(DataError)
-    except ImportError:
-        pass
+    # Only modules already imported can have raised their error type: importing them here
+    # would pull in torch (seconds) just to print a message.
+    for module, name in (("search.spec", "SpecError"), ("trainables.data", "DataError")):
+        mod = sys.modules.get(module)
+        if mod is not None:
+            types.append(getattr(mod, name))
     return tuple(types)
 
 

@@ -747,6 +747,13 @@ def _arch_space(r: _Reader, d: Any) -> ArchSpace:
         elif k == "backbone_weights":
             if v is not None and not isinstance(v, str):
                 r.invalid(path, v, "a file path or null")
+            if v is not None:
+                # Trials run in their own directories (and maybe on other nodes): make the path
+                # absolute now, relative to where the search is started, and fail before training.
+                w = Path(v).expanduser().resolve()
+                if not w.is_file():
+                    r.invalid(path, v, f"an existing state_dict file (no file at {w})")
+                v = str(w)
             out[k] = v
         else:
             out[k] = _dim(r, v, path, _net_kind(k), _NET_FIELDS[k])

@@ -86,6 +86,8 @@ class StemConfig:
     def validate(self, path: str = "stem") -> None:
         _check_int(f"{path}.width", self.width, 1)
         _check_int(f"{path}.kernel", self.kernel, 1, 11)
+        # "same" padding is k//2 on each side: only odd kernels keep HxW.
+        _check(self.kernel % 2 == 1, f"{path}.kernel", self.kernel, "an odd kernel size")
         _check_int(f"{path}.stride", self.stride, 1, 4)
         _check_choice(f"{path}.conv", self.conv, CONV_TYPES)
         _check_bool(f"{path}.bias", self.bias)
@@ -117,6 +119,8 @@ class StageConfig:
         _check_int(f"{path}.width", self.width, 1)
         _check_int(f"{path}.layers", self.layers, 1, 64)
         _check_int(f"{path}.kernel", self.kernel, 1, 11)
+        _check(self.kernel % 2 == 1 or self.padding == "valid", f"{path}.kernel", self.kernel,
+               "an odd kernel size with padding 'same'")
         _check_choice(f"{path}.downsample", self.downsample, DOWNSAMPLES)
         _check_float(f"{path}.compression", self.compression, 0.0, 1.0, lo_open=True)
         _check_bool(f"{path}.bias", self.bias)
@@ -399,10 +403,11 @@ class ArchConfig:
         return "mix"
 
     def canonical(self) -> str:
-        """Short readable name, e.g. ``sep|s32/2|res2x32,res2x64/s|gap|h128@0.3``.
+        """Short readable name, e.g. ``sep|s32/2|res2x32,res2x64/s|gap|h128@0.3|r0``.
 
-        Encodes every field that differs from its default, so two different configs never
-        share a name (tested); :meth:`key` adds a hash for use as a fixed-length id.
+        Encodes every field that changes the network (the mask seed only when a head layer
+        is sparse; backbone weights by file name), so two different networks do not share a
+        name (tested); :meth:`key` hashes the full config for a fixed-length id.
         """
         parts: list[str] = [self.conv_kind]
         if self.backbone is not None:

@@ -100,7 +100,7 @@ def test_feature_shape_matches_the_real_trunk(name: str) -> None:
 
 
 def test_too_small_input_is_refused_before_building() -> None:
-    with pytest.raises(ArchError, match=r"input_size=\[28, 28\] is too small for densenet121"):
+    with pytest.raises(ArchError, match=r"input_size=\[28, 28\] is invalid: expected at least 29x29 for densenet121"):
         build_transfer_model(_arch("densenet121", size=28))
 
 
