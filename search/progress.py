@@ -1,0 +1,118 @@
+"""What a search prints: one live progress line on stderr, the Pareto table on stdout.
+
+The progress line is redrawn in place (at most twice a second) when stderr is a terminal, and
+printed as a plain line every ``interval_s`` seconds otherwise (logs, CI), so a long search
+never floods a log file. The table and the ``--json`` summary go to stdout, so
+``sparse-search run x.yaml --json | tail -1`` is always one JSON object.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ray.tune import Callback
+
+if TYPE_CHECKING:
+    from ray.tune.experiment import Trial
+
+    from search.results import Recorder
+    from search.searcher import ProposerSearcher
+
+TTY_REDRAW_S = 0.5
+
+
+class ProgressCallback(Callback):
+    """The live line: trials done / running / failed, proposals rejected, front size."""
+
+    def __init__(self, recorder: Recorder, searcher: ProposerSearcher, *, total: int,
+                 interval_s: float = 30.0) -> None:
+        self.recorder = recorder
+        self.searcher = searcher
+        self.total = total
+        self.interval_s = interval_s
+        self._last_draw = -math.inf
+        self._drawn = False  # a TTY line is on screen (end it with a newline)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_last_draw": -math.inf, "_drawn": False}
+
+    def line(self, trials: Sequence[Trial]) -> str:
+        c = self.recorder.counts()
+        running = sum(1 for t in trials if t.status == "RUNNING")
+        early = f" ({c['early_stopped']} stopped early)" if c["early_stopped"] else ""
+        return (f"trials {c['finished']}/{self.total} done{early}, {running} running, "
+                f"{c['failed']} failed, {self.searcher.rejected} rejected | "
+                f"front {len(self.recorder.front)}")
+
+    def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
+        now = time.monotonic()
+        tty = sys.stderr.isatty()
+        if now - self._last_draw < (TTY_REDRAW_S if tty else self.interval_s):
+            return
+        self._last_draw = now
+        if tty:
+            sys.stderr.write("\r\033[K" + self.line(trials))
+            self._drawn = True
+        else:
+            sys.stderr.write(self.line(trials) + "\n")
+        sys.stderr.flush()
+
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        if self._drawn:
+            sys.stderr.write("\r\033[K" + self.line(trials) + "\n")
+            sys.stderr.flush()
+            self._drawn = False
+
+
+def _fmt(v: Any, spec: str) -> str:
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        return format(v, spec)
+    return "-"
+
+
+def front_table(front: Sequence[Mapping[str, Any]]) -> str:
+    """The Pareto front, smallest model first: params, accuracies, trial and architecture."""
+    if not front:
+        return "Pareto front: empty (no trial finished within the budget)"
+    rounds = any(p.get("prune_round") for p in front)
+    head = f"{'nonzero_params':>14}  {'val_acc':>7}  {'test_acc':>8}  {'trial':>5}"
+    head += f"  {'round':>5}" if rounds else ""
+    lines = [f"Pareto front ({len(front)}):", head + "  arch"]
+    for p in front:
+        row = (f"{_fmt(p.get('nonzero_params'), ',d'):>14}  {_fmt(p.get('val_accuracy'), '.4f'):>7}"
+               f"  {_fmt(p.get('test_accuracy'), '.4f'):>8}  {p['trial_key']:>5}")
+        row += f"  {p.get('prune_round', 0):>5}" if rounds else ""
+        lines.append(row + f"  {p['arch']}")
+    return "\n".join(lines)
+
+
+def _json_number(v: Any) -> Any:
+    return v if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def summary(*, run_dir: str, recorder: Recorder, rejected: int, complete: bool) -> dict[str, Any]:
+    """The ``--json`` object: counts and the front (JSON has no NaN: missing values are null)."""
+    c = recorder.counts()
+    return {
+        "run_dir": run_dir,
+        "complete": complete,
+        "trials": c["finished"],
+        "terminated": c["terminated"],
+        "early_stopped": c["early_stopped"],
+        "failed": c["failed"],
+        "rejected": rejected,
+        "front": [
+            {"trial_id": p["trial_id"], "trial_key": p["trial_key"],
+             "prune_round": p.get("prune_round", 0),
+             "nonzero_params": _json_number(p.get("nonzero_params")),
+             "macs": _json_number(p.get("macs")),
+             "val_accuracy": _json_number(p.get("val_accuracy")),
+             "test_accuracy": _json_number(p.get("test_accuracy")),
+             "arch": p["arch"], "model": p.get("model")}
+            for p in recorder.front
+        ],
+    }

@@ -1,0 +1,380 @@
+"""What a search found: one record per finished trial, candidate points, the Pareto front.
+
+:class:`Recorder` is a Ray Tune callback running in the driver. It writes
+``trials/<key>/result.json`` (plus arch.yaml, model.pt and layers.json for trials that
+finished) the moment a trial ends, then rewrites results.csv, points.csv and pareto.csv from
+all records. Nothing finished is ever lost to a killed driver, and a resumed search starts
+from the records on disk (a trial recorded once is never recorded again).
+
+Multi-fidelity honesty:
+- a trial is TERMINATED only when its trainable sent its final report (the only report that
+  carries ``test_accuracy``: Ray marks results of scheduler-stopped trials ``done`` too, so
+  ``done`` cannot tell them apart); a trial the scheduler stopped is EARLY_STOPPED and never
+  enters the front;
+- each completed pruning round of a TERMINATED trial is a candidate point (its last report
+  before the next round starts), so one lottery-ticket run can put several sizes on the front;
+- a point over ``max_params`` / ``max_macs`` (e.g. an early, denser round) is not eligible.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ray.tune import Callback
+
+from search.pareto import front_indices
+from search.rundir import (
+    ARCH_YAML,
+    LAYERS_JSON,
+    MODEL_FILE,
+    RESULT_JSON,
+    RunDir,
+    write_atomic,
+    write_json,
+)
+
+if TYPE_CHECKING:
+    from ray.tune.experiment import Trial
+
+    from search.background import Background
+    from search.spec import SearchSpec
+
+log = logging.getLogger("sparse_search.results")
+
+TRIAL_KEY = "meta/trial_key"  # the config key holding the trial key (the Optuna trial number)
+TERMINATED, EARLY_STOPPED, ERROR = "TERMINATED", "EARLY_STOPPED", "ERROR"
+# Report keys kept in records and points (the trainable reports more; Ray adds bookkeeping).
+METRIC_KEYS = ("val_accuracy", "val_loss", "test_accuracy", "test_loss", "train_loss",
+               "nonzero_params", "macs", "nonzero_macs", "epoch", "prune_round", "fidelity",
+               "train_seconds")
+RESULT_COLUMNS = ("trial_key", "trial_id", "status", "error", "arch", "nonzero_params", "macs",
+                  "val_accuracy", "val_loss", "test_accuracy", "train_seconds", "epochs",
+                  "prune_round", "fidelity")
+POINT_COLUMNS = ("trial_key", "trial_id", "prune_round", "epoch", "nonzero_params", "macs",
+                 "val_accuracy", "val_loss", "test_accuracy", "eligible", "on_front", "model",
+                 "arch")
+PARETO_COLUMNS = ("trial_key", "trial_id", "prune_round", "nonzero_params", "macs",
+                  "val_accuracy", "test_accuracy", "model", "arch")
+
+
+def trial_key(trial: Trial) -> str:
+    return str(trial.config.get(TRIAL_KEY, trial.trial_id))
+
+
+def is_final(result: Mapping[str, Any]) -> bool:
+    """The trainable's own last report (see the module docstring for why not ``done``)."""
+    return "test_accuracy" in result
+
+
+def _metrics(result: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: result[k] for k in METRIC_KEYS if k in result}
+
+
+def _round_model(r: int) -> str:
+    return f"model-round{r}.pt"
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# ---------------------------------------------------------------------- the front
+def eligible(point: Mapping[str, Any], *, objectives: Sequence[tuple[str, str]],
+             max_params: int | None, max_macs: int | None) -> bool:
+    """Within every budget and with a finite value for every objective."""
+    if not all(_finite(point.get(m)) for m, _ in objectives):
+        return False
+    if max_params is not None and not point.get("nonzero_params", math.inf) <= max_params:
+        return False
+    return max_macs is None or point.get("macs", math.inf) <= max_macs
+
+
+def candidate_points(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Every point of every TERMINATED record, tagged with its trial (early-stopped and
+    failed trials give none)."""
+    out = []
+    for rec in records:
+        if rec["status"] != TERMINATED:
+            continue
+        for p in rec["points"]:
+            out.append({**p, "trial_key": rec["trial_key"], "trial_id": rec["trial_id"],
+                        "arch": rec["arch"]})
+    return out
+
+
+def pareto_front(points: Sequence[Mapping[str, Any]], *, objectives: Sequence[tuple[str, str]],
+                 max_params: int | None, max_macs: int | None) -> list[int]:
+    """Indices into ``points`` of the non-dominated eligible ones, smallest model first."""
+    ok = [i for i, p in enumerate(points)
+          if eligible(p, objectives=objectives, max_params=max_params, max_macs=max_macs)]
+    values = [[float(points[i][m]) for m, _ in objectives] for i in ok]
+    front = [ok[j] for j in front_indices(values, [s for _, s in objectives])] if ok else []
+    return sorted(front, key=lambda i: (points[i].get("nonzero_params", 0),
+                                        -points[i].get("val_accuracy", 0.0)))
+
+
+def _csv(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------- the callback
+class Recorder(Callback):
+    """Writes trials/<key>/ and the CSVs as trials finish (see the module docstring).
+
+    Picklable (Ray pickles callbacks with the experiment): it holds paths and plain data only.
+    Its per-trial state (the last report, the rounds completed so far) is saved with Ray's
+    experiment checkpoint, so a resumed trial keeps the rounds it completed before the kill.
+    """
+
+    def __init__(self, run: RunDir, spec: SearchSpec, *,
+                 background: Background | None = None) -> None:
+        self.run = run
+        self.background = background  # layers.json off Tune's event loop when given
+        self.objectives = [(o.metric, o.mode) for o in spec.objectives]
+        self.max_params = spec.constraints.max_params
+        self.max_macs = spec.constraints.max_macs
+        self.records: dict[str, dict[str, Any]] = {}
+        self._last: dict[str, dict[str, Any]] = {}  # trial key -> last report (METRIC_KEYS)
+        self._points: dict[str, list[dict[str, Any]]] = {}  # trial key -> rounds completed
+        self.points: list[dict[str, Any]] = []
+        self.front: list[dict[str, Any]] = []
+        self.load()
+
+    # ------------------------------------------------------------------ records on disk
+    def load(self) -> None:
+        """Read every trials/*/result.json (a resumed search) and recompute the front."""
+        self.records = {}
+        for path in sorted(self.run.trials.glob(f"*/{RESULT_JSON}")):
+            try:
+                rec = json.loads(path.read_text())
+            except ValueError as e:
+                log.warning("ignoring %s: not valid JSON (%s)", path, e)
+                continue
+            self.records[str(rec["trial_key"])] = rec
+            out = path.parent
+            if (rec["status"] == TERMINATED and (out / MODEL_FILE).is_file()
+                    and not (out / LAYERS_JSON).is_file()):  # the driver died before writing it
+                self._write_layers(out)
+        self._recompute()
+
+    def counts(self) -> dict[str, int]:
+        statuses = [r["status"] for r in list(self.records.values())]
+        return {"finished": len(statuses), "terminated": statuses.count(TERMINATED),
+                "early_stopped": statuses.count(EARLY_STOPPED), "failed": statuses.count(ERROR)}
+
+    def _recompute(self) -> None:
+        self.points = candidate_points(self.records.values())
+        on_front = pareto_front(self.points, objectives=self.objectives,
+                                max_params=self.max_params, max_macs=self.max_macs)
+        front_set = set(on_front)
+        for i, p in enumerate(self.points):
+            p["eligible"] = eligible(p, objectives=self.objectives, max_params=self.max_params,
+                                     max_macs=self.max_macs)
+            p["on_front"] = i in front_set
+        self.front = [self.points[i] for i in on_front]
+
+    def write_tables(self) -> None:
+        """results.csv, pareto.csv and (when some trial has several rounds) points.csv."""
+        recs = sorted(self.records.values(), key=lambda r: int(r["trial_key"])
+                      if str(r["trial_key"]).isdigit() else r["trial_key"])
+        config_cols = sorted({k for r in recs for k in r["config"]})
+        rows = [{**r["config"], **r["metrics"], "trial_key": r["trial_key"],
+                 "trial_id": r["trial_id"], "status": r["status"], "error": r["error"],
+                 "arch": r["arch"], "epochs": r["metrics"].get("epoch")} for r in recs]
+        write_atomic(self.run.results_csv, _csv(rows, [*RESULT_COLUMNS, *config_cols]))
+        write_atomic(self.run.pareto_csv, _csv(self.front, PARETO_COLUMNS))
+        if any(len(r["points"]) > 1 for r in recs):
+            write_atomic(self.run.points_csv, _csv(self.points, POINT_COLUMNS))
+
+    def df_rows(self) -> list[dict[str, Any]]:
+        """One row per TERMINATED trial for the tracker: its front point if it has one, else its
+        last point."""
+        best: dict[str, dict[str, Any]] = {}
+        for p in self.points:  # rounds in order: a later one replaces an earlier one of a kind
+            cur = best.get(p["trial_key"])
+            if cur is None or p["on_front"] or not cur["on_front"]:
+                best[p["trial_key"]] = p
+        return list(best.values())
+
+    # ------------------------------------------------------------------ Ray Tune hooks
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial,
+                        result: dict, **info: Any) -> None:
+        key = trial_key(trial)
+        rep = _metrics(result)
+        prev = self._last.get(key)
+        if prev is not None:
+            if rep.get("epoch", 0) <= prev.get("epoch", 0):
+                # The trial went back (restarted from an older checkpoint): forget the rounds
+                # it will redo.
+                self._points[key] = [p for p in self._points.get(key, [])
+                                     if p["prune_round"] < rep.get("prune_round", 0)]
+            elif rep.get("prune_round", 0) > prev.get("prune_round", 0):
+                self._points.setdefault(key, []).append(self._point(key, prev))
+        self._last[key] = rep
+
+    def on_checkpoint(self, iteration: int, trials: list[Trial], trial: Trial,
+                      checkpoint: Any, **info: Any) -> None:
+        """Keep the weights of a pruning round that ends at full epochs (a front candidate)."""
+        key = trial_key(trial)
+        rep = self._last.get(key, {})
+        epochs = trial.config.get("train/epochs")
+        rounds = trial.config.get("train/prune_rounds", 0)
+        r = rep.get("prune_round", 0)
+        if not rounds or not epochs or r >= rounds or rep.get("epoch") != epochs * (r + 1):
+            return
+        try:
+            with checkpoint.as_directory() as d:
+                src = Path(d) / MODEL_FILE
+                if src.is_file():
+                    dest = self.run.trial(key) / _round_model(r)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(src, dest)
+        except OSError as e:
+            log.warning("trial %s: could not keep the round-%d weights (%s)", key, r, e)
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial,
+                          **info: Any) -> None:
+        key = trial_key(trial)
+        last = self._last.pop(key, None) or _metrics(trial.last_result or {})
+        points = self._points.pop(key, [])
+        if key in self.records:
+            return  # recorded before a resume: Ray re-ran it from a stale snapshot
+        final = is_final(last)
+        if final:
+            points.append(self._point(key, last))
+        self._save(trial, key, status=TERMINATED if final else EARLY_STOPPED, error=None,
+                   metrics=last, points=points, final=final)
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial,
+                       **info: Any) -> None:
+        key = trial_key(trial)
+        last = self._last.pop(key, None) or _metrics(trial.last_result or {})
+        self._points.pop(key, None)
+        if key in self.records:
+            return
+        error = error_message(trial)
+        log.warning("trial %s failed: %s", key, error)
+        self._save(trial, key, status=ERROR, error=error, metrics=last, points=[], final=False)
+
+    def get_state(self) -> dict[str, Any] | None:
+        if not self._last and not self._points:
+            return None
+        return {"last": self._last, "points": self._points}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._last = dict(state.get("last", {}))
+        self._points = {k: list(v) for k, v in state.get("points", {}).items()}
+
+    # ------------------------------------------------------------------ writing
+    def _point(self, key: str, rep: Mapping[str, Any]) -> dict[str, Any]:
+        r = int(rep.get("prune_round", 0))
+        model = None
+        if is_final(rep):
+            model = f"{self.run.trials.name}/{key}/{MODEL_FILE}"
+        elif (self.run.trial(key) / _round_model(r)).is_file():
+            model = f"{self.run.trials.name}/{key}/{_round_model(r)}"
+        return {"prune_round": r, "epoch": rep.get("epoch"),
+                "nonzero_params": rep.get("nonzero_params"), "macs": rep.get("macs"),
+                "val_accuracy": rep.get("val_accuracy"), "val_loss": rep.get("val_loss"),
+                "test_accuracy": rep.get("test_accuracy"), "model": model}
+
+    def _save(self, trial: Trial, key: str, *, status: str, error: str | None,
+              metrics: dict[str, Any], points: list[dict[str, Any]], final: bool) -> None:
+        from trainables.arch import ArchConfig
+
+        config = {k: v for k, v in trial.config.items() if not k.startswith("meta/")}
+        out = self.run.trial(key)
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            arch = ArchConfig.from_flat(config)
+            write_atomic(out / ARCH_YAML, arch.to_yaml())
+            arch_name = arch.canonical()
+        except ValueError as e:  # cannot happen for configs the Proposer made; never fatal
+            arch, arch_name = None, f"<invalid arch: {e}>"
+        if final and arch is not None:
+            self._save_model(trial, out)
+        record = {"trial_key": key, "trial_id": trial.trial_id, "status": status, "error": error,
+                  "arch": arch_name, "finished_at": time.time(), "metrics": metrics,
+                  "points": points, "config": config}
+        write_json(out / RESULT_JSON, record)
+        self.records[key] = record
+        self._recompute()
+        self.write_tables()
+
+    def _save_model(self, trial: Trial, out: Path) -> None:
+        """model.pt from the final checkpoint, then layers.json counted from those weights."""
+        checkpoint = trial.checkpoint
+        if checkpoint is None:
+            log.warning("trial %s finished without a checkpoint: no model.pt", trial_key(trial))
+            return
+        try:
+            with checkpoint.as_directory() as d:
+                shutil.copyfile(Path(d) / MODEL_FILE, out / MODEL_FILE)
+        except OSError as e:
+            log.warning("trial %s: could not save model.pt (%s)", trial_key(trial), e)
+            return
+        if self.background is not None:
+            self.background.submit(self._write_layers, out)
+        else:
+            self._write_layers(out)
+
+    @staticmethod
+    def _write_layers(out: Path) -> None:
+        """layers.json: the accounting of the trial's delivered weights."""
+        from trainables.arch import ArchConfig
+
+        write_json(out / LAYERS_JSON, layers_of(ArchConfig.load(out / ARCH_YAML), out / MODEL_FILE))
+
+
+def layers_of(arch: Any, model_path: Path) -> dict[str, Any]:
+    """The accounting of the delivered model (real weights: pruned zeros count as zero)."""
+    import torch
+
+    from trainables.accounting import count_module
+    from trainables.models import build_model
+
+    if arch.backbone is not None and arch.backbone.weights is not None:
+        # The trained weights replace the pretrained ones: never read that file again.
+        arch = arch.replace(backbone=arch.backbone.__class__(
+            name=arch.backbone.name, trainable=arch.backbone.trainable, weights=None))
+    model = build_model(arch)
+    model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
+    return count_module(model, (arch.in_channels, *arch.input_size)).to_dict()
+
+
+def error_message(trial: Trial) -> str:
+    """``ExceptionType: message`` of a failed trial (the root cause, not Ray's wrapper).
+
+    Read from the trial's local error files, which Ray writes before calling back (its
+    ``get_error`` reads the storage copy, which may not be synced yet).
+    """
+    import cloudpickle
+
+    exc = None
+    if trial.pickled_error_file and Path(trial.pickled_error_file).is_file():
+        try:
+            exc = cloudpickle.loads(Path(trial.pickled_error_file).read_bytes())
+        except Exception:  # an unpicklable cause: fall back to the text trace
+            exc = None
+    cause = getattr(exc, "cause", None) or exc
+    if cause is not None:
+        return f"{type(cause).__name__}: {cause}".strip()
+    text = ""
+    if trial.error_file and Path(trial.error_file).is_file():
+        text = Path(trial.error_file).read_text()
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "the trial failed (Ray saved no error trace)"

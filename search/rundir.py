@@ -1,0 +1,143 @@
+"""The run directory: where one search keeps everything it needs to report, resume and export.
+
+Layout (``--storage DIR``, default ``./runs``)::
+
+    runs/<spec-name>-<YYYYmmdd-HHMMSS>/
+      spec.yaml          the resolved spec (CLI overrides applied): ``resume`` reads it back
+      optuna.journal     the Proposer's JournalStorage: what the sampler learned
+      ray/               the Ray Tune experiment (tuner.pkl, experiment state, trial checkpoints)
+      results.csv        one row per finished trial (TERMINATED, EARLY_STOPPED or ERROR)
+      points.csv         every completed pruning round of every trial (when rounds give several)
+      pareto.csv         the front over eligible points
+      trials/<key>/      result.json, arch.yaml, model.pt (state_dict), layers.json
+
+``<key>`` is the trial key: the Optuna trial number, the same before and after a resume.
+Every file is replaced atomically (write a sibling, then ``os.replace``): a driver killed at
+any instant leaves either the old or the new version, never half a file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from search.errors import UserError
+
+SPEC_FILE = "spec.yaml"
+JOURNAL_FILE = "optuna.journal"
+EXPERIMENT_NAME = "ray"  # Ray Tune's experiment folder inside the run dir
+RESULTS_FILE = "results.csv"
+POINTS_FILE = "points.csv"
+PARETO_FILE = "pareto.csv"
+TRIALS_DIR = "trials"
+# Inside trials/<key>/:
+RESULT_JSON = "result.json"
+ARCH_YAML = "arch.yaml"
+MODEL_FILE = "model.pt"
+LAYERS_JSON = "layers.json"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths of one run directory (absolute)."""
+
+    path: Path
+
+    @property
+    def spec(self) -> Path:
+        return self.path / SPEC_FILE
+
+    @property
+    def journal(self) -> Path:
+        return self.path / JOURNAL_FILE
+
+    @property
+    def experiment(self) -> Path:
+        return self.path / EXPERIMENT_NAME
+
+    @property
+    def results_csv(self) -> Path:
+        return self.path / RESULTS_FILE
+
+    @property
+    def points_csv(self) -> Path:
+        return self.path / POINTS_FILE
+
+    @property
+    def pareto_csv(self) -> Path:
+        return self.path / PARETO_FILE
+
+    @property
+    def trials(self) -> Path:
+        return self.path / TRIALS_DIR
+
+    def trial(self, key: str) -> Path:
+        return self.trials / key
+
+    @classmethod
+    def create(cls, storage: str | Path, name: str, *, now: dt.datetime | None = None) -> RunDir:
+        """A new ``<storage>/<name>-<YYYYmmdd-HHMMSS>`` (``-2``, ``-3``, ... if taken)."""
+        root = Path(storage).expanduser().resolve()
+        stamp = (now or dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--storage {root}: cannot create the folder ({e.strerror})") from None
+        for i in range(1, 1000):
+            path = root / (f"{name}-{stamp}" if i == 1 else f"{name}-{stamp}-{i}")
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            (path / TRIALS_DIR).mkdir()
+            return cls(path)
+        raise UserError(f"--storage {root}: 999 run folders named {name}-{stamp}* already exist")
+
+    @classmethod
+    def open(cls, path: str | Path) -> RunDir:
+        """An existing run dir (for ``resume``); a UserError names what is missing."""
+        run = cls(Path(path).expanduser().resolve())
+        if not run.path.is_dir():
+            raise UserError(f"{path}: no such run directory")
+        for needed, what in ((run.spec, "the resolved spec"),
+                             (run.experiment / "tuner.pkl", "the Ray Tune experiment")):
+            if not needed.exists():
+                raise UserError(
+                    f"{path}: {needed.relative_to(run.path)} ({what}) is missing: expected a "
+                    "folder made by `sparse-search run` (runs/<name>-<date>-<time>)"
+                )
+        run.trials.mkdir(exist_ok=True)
+        return run
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Replace ``path`` with ``data`` in one step (readers never see a partial file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are for everyone to read
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=1, default=_json_default, allow_nan=True) + "\n")
+
+
+def _json_default(v: Any) -> Any:
+    if hasattr(v, "item"):  # numpy / torch scalars
+        return v.item()
+    if isinstance(v, (set, tuple)):
+        return list(v)
+    return str(v)

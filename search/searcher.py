@@ -1,0 +1,163 @@
+"""The Ray Tune searcher: Ray asks it for configs, it asks sparse-search's Proposer.
+
+Why not Ray's ``OptunaSearch``: it tells a trial the scheduler stopped early as COMPLETE with
+its low-epoch score (so that trial lands on Optuna's front), drops intermediate results for
+multi-objective studies, and knows nothing of the budget screen. Here:
+
+- ``suggest`` -> ``Proposer.ask()``: only feasible configs ever reach Ray (over-budget
+  proposals are told to Optuna inside the Proposer and counted in ``rejected``);
+- ``on_trial_complete`` -> ``tell(values)`` only for the trainable's final report (full
+  fidelity); a trial the scheduler stopped is told PRUNED, a failed one FAIL.
+
+Each config carries ``meta/trial_key``: the Optuna trial number as a string, the key of the
+trial's folder, MLflow run and CSV rows, unchanged across a resume.
+
+Resume: Ray pickles this object with the experiment and saves :meth:`save` state with every
+experiment snapshot. The Optuna study itself lives in the journal file, so only the Ray trial
+id -> trial key map and counters are saved. On :meth:`restore`, Optuna trials the dead driver
+asked but Ray never recorded (created after the last snapshot) are told FAIL, so they do not
+stay RUNNING forever (TPE's constant liar would keep imputing them); the trials Ray restores
+keep their Optuna trial and are told when they finish. ``num_samples`` is enforced here, over
+trials recorded on disk plus those in flight, so trials that finished after the last snapshot
+are not trained twice over the budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from ray.tune.search import Searcher
+
+from search.results import TRIAL_KEY, is_final
+from search.space import Proposer, SearchSpace
+
+log = logging.getLogger("sparse_search.searcher")
+
+
+class ProposerSearcher(Searcher):
+    """A Ray Tune :class:`Searcher` backed by :class:`search.space.Proposer`."""
+
+    def __init__(
+        self,
+        space: SearchSpace,
+        *,
+        journal: str | Path,
+        study_name: str,
+        num_samples: int,
+        recorded: Iterable[str] = (),
+    ) -> None:
+        spec = space.spec
+        super().__init__(metric=[o.metric for o in spec.objectives],
+                         mode=[o.mode for o in spec.objectives])
+        self.space = space
+        self.journal = str(journal)
+        self.study_name = study_name
+        self.num_samples = num_samples
+        self._proposer: Proposer | None = None
+        self._live: dict[str, str] = {}  # Ray trial id -> trial key, asked and not yet told
+        self._issued: set[str] = set(recorded)  # trial keys that count towards num_samples
+        self._rejected_before = 0  # rejected by proposers of earlier driver processes
+        self.told = {"complete": 0, "pruned": 0, "failed": 0}
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self) -> dict[str, Any]:
+        # The study is rebuilt from the journal: never pickle a storage handle.
+        return {**self.__dict__, "_proposer": None,
+                "_rejected_before": self.rejected}
+
+    @property
+    def proposer(self) -> Proposer:
+        if self._proposer is None:
+            s = self.space.spec.search
+            self._proposer = Proposer(self.space, sampler=s.sampler, seed=s.seed,
+                                      storage=self.journal, study_name=self.study_name,
+                                      max_rejects=s.max_rejects)
+        return self._proposer
+
+    @property
+    def rejected(self) -> int:
+        """Over-budget proposals told to Optuna by this search, over resumes."""
+        return self._rejected_before + (self._proposer.rejected if self._proposer else 0)
+
+    @property
+    def live(self) -> int:
+        """Trials asked and not yet told."""
+        return len(self._live)
+
+    @property
+    def exhausted(self) -> bool:
+        """Every trial of ``num_samples`` was handed out (recorded ones included)."""
+        return len(self._issued) >= self.num_samples
+
+    # ------------------------------------------------------------------ Ray Tune API
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict,
+                              **spec: Any) -> bool:
+        return True  # the space comes from the spec, never from Tune's param_space
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if len(self._issued) >= self.num_samples:
+            return Searcher.FINISHED
+        number, proposal = self.proposer.ask()
+        key = str(number)
+        self._live[trial_id] = key
+        self._issued.add(key)
+        return {**proposal.config, TRIAL_KEY: key}
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        key = self._live.pop(trial_id, None)
+        if key is None and result is not None and f"config/{TRIAL_KEY}" in result:
+            key = str(result[f"config/{TRIAL_KEY}"])
+        if key is None:
+            return
+        number = int(key)
+        if error or result is None:
+            self.proposer.tell_failed(number)
+            self.told["failed"] += 1
+        elif is_final(result):
+            values = [result.get(m) for m in self.metric]
+            if all(_finite(v) for v in values):
+                self.proposer.tell(number, [float(v) for v in values])
+                self.told["complete"] += 1
+            else:  # a final report without its objectives: nothing to learn from
+                self.proposer.tell_failed(number)
+                self.told["failed"] += 1
+        else:  # stopped early by the scheduler: its low-fidelity score must not reach the front
+            self.proposer.tell_pruned(number)
+            self.told["pruned"] += 1
+
+    def save(self, checkpoint_path: str) -> None:
+        state = {"live": self._live, "issued": sorted(self._issued), "rejected": self.rejected,
+                 "told": self.told}
+        Path(checkpoint_path).write_bytes(pickle.dumps(state))
+
+    def restore(self, checkpoint_path: str) -> None:
+        state = pickle.loads(Path(checkpoint_path).read_bytes())
+        self._live = dict(state["live"])
+        self._issued |= set(state["issued"]) | set(self._live.values())
+        self._rejected_before = int(state["rejected"])
+        self.told = dict(state["told"])
+        self.fail_orphans()
+
+    def fail_orphans(self) -> list[int]:
+        """Tell FAIL to Optuna trials left RUNNING that no Ray trial will ever finish."""
+        from optuna.trial import TrialState
+
+        alive = {int(k) for k in self._live.values()}
+        orphans = [t.number for t in self.proposer.study.get_trials(
+            deepcopy=False, states=(TrialState.RUNNING,)) if t.number not in alive]
+        for n in orphans:
+            self.proposer.tell_failed(n)
+        if orphans:
+            log.info("told %d Optuna trial(s) of the interrupted driver FAIL: %s",
+                     len(orphans), orphans)
+        return orphans
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

@@ -1,0 +1,464 @@
+"""Run a search on Ray Tune: locally (default) or on a Ray cluster (``address``), and resume it.
+
+One search, end to end::
+
+    spec ──> run dir (spec.yaml) ──> dataset loaded ONCE in the driver (object store, zero copy)
+         ──> Tuner(train_trial, ProposerSearcher, ASHA?, ConcurrencyLimiter, resources)
+         ──> Recorder (trials/<key>/, CSVs) ─> progress line ─> MLflow (optional)
+         ──> the Pareto front (table on stdout, summary dict returned)
+
+Choices that make a small search fast here (2 CPU cores): actors are reused across trials (a
+fresh worker costs ~2 s: process start + torch import), Ray's per-trial CSV/JSON/TensorBoard
+loggers are off (the Recorder keeps what matters), and MLflow gets one batch per report.
+
+Quiet by default: no Ray banner, dashboard, usage stats, progress tables or trial tracebacks
+(a failed trial is one line on stderr and a row in results.csv). A local Ray binds loopback
+only (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` makes Ray pick 127.0.0.1 as the node address,
+so gcs_server, raylet, workers and agents listen there; ``_node_ip_address="127.0.0.1"``
+alone is rewritten to the machine's outward address) and keeps token auth on.
+
+Resume (``resume_search``) after any kind of death of the driver, SIGKILL included: Ray's
+experiment snapshot restores the trials (finished ones are not rerun, unfinished ones continue
+from their last checkpoint; errored ones stay errored: they already used their
+``max_failures`` retries), the Optuna journal restores what the sampler learned, and the
+Recorder's files on disk say which trials finished. See :mod:`search.searcher` for how
+asked-but-unrecorded Optuna trials of the dead driver are closed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ray.tune import Callback
+
+from search.errors import UserError
+from search.rundir import EXPERIMENT_NAME, RunDir, write_atomic
+
+if TYPE_CHECKING:
+    from ray.tune.experiment import Trial
+
+    from search.results import Recorder
+    from search.searcher import ProposerSearcher
+    from search.spec import SearchSpec
+
+log = logging.getLogger("sparse_search.tuner")
+
+# Environment defaults for a quiet driver (a user's own settings win).
+QUIET_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    # The new output engine prints a configuration box and paths even at verbose=0.
+    "RAY_AIR_NEW_OUTPUT": "0",
+    # The Recorder writes what matters; Ray's per-result CSV/JSON/TBX files cost time per report.
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+    # Failed trials are reported by the Recorder (one line), not with a full traceback each.
+    "TUNE_PRINT_ALL_TRIAL_ERRORS": "0",
+    # num_to_keep forces frequent experiment snapshots (wanted: a resume loses little).
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+    "PYTHONWARNINGS": "ignore::DeprecationWarning",
+}
+# Local clusters only: bind loopback. (Token auth stays on, Ray's default; its "enabled by
+# default" warning is silenced below. Setting RAY_AUTH_MODE here would not do: Ray caches the
+# mode when first imported, and a driver and its gcs_server that disagree cannot talk.)
+LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+_NOISY_LOGGERS = (
+    # Warns that result.json files are missing: the auto loggers are off on purpose.
+    "ray.tune.analysis.experiment_analysis",
+    "ray.tune.impl.tuner_internal",
+    "ray._private.authentication.authentication_token_setup",
+)
+
+
+class _DropIncomplete(logging.Filter):
+    """Ray logs "Trials did not complete: [...]" at ERROR for failed trials we already report."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Trials did not complete")
+
+
+class _DropStaleCheckpoint(logging.Filter):
+    """After a resume, a trial that the dead driver's last snapshot caught mid-way re-reports;
+    Ray then tries to delete a checkpoint the dead driver had already deleted and logs the
+    FileNotFoundError with a traceback. Nothing is lost: drop exactly that record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not ("Error handling checkpoint" in str(record.msg)
+                    and isinstance(exc, FileNotFoundError))
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    """What a finished (or interrupted) search returns; ``summary`` is the --json object."""
+
+    run_dir: Path
+    complete: bool  # every trial the spec asked for finished (False: interrupted, resume it)
+    summary: dict[str, Any]
+    front_table: str
+
+
+# ---------------------------------------------------------------------- Ray
+def cluster_address(address: str | None) -> str | None:
+    """--address, else $RAY_ADDRESS, else None (start a local Ray)."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def quiet_environment(*, local: bool) -> None:
+    """Set the environment defaults above; call before Ray is imported where possible."""
+    for k, v in {**QUIET_ENV, **(LOCAL_ENV if local else {})}.items():
+        os.environ.setdefault(k, v)
+    if local:
+        import sys
+
+        constants = sys.modules.get("ray._private.ray_constants")
+        if constants is not None:  # Ray read the variable at import: tell it again
+            constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] != "0"
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for name, kind in (("ray.tune.tune", _DropIncomplete),
+                       ("ray.tune.execution.tune_controller", _DropStaleCheckpoint)):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in logger.filters):
+            logger.addFilter(kind())
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool:
+    """Start a local Ray (loopback only) or attach to ``address``; True if this call did.
+
+    An already initialised Ray (a test fixture, a notebook) is used as is.
+    """
+    address = cluster_address(address)
+    quiet_environment(local=address is None)
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address is None:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+                 log_to_driver=False, configure_logging=True)
+    else:
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            raise UserError(f"--address {address}: cannot attach to the Ray cluster ({e})") from None
+    return True
+
+
+# ---------------------------------------------------------------------- the search
+def run_search(
+    spec: SearchSpec,
+    *,
+    storage_dir: str | Path = "runs",
+    address: str | None = None,
+    tracking_uri: str | None = None,
+    mlflow: bool = True,
+    progress: bool = True,
+    progress_interval_s: float = 30.0,
+) -> SearchOutcome:
+    """Run ``spec`` in a new run dir under ``storage_dir``; returns when every trial ended."""
+    if spec.data.path is not None and not Path(spec.data.path).is_absolute():
+        # spec.yaml must still find the data when `resume` runs from another directory.
+        spec = dataclasses.replace(
+            spec, data=spec.data.replace(path=str(Path(spec.data.path).resolve())))
+    uri = checked_tracking_uri(tracking_uri) if mlflow else None  # before any folder is made
+    run = RunDir.create(storage_dir, spec.name)
+    write_atomic(run.spec, spec.to_yaml())
+    return _search(spec, run, resuming=False, address=address, tracking_uri=uri,
+                   progress=progress, progress_interval_s=progress_interval_s)
+
+
+def resume_search(
+    run_dir: str | Path,
+    *,
+    address: str | None = None,
+    tracking_uri: str | None = None,
+    mlflow: bool = True,
+    progress: bool = True,
+    progress_interval_s: float = 30.0,
+) -> SearchOutcome:
+    """Continue an interrupted search in ``run_dir`` (its spec.yaml, journal and experiment).
+
+    MLflow: ``tracking_uri``, else the store the run used (run_dir/mlflow.json); a run that
+    was not tracked stays untracked unless a URI is given.
+    """
+    from search.spec import load_spec
+    from search.tracking import read_state
+
+    run = RunDir.open(run_dir)
+    spec = load_spec(run.spec)
+    if tracking_uri is None:
+        tracking_uri = read_state(run.path).get("tracking_uri")
+        mlflow = mlflow and tracking_uri is not None
+    uri = checked_tracking_uri(tracking_uri) if mlflow else None
+    return _search(spec, run, resuming=True, address=address, tracking_uri=uri,
+                   progress=progress, progress_interval_s=progress_interval_s)
+
+
+def _search(spec: SearchSpec, run: RunDir, *, resuming: bool, address: str | None,
+            tracking_uri: str | None, progress: bool, progress_interval_s: float) -> SearchOutcome:
+    """``tracking_uri``: a checked MLflow store, or None for no tracking."""
+    from search.background import Background
+
+    background = Background()
+    # The budget screen's first count imports torch._dynamo (FlopCounterMode): seconds that
+    # overlap Ray's start-up here instead of delaying the first trial.
+    background.submit(_warm_accounting)
+    tracker = _tracker(spec, run, tracking_uri) if tracking_uri is not None else None
+    if tracker is not None:
+        # Importing MLflow and opening (or migrating) its store takes seconds: let it happen
+        # while Ray starts and the first trials train. Calls queued meanwhile wait for it.
+        background.submit(tracker.start, resume=resuming)
+    started = init_ray(address)
+    try:
+        outcome = _fit(spec, run, resuming=resuming, tracker=tracker, background=background,
+                       progress=progress, progress_interval_s=progress_interval_s)
+    except BaseException as e:
+        if tracker is not None:
+            background.drain()
+            tracker.finish("FAILED", reason=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    if tracker is not None:
+        tracker.finish("FINISHED" if outcome.complete else "KILLED",
+                       reason=None if outcome.complete else
+                       f"interrupted: continue with `sparse-search resume {run.path}`")
+    return outcome
+
+
+def _warm_accounting() -> None:
+    from trainables.accounting import count
+    from trainables.arch import ArchConfig
+
+    count(ArchConfig(in_channels=1, input_size=(4, 4), num_classes=2))
+
+
+def checked_tracking_uri(tracking_uri: str | None) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else ./mlflow.db; a UserError when that
+    store cannot be used (checked before anything trains)."""
+    from search.tracking import check_reachable, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    check_reachable(uri)
+    return uri
+
+
+def _tracker(spec: SearchSpec, run: RunDir, tracking_uri: str) -> Any:
+    """A SearchTracker for this run, not started yet."""
+    from search.tracking import SearchTracker
+
+    return SearchTracker(
+        tracking_uri, spec.name, run_dir=run.path, spec_dict=spec.to_dict(),
+        spec_yaml_text=run.spec.read_text(), search_name=run.path.name,
+        objectives={o.metric: o.mode for o in spec.objectives},
+        max_params_ref=spec.constraints.max_params,
+    )
+
+
+def _fit(spec: SearchSpec, run: RunDir, *, resuming: bool, tracker: Any, background: Any,
+         progress: bool, progress_interval_s: float) -> SearchOutcome:
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+
+    from search.background import InBackground
+    from search.progress import ProgressCallback, front_table, summary
+    from search.results import Recorder
+    from search.searcher import ProposerSearcher
+    from search.space import SearchSpace
+    from trainables.data import load_dataset
+    from trainables.trial import train_trial
+
+    splits = load_dataset(spec.data)
+    space = SearchSpace(spec, input_shape=splits.input_shape, num_classes=splits.num_classes)
+    recorder = Recorder(run, spec, background=background)
+    searcher = ProposerSearcher(space, journal=run.journal, study_name=spec.name,
+                                num_samples=spec.search.num_samples,
+                                recorded=recorder.records.keys())
+    callbacks: list[Any] = [recorder]  # first: the others read the files it writes
+    if progress:
+        callbacks.append(ProgressCallback(recorder, searcher, total=spec.search.num_samples,
+                                          interval_s=progress_interval_s))
+    front = None
+    if tracker is not None:
+        from search.tracking import TrackingCallback
+
+        front = FrontToTracker(recorder, searcher, TrackingCallback(tracker), background)
+        callbacks += [InBackground([front.tracking], background), front]
+    search_alg = ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent)
+    res = spec.resources
+    trainable = tune.with_resources(tune.with_parameters(train_trial, splits=splits),
+                                    {"cpu": res.cpu, "gpu": res.gpu})
+    if resuming:
+        tuner = tune.Tuner.restore(str(run.experiment), trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+        _replace_restored(tuner, search_alg=search_alg, callbacks=callbacks)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=search_alg, scheduler=make_scheduler(spec),
+                num_samples=spec.search.num_samples, reuse_actors=True,
+                trial_name_creator=trial_name, trial_dirname_creator=trial_name),
+            run_config=tune.RunConfig(
+                name=EXPERIMENT_NAME, storage_path=str(run.path), verbose=0,
+                callbacks=callbacks,
+                failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
+                # The trainable saves a checkpoint per epoch; keep the last two. Ray then forces
+                # an experiment snapshot every second checkpoint of a trial (so a snapshot never
+                # points at a deleted one): resume loses at most ~2 epochs per trial.
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+        )
+    tuner.fit()
+    if front is not None:
+        front.push(final=True)
+    background.drain()
+    complete = searcher.live == 0 and searcher.exhausted
+    return SearchOutcome(
+        run_dir=run.path, complete=complete,
+        summary=summary(run_dir=str(run.path), recorder=recorder, rejected=searcher.rejected,
+                        complete=complete),
+        front_table=front_table(recorder.front),
+    )
+
+
+def _replace_restored(tuner: Any, *, search_alg: Any, callbacks: list[Any]) -> None:
+    """Give a restored Tuner this process's searcher and callbacks.
+
+    ``Tuner.restore`` re-creates both from tuner.pkl, pickled when the search started, and
+    takes no RunConfig: the progress line and the MLflow tracker of *this* resume (its own
+    flags) would be lost. Ray still restores the searcher and callback state into the objects
+    set here (``restore_from_dir``), so nothing the dead driver knew is dropped.
+    """
+    internal = getattr(tuner, "_local_tuner", None)
+    if internal is None or not hasattr(internal, "_tune_config"):
+        raise UserError("resume needs a local Ray Tune driver (Ray Client is not supported)")
+    internal._tune_config.search_alg = search_alg
+    internal._run_config.callbacks = callbacks
+
+
+def make_scheduler(spec: SearchSpec) -> Any:
+    """ASHA on the first trained objective (its own single metric), or None (FIFO).
+
+    ``time_attr`` is the trainable's ``epoch``, which keeps counting across pruning rounds, and
+    ``max_t`` the most epochs any trial of the space can run, so ASHA never cuts a
+    lottery-ticket trial at the end of its dense phase.
+    """
+    es = spec.search.early_stopping
+    if es is None:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    from search.spec import TRAINED_METRICS
+
+    objective = next(o for o in spec.objectives if o.metric in TRAINED_METRICS)
+    return ASHAScheduler(time_attr="epoch", metric=objective.metric, mode=objective.mode,
+                         max_t=max_epochs(spec), grace_period=es.grace_epochs,
+                         reduction_factor=es.reduction_factor)
+
+
+def max_epochs(spec: SearchSpec) -> int:
+    """Epochs of the longest possible trial: max epochs x (max prune_rounds + 1)."""
+    from search.spec import possible_values
+    from trainables.train import TrainConfig
+
+    default = TrainConfig()
+    epochs = max(possible_values(spec.train.get("epochs", default.epochs)))
+    rounds = max(possible_values(spec.train.get("prune_rounds", default.prune_rounds)))
+    return int(epochs) * (int(rounds) + 1)
+
+
+def trial_name(trial: Trial) -> str:
+    """``trial_<key>``: short folder and display names (Ray's default lists every param)."""
+    from search.results import TRIAL_KEY
+
+    return f"trial_{trial.config.get(TRIAL_KEY, trial.trial_id)}"
+
+
+# ---------------------------------------------------------------------- MLflow front
+def _tracker_rows(recorder: Recorder) -> Any:
+    import pandas as pd
+
+    cols = ["trial_key", "val_accuracy", "val_loss", "test_accuracy", "nonzero_params", "macs",
+            "arch", "prune_round"]
+    return pd.DataFrame([{c: p.get(c, math.nan) for c in cols} for p in recorder.df_rows()],
+                        columns=cols)
+
+
+class FrontToTracker(Callback):
+    """After each finished trial: the front and the counters to MLflow (in the background).
+
+    The rows are taken now, in the driver loop (cheap); the MLflow calls are queued behind the
+    trial's own tracking calls, so its child run is closed first.
+    """
+
+    def __init__(self, recorder: Recorder, searcher: ProposerSearcher, tracking: Any,
+                 background: Any) -> None:
+        self.recorder, self.searcher = recorder, searcher
+        self.tracking, self.background = tracking, background
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.push()
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.push()
+
+    def push(self, *, final: bool = False) -> None:
+        c = self.recorder.counts()
+        counters = {"trials_finished": c["finished"], "trials_failed": c["failed"],
+                    "trials_early_stopped": c["early_stopped"],
+                    "proposals_rejected": self.searcher.rejected}
+        self.background.submit(self._update, _tracker_rows(self.recorder),
+                               [p["trial_key"] for p in self.recorder.front],
+                               step=c["finished"], counters=counters, final=final)
+
+    def _update(self, rows: Any, front_keys: list[str], **kwargs: Any) -> None:
+        self.tracking.tracker.update_front(rows, front_keys, **kwargs)
+
+
+# ---------------------------------------------------------------------- CLI output
+def report(outcome: SearchOutcome, *, as_json: bool, echo: Any = print) -> int:
+    """Print the front (and the --json line last); the exit code (130: interrupted)."""
+    import json
+    import sys
+
+    echo(outcome.front_table)
+    echo(f"run dir: {outcome.run_dir}")
+    if not outcome.complete:
+        print(f"interrupted: continue with `sparse-search resume {outcome.run_dir}`",
+              file=sys.stderr)
+    if as_json:
+        echo(json.dumps(outcome.summary))
+    return 0 if outcome.complete else 130
+
+
+def dry_run_report(spec: SearchSpec, n: int, *, as_json: bool, echo: Any = print) -> None:
+    """Sample ``n`` feasible configs (nothing trained): histogram text, or one JSON line."""
+    import json
+
+    from search.space import dry_run
+    from trainables.data import load_dataset
+
+    splits = load_dataset(spec.data)
+    result = dry_run(spec, n, input_shape=splits.input_shape, num_classes=splits.num_classes)
+    if not as_json:
+        echo(result.text())
+        return
+    echo(json.dumps({
+        "feasible": len(result.proposals), "rejected": result.rejected,
+        "feasible_fraction": result.feasible_fraction, "ms_per_screen": result.ms_per_screen,
+        "proposals": [{"nonzero_params": p.screened_params,
+                       "macs": p.accounting.macs if p.accounting else None,
+                       "arch": str(p.arch)} for p in result.proposals],
+    }))
+

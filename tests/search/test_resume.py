@@ -1,0 +1,127 @@
+"""`sparse-search resume` after a real SIGKILL of the driver (its whole process group)."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+REPO = Path(__file__).resolve().parents[2]
+# Six small trials, two at a time, three epochs each (a checkpoint per epoch): killed after two
+# finished, some are in flight.
+SPEC = """
+name: resumable
+data: {name: digits, val_fraction: 0.2, subset: 400}
+constraints: {max_params: 3000}
+search: {sampler: random, num_samples: 6, max_concurrent: 2, seed: 1}
+train: {epochs: 3, batch_size: 32, optimizer: adamw, lr: 0.02}
+space:
+  stem: {width: {int: [4, 12]}}
+  num_stages: 1
+  stages: {width: {int: [8, 24]}, layers: 1}
+"""
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "search.cli", *args]
+
+
+def _session_pids(sid: int) -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
+    return [int(p) for p, s in (line.split() for line in out.splitlines()) if int(s) == sid]
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process left in the session the test started (Ray workers, agents)."""
+    deadline = time.monotonic() + 30
+    while pids := _session_pids(sid):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert time.monotonic() < deadline, f"processes of session {sid} survive: {pids}"
+        time.sleep(0.2)
+
+
+def _rows(run_dir: Path) -> list[dict[str, str]]:
+    path = run_dir / "results.csv"
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_resume_after_sigkill_finishes_every_trial_exactly_once(tmp_path):
+    spec = tmp_path / "resumable.yaml"
+    spec.write_text(SPEC)
+    storage = tmp_path / "runs"
+    log = (tmp_path / "run.log").open("w")
+    run = subprocess.Popen(_cli("run", str(spec), "--storage", str(storage), "--no-mlflow"),
+                           cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 400
+        run_dir = None
+        while True:
+            assert run.poll() is None, f"the run ended before the kill:\n{(tmp_path / 'run.log').read_text()}"
+            assert time.monotonic() < deadline, "two trials did not finish in time"
+            dirs = list(storage.glob("resumable-*"))
+            run_dir = dirs[0] if dirs else None
+            if run_dir is not None and len(_rows(run_dir)) >= 2:
+                break
+            time.sleep(0.1)
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+        _kill_session(run.pid)
+    before = {r["trial_key"]: json.loads((run_dir / "trials" / r["trial_key"] / "result.json").read_text())
+              for r in _rows(run_dir)}
+    assert 2 <= len(before) < 6
+
+    out, err = tmp_path / "resume.out", tmp_path / "resume.err"
+    with out.open("w") as o, err.open("w") as e:
+        resume = subprocess.Popen(_cli("resume", str(run_dir), "--json"), cwd=REPO, stdout=o,
+                                  stderr=e, start_new_session=True)
+    try:
+        assert resume.wait(timeout=500) == 0, err.read_text()[-3000:]
+        # ray.shutdown() stopped the resume's Ray: nothing of its session may linger.
+        deadline = time.monotonic() + 30
+        while _session_pids(resume.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _session_pids(resume.pid)
+    finally:
+        if resume.poll() is None:
+            os.killpg(resume.pid, signal.SIGKILL)
+            resume.wait()
+        _kill_session(resume.pid)
+    stdout = out.read_text()
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    rows = _rows(run_dir)
+    keys = [r["trial_key"] for r in rows]
+    assert len(keys) == len(set(keys)) == 6, keys
+    assert summary["trials"] == 6 and summary["complete"] and summary["run_dir"] == str(run_dir)
+    assert {r["status"] for r in rows} == {"TERMINATED"}
+    # Trials recorded before the kill were neither rerun nor recorded again.
+    for key, rec in before.items():
+        after = json.loads((run_dir / "trials" / key / "result.json").read_text())
+        assert (after["trial_id"], after["finished_at"]) == (rec["trial_id"], rec["finished_at"])
+    # The journal kept what the sampler learned: every trained trial told once, nothing left
+    # RUNNING (asked-but-lost trials of the killed driver were told FAIL).
+    storage_ = JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal")))
+    study = optuna.load_study(study_name="resumable", storage=storage_)
+    states = {str(t.number): t.state for t in study.trials}
+    assert all(states[k] == TrialState.COMPLETE for k in keys)
+    # The others are rejected proposals (COMPLETE, infeasible) or lost asks told FAIL.
+    assert {s for n, s in states.items() if n not in keys} <= {TrialState.COMPLETE, TrialState.FAIL}

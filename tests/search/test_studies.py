@@ -1,0 +1,199 @@
+"""The study spaces (spaces/studies/*.yaml) and the scripts that go with them.
+
+Every study space loads and dry-runs on its dataset's shape (no data files needed: the shapes
+are what load_dataset reports); the seeds the files rely on really propose what their comments
+say; bench/make_imagefolder.py writes a folder that loads as the imagefolder dataset with the
+exact pixels; bench/search_quality.py's curve maths on hand-computed steps.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+
+from search.space import dry_run
+from search.spec import load_spec
+from trainables.data import DataConfig, load_dataset
+
+ROOT = Path(__file__).parents[2]
+STUDIES = sorted((ROOT / "spaces" / "studies").glob("*.yaml"))
+# (C, H, W) and classes per study: what load_dataset reports for its data.
+SHAPES = {
+    "random-sparse-heads": ((3, 32, 32), 10),
+    "sparsenet-vs-densenet": ((3, 32, 32), 10),
+    "lottery-ticket": ((3, 32, 32), 10),  # the CIFAR-10 image-folder stand-in
+    "tiny-mnist": ((1, 28, 28), 10),
+    "separable-50k": ((3, 32, 32), 10),
+}
+
+
+def load_script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    # Dataclasses look their module up in sys.modules while the class is created.
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def proposals(path: Path, n: int) -> list:
+    spec = load_spec(path)
+    shape, classes = SHAPES[spec.name]
+    return list(dry_run(spec, n, input_shape=shape, num_classes=classes).proposals)
+
+
+def test_one_file_per_study_and_the_readme_lists_each():
+    assert {p.stem for p in STUDIES} == set(SHAPES)
+    readme = (ROOT / "spaces" / "studies" / "README.md").read_text()
+    for p in STUDIES:
+        assert f"spaces/studies/{p.name}" in readme
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
+def test_every_study_loads_and_dry_runs_within_budget(path):
+    spec = load_spec(path)
+    assert spec.name == path.stem
+    shape, classes = SHAPES[spec.name]
+    result = dry_run(spec, 2, input_shape=shape, num_classes=classes)
+    assert len(result.proposals) == 2
+    for p in result.proposals:
+        assert p.feasible and p.arch.input_size == shape[1:] and p.arch.in_channels == shape[0]
+        assert p.screened_params <= spec.constraints.max_params
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
+def test_cpu_defaults_data_paths_from_the_repo_root(path):
+    spec = load_spec(path)
+    # CPU-affordable defaults: no GPU asked for, a data subset or a small exported folder.
+    assert spec.resources.gpu == 0
+    if spec.data.name == "imagefolder":
+        assert spec.data.path == "/tmp/cifar10-folder" and spec.data.image_size == 32
+    else:
+        # Relative to the working directory: run from the repo root, it is ../shared/datasets.
+        assert spec.data.path == f"../shared/datasets/{spec.data.name}.npz"
+        assert spec.data.subset is not None and spec.data.subset <= 12000
+        resolved = (ROOT / spec.data.path).resolve()
+        assert resolved == ROOT.parent / "shared" / "datasets" / f"{spec.data.name}.npz"
+
+
+def test_sparsenet_vs_densenet_seed_proposes_both_wirings_at_one_shape():
+    props = proposals(ROOT / "spaces/studies/sparsenet-vs-densenet.yaml", 2)
+    blocks = {p.arch.stages[0].block for p in props}
+    assert blocks == {"densenet", "sparsenet"}
+    shapes = {tuple((s.width, s.layers, s.downsample) for s in p.arch.stages) for p in props}
+    assert len(shapes) == 1  # same depth and growth rate: only the wiring differs
+    dense, sparse = sorted(props, key=lambda p: p.arch.stages[0].block)
+    assert sparse.screened_params < dense.screened_params
+
+
+def test_random_sparse_heads_seed_covers_both_heads_dense_and_sparse():
+    props = proposals(ROOT / "spaces/studies/random-sparse-heads.yaml", 8)
+    pairs = {(tuple(h.width for h in p.arch.head), p.arch.head[0].sparse) for p in props}
+    assert pairs == {((512, 128), False), ((512, 128), True),
+                     ((2048, 512, 128, 32), False), ((2048, 512, 128, 32), True)}
+    # The trunk ends at 4x4x128: flatten feeds 2,048 features, the study's width.
+    flatten = [r for r in props[0].accounting.layers if r.type == "flatten"]
+    assert [r.output_shape for r in flatten] == [(2048,)]
+    dense = [p for p in props if not p.arch.head[0].sparse and len(p.arch.head) == 2]
+    assert {p.screened_params for p in dense} == {1_551_786}
+
+
+def test_lottery_ticket_seed_covers_simple_cnn_both_trunks_and_a_trained_stage():
+    props = proposals(ROOT / "spaces/studies/lottery-ticket.yaml", 8)
+    kinds = {(p.arch.backbone.name, p.arch.backbone.trainable) if p.arch.backbone else ("none",)
+             for p in props}
+    assert {("none",), ("resnet18", "none"), ("densenet121", "none"),
+            ("resnet18", "layer3"), ("densenet121", "denseblock3")} <= kinds
+    assert {p.train.prune_rounds for p in props} == {0, 2}
+
+
+def test_tiny_mnist_screen_keeps_flatten_blowups_out():
+    spec = load_spec(ROOT / "spaces/studies/tiny-mnist.yaml")
+    assert spec.constraints.max_params == 3500
+    result = dry_run(spec, 6, input_shape=(1, 28, 28), num_classes=10)
+    assert result.rejected > 0  # the space holds over-budget shapes; none comes out
+    assert all(p.screened_params <= 3500 for p in result.proposals)
+
+
+# ---------------------------------------------------------------------- make_imagefolder.py
+def fake_cifar(path: Path, n_train: int = 40, n_test: int = 20) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    arrays = {
+        "x_train": rng.integers(0, 256, (n_train, 6, 5, 3), dtype=np.uint8),
+        "y_train": np.arange(n_train, dtype=np.uint8).reshape(-1, 1) % 10,
+        "x_test": rng.integers(0, 256, (n_test, 6, 5, 3), dtype=np.uint8),
+        "y_test": np.arange(n_test, dtype=np.uint8) % 10,
+    }
+    np.savez(path, **arrays)
+    return arrays
+
+
+def test_make_imagefolder_writes_exact_pixels_that_load(tmp_path):
+    mod = load_script("make_imagefolder")
+    arrays = fake_cifar(tmp_path / "c.npz")
+    out = tmp_path / "folder"
+    counts = mod.export(tmp_path / "c.npz", out, train_per_class=3, test_per_class=2,
+                        classes=("cat", "airplane", "ship"))
+    assert counts == {"train": 9, "test": 6}
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["airplane", "cat", "ship"]
+    splits = load_dataset(DataConfig(name="imagefolder", path=str(out), image_size=5,
+                                      val_fraction=0.34))
+    assert splits.class_names == ("airplane", "cat", "ship")
+    assert splits.sizes() == {"train": 6, "val": 3, "test": 6}
+    # PNG is lossless: every test image is one of the npz's images of its class.
+    # (6x5 images resized to 5x5 would change pixels: compare at the stored size instead.)
+    from PIL import Image
+
+    for f in (out / "test" / "ship").iterdir():
+        i = int(f.stem)
+        assert arrays["y_test"][i] == 8  # CIFAR-10's "ship"
+        assert np.array_equal(np.asarray(Image.open(f)), arrays["x_test"][i])
+    assert isinstance(splits.x_test, torch.Tensor) and splits.x_test.dtype == torch.uint8
+
+
+def test_make_imagefolder_refuses_the_repo_a_full_folder_and_bad_classes(tmp_path, capsys):
+    mod = load_script("make_imagefolder")
+    fake_cifar(tmp_path / "c.npz")
+    with pytest.raises(ValueError, match="inside the repository"):
+        mod.export(tmp_path / "c.npz", ROOT / "data" / "x", train_per_class=1, test_per_class=1)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "f.txt").write_text("x")
+    with pytest.raises(ValueError, match="not empty"):
+        mod.export(tmp_path / "c.npz", tmp_path / "full", train_per_class=1, test_per_class=1)
+    with pytest.raises(ValueError, match="classes=cat,kangaroo"):
+        mod.export(tmp_path / "c.npz", tmp_path / "o", train_per_class=1, test_per_class=1,
+                   classes=("cat", "kangaroo"))
+    with pytest.raises(ValueError, match="has 4 images of 'airplane'"):
+        mod.export(tmp_path / "c.npz", tmp_path / "o2", train_per_class=5, test_per_class=1)
+    assert mod.main([str(tmp_path / "o3"), "--data", str(tmp_path / "missing.npz")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert not (ROOT / "data" / "x").exists()
+
+
+# ---------------------------------------------------------------------- search_quality.py
+def test_search_quality_curves_on_hand_computed_steps():
+    sq = load_script("search_quality")
+    P = sq.TrialPoint
+    ref = 100.0  # log10 scale top: y = log10(params) / 2
+    # Finished at 1 s (over budget: adds nothing), 2 s (error 0.5, 10 params: y 0.5 -> area
+    # 0.5 * 0.5 = 0.25), 3 s (failed: NaN), 4 s (error 0.2, 10 params: dominates -> 0.8 * 0.5).
+    points = [P(4.0, 0.2, 10.0), P(1.0, 0.1, 1000.0), P(3.0, math.nan, math.nan),
+              P(2.0, 0.5, 10.0)]
+    curve = sq.hv_curve(points, max_params=ref)
+    assert [s for s, _ in curve] == [1.0, 2.0, 3.0, 4.0]
+    assert [round(h, 12) for _, h in curve] == [0.0, 0.25, 0.25, 0.4]
+    assert sq.hv_at(curve, 0.5) == 0.0 and sq.hv_at(curve, 3.5) == 0.25
+    other = [(1.5, 0.1), (5.0, 0.3)]
+    mean = sq.mean_curve([curve, other])
+    assert [s for s, _ in mean] == [1.0, 1.5, 2.0, 3.0, 4.0, 5.0]
+    assert [round(h, 12) for _, h in mean] == [0.0, 0.05, 0.175, 0.175, 0.25, 0.35]
+    assert sq.time_to_reach(mean, 0.25) == 4.0
+    assert sq.time_to_reach(mean, 0.36) is None

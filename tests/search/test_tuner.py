@@ -1,0 +1,201 @@
+"""search.tuner on a real local Ray (2 CPUs): tiny digits searches, real Optuna journal."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import pickle
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from search.results import EARLY_STOPPED, ERROR, TERMINATED, pareto_front
+from search.rundir import RunDir
+from search.searcher import ProposerSearcher
+from search.space import SearchSpace, dry_run
+from search.spec import load_spec
+from search.tuner import init_ray, make_scheduler, max_epochs, run_search
+from trainables.accounting import count_module
+from trainables.arch import ArchConfig
+from trainables.models import build_model
+
+DIGITS = (1, 8, 8)
+# Random sampler, seed 0: 11 of the first 15 proposals exceed 1,200 params (see dry_run).
+BUDGET_SPEC = """
+name: budget
+data: {name: digits, val_fraction: 0.2, subset: 300}
+constraints: {max_params: 1200}
+search: {sampler: random, num_samples: 4, max_concurrent: 2, seed: 0}
+train: {epochs: 2, batch_size: 64, optimizer: adamw, lr: 0.02, prune_rounds: {choice: [0, 1]},
+        prune_rate: 0.5, rewind_epoch: 1}
+space:
+  stem: {width: {int: [2, 12]}}
+  num_stages: 1
+  stages: {width: {int: [4, 32]}, layers: {int: [1, 2]}}
+"""
+# Seed 0, one trial at a time: a good lr first, then slow learners (lr 0.001) that ASHA can
+# stop at its first rung, and one lr of 1e30 whose loss turns NaN (the trial raises).
+MIXED_SPEC = """
+name: mixed
+data: {name: digits, val_fraction: 0.2, subset: 600}
+constraints: {max_params: 3000}
+search: {sampler: random, num_samples: 6, max_concurrent: 1, seed: 0,
+         early_stopping: {scheduler: asha, grace_epochs: 1, reduction_factor: 2}}
+train: {epochs: 3, batch_size: 32, optimizer: adamw, lr: {choice: [0.03, 0.001, 1.0e+30]}}
+space:
+  stem: {width: {int: [4, 12]}}
+  num_stages: 1
+  stages: {width: {int: [8, 24]}, layers: 1}
+"""
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    started = init_ray(num_cpus=2)
+    yield
+    if started:
+        import ray
+
+        ray.shutdown()
+
+
+def _spec(tmp_path: Path, text: str):
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    return load_spec(path)
+
+
+def _rows(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "results.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def _study(run_dir: Path, name: str) -> optuna.Study:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal")))
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def test_budget_search_never_trains_over_budget(local_ray, tmp_path):
+    spec = _spec(tmp_path, BUDGET_SPEC)
+    out = run_search(spec, storage_dir=tmp_path / "runs", mlflow=False, progress=False)
+
+    assert out.complete
+    rows = _rows(out.run_dir)
+    assert len(rows) == 4 and {r["status"] for r in rows} == {TERMINATED}
+    assert all(int(r["nonzero_params"]) <= 1200 for r in rows)
+    # The same seeded proposals, screened without Ray: the search rejected exactly those.
+    expected = dry_run(spec, 4, input_shape=DIGITS, num_classes=10).rejected
+    assert out.summary["rejected"] == expected > 0
+    assert out.summary["trials"] == 4 and out.summary["failed"] == 0
+    # What a trial leaves behind loads back into its architecture with the reported size.
+    key = rows[0]["trial_key"]
+    trial_dir = out.run_dir / "trials" / key
+    arch = ArchConfig.load(trial_dir / "arch.yaml")
+    model = build_model(arch)
+    model.load_state_dict(torch.load(trial_dir / "model.pt", weights_only=True))
+    acc = count_module(model, DIGITS)
+    assert acc.nonzero_params == int(rows[0]["nonzero_params"])
+    assert json.loads((trial_dir / "layers.json").read_text())["nonzero_params"] == acc.nonzero_params
+    assert json.loads((trial_dir / "result.json").read_text())["trial_id"] == rows[0]["trial_id"]
+    # Every front member is an eligible point of a finished trial; the journal has no trial
+    # left RUNNING and one COMPLETE trial per row (the rejected ones are COMPLETE too).
+    front = out.summary["front"]
+    assert front and all(p["nonzero_params"] <= 1200 for p in front)
+    with (out.run_dir / "pareto.csv").open() as f:
+        assert [r["trial_key"] for r in csv.DictReader(f)] == [p["trial_key"] for p in front]
+    study = _study(out.run_dir, "budget")
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    assert len(study.trials) == 4 + expected
+    spec_back = load_spec(out.run_dir / "spec.yaml")
+    assert spec_back.to_dict() == spec.to_dict()
+
+
+def test_early_stopped_and_failed_trials_are_recorded_never_on_front(local_ray, tmp_path):
+    spec = _spec(tmp_path, MIXED_SPEC)
+    out = run_search(spec, storage_dir=tmp_path / "runs", mlflow=False, progress=False)
+
+    rows = {r["trial_key"]: r for r in _rows(out.run_dir)}
+    assert len(rows) == 6, "the search goes on past a failed trial"
+    statuses = [r["status"] for r in rows.values()]
+    assert statuses.count(ERROR) == 1 and statuses.count(EARLY_STOPPED) >= 1
+    failed = next(r for r in rows.values() if r["status"] == ERROR)
+    assert failed["train/lr"] == "1e+30" and "TrainingDiverged" in failed["error"]
+    stopped = {k for k, r in rows.items() if r["status"] == EARLY_STOPPED}
+    for k in stopped:
+        assert float(rows[k]["fidelity"]) < 1 and rows[k]["test_accuracy"] == ""
+    front_keys = {p["trial_key"] for p in out.summary["front"]}
+    assert front_keys and not front_keys & (stopped | {failed["trial_key"]})
+    # Optuna learned the truth: complete only at full fidelity, pruned, failed.
+    states = {str(t.number): t.state for t in _study(out.run_dir, "mixed").trials}
+    for k, r in rows.items():
+        expected = {TERMINATED: TrialState.COMPLETE, EARLY_STOPPED: TrialState.PRUNED,
+                    ERROR: TrialState.FAIL}[r["status"]]
+        assert states[k] == expected, (k, r["status"])
+    assert out.summary["early_stopped"] == len(stopped) and out.summary["failed"] == 1
+
+
+def test_searcher_pickles_without_storage_and_fails_orphans_on_restore(tmp_path):
+    spec = _spec(tmp_path, BUDGET_SPEC)
+    space = SearchSpace(spec, input_shape=DIGITS, num_classes=10)
+    journal = tmp_path / "optuna.journal"
+    searcher = ProposerSearcher(space, journal=journal, study_name="s", num_samples=3)
+    first = searcher.suggest("ray-a")
+    state_file = tmp_path / "searcher.pkl"
+    searcher.save(str(state_file))  # the snapshot a dead driver left: it knows ray-a only
+    second = searcher.suggest("ray-b")  # asked after the snapshot: Ray will never know it
+    assert first["meta/trial_key"] != second["meta/trial_key"]
+    assert all(k.startswith(("arch/", "train/", "meta/")) for k in first)
+
+    unpickled = pickle.loads(pickle.dumps(searcher))  # what tuner.pkl holds
+    assert unpickled._proposer is None and unpickled.rejected == searcher.rejected
+
+    # The resumed driver builds its own searcher; Ray restores the snapshot into it.
+    revived = ProposerSearcher(space, journal=journal, study_name="s", num_samples=3)
+    revived.restore(str(state_file))
+    states = {str(t.number): t.state for t in revived.proposer.study.trials}
+    assert states[first["meta/trial_key"]] == TrialState.RUNNING  # Ray resumes it
+    assert states[second["meta/trial_key"]] == TrialState.FAIL
+    # ray-a finishes at full fidelity after the resume: Optuna gets its values.
+    revived.on_trial_complete("ray-a", {"val_accuracy": 0.5, "nonzero_params": 100,
+                                        "test_accuracy": 0.4})
+    done = revived.proposer.study.trials[int(first["meta/trial_key"])]
+    assert done.state == TrialState.COMPLETE and done.values == [0.5, 100.0]
+    # num_samples counts trials that train: the orphan never did, so two more are handed out.
+    assert revived.suggest("ray-c") is not None and revived.suggest("ray-d") is not None
+    assert revived.suggest("ray-e") == "FINISHED"
+
+
+def test_pareto_front_only_from_eligible_points():
+    objectives = [("val_accuracy", "max"), ("nonzero_params", "min")]
+    points = [
+        {"val_accuracy": 0.90, "nonzero_params": 100, "macs": 10},
+        {"val_accuracy": 0.95, "nonzero_params": 900, "macs": 10},  # over max_params
+        {"val_accuracy": 0.92, "nonzero_params": 400, "macs": 99},  # over max_macs
+        {"val_accuracy": 0.91, "nonzero_params": 300, "macs": 10},
+        {"val_accuracy": 0.89, "nonzero_params": 200, "macs": 10},  # dominated by the first
+        {"val_accuracy": math.nan, "nonzero_params": 50, "macs": 10},
+    ]
+    assert pareto_front(points, objectives=objectives, max_params=500, max_macs=50) == [0, 3]
+    assert pareto_front(points, objectives=objectives, max_params=None, max_macs=None) == [0, 3, 2, 1]
+
+
+def test_asha_spans_every_pruning_round(tmp_path):
+    spec = _spec(tmp_path, MIXED_SPEC.replace("epochs: 3,", "epochs: {int: [2, 5]}, "
+                                              "prune_rounds: {choice: [0, 2]},"))
+    assert max_epochs(spec) == 15
+    asha = make_scheduler(spec)
+    assert asha._max_t == 15 and asha._time_attr == "epoch" and asha.metric == "val_accuracy"
+    assert make_scheduler(_spec(tmp_path, BUDGET_SPEC)) is None
+
+
+def test_run_dirs_never_collide(tmp_path):
+    a = RunDir.create(tmp_path, "x")
+    b = RunDir.create(tmp_path, "x")
+    assert a.path != b.path and a.path.name.startswith("x-") and b.trials.is_dir()

@@ -1,0 +1,105 @@
+"""`sparse-search run / resume / submit` as a user runs them: real processes, real Ray, MLflow."""
+
+from __future__ import annotations
+
+import csv
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC = """
+name: clirun
+data: {name: digits, val_fraction: 0.2, subset: 300}
+constraints: {max_params: 1500}
+search: {sampler: random, num_samples: 3, max_concurrent: 2, seed: 0}
+train: {epochs: 2, batch_size: 64, optimizer: adamw, lr: 0.02}
+space:
+  stem: {width: {int: [2, 10]}}
+  num_stages: 1
+  stages: {width: {int: [4, 24]}, layers: 1}
+"""
+
+
+def _cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "search.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _spec(tmp_path: Path, text: str = SPEC) -> Path:
+    path = tmp_path / "clirun.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_run_json_front_table_and_mlflow(tmp_path):
+    spec = _spec(tmp_path)
+    db = tmp_path / "mlflow.db"
+    done = _cli("run", str(spec), "--json", "--storage", str(tmp_path / "runs"),
+                "--tracking-uri", f"sqlite:///{db}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    lines = done.stdout.strip().splitlines()
+    summary = json.loads(lines[-1])  # the LAST stdout line is the JSON object
+    assert set(summary) >= {"run_dir", "trials", "failed", "rejected", "front"}
+    assert summary["trials"] == 3 and summary["failed"] == 0 and summary["rejected"] > 0
+    assert any(ln.startswith("Pareto front (") for ln in lines)
+    run_dir = Path(summary["run_dir"])
+    with (run_dir / "results.csv").open() as f:
+        rows = {r["trial_key"]: r for r in csv.DictReader(f)}
+    for p in summary["front"]:
+        assert set(p) >= {"trial_id", "trial_key", "nonzero_params", "val_accuracy",
+                          "test_accuracy", "arch"}
+        row = rows[p["trial_key"]]
+        assert (row["trial_id"], int(row["nonzero_params"])) == (p["trial_id"], p["nonzero_params"])
+        assert p["arch"] in done.stdout  # listed in the table too
+    # MLflow: one finished parent, one finished child per trial, keyed like results.csv.
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("clirun")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sparse_search.role") == "search"]
+    children = [r for r in runs if r.data.tags.get("sparse_search.role") == "trial"]
+    assert [p.info.status for p in parents] == ["FINISHED"]
+    assert sorted(c.data.tags["sparse_search.trial_key"] for c in children) == sorted(rows)
+    assert {c.info.status for c in children} == {"FINISHED"}
+    front_tags = {c.data.tags["sparse_search.trial_key"] for c in children
+                  if c.data.tags.get("on_front") == "true"}
+    assert front_tags == {p["trial_key"] for p in summary["front"]}
+
+
+def test_dry_run_samples_without_training(tmp_path):
+    spec = _spec(tmp_path)
+    done = _cli("run", str(spec), "--dry-run", "4", "--json", "--storage",
+                str(tmp_path / "runs"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["feasible"] == 4 and report["rejected"] > 0
+    assert all(p["nonzero_params"] <= 1500 for p in report["proposals"])
+    assert not (tmp_path / "runs").exists()
+
+
+def test_user_errors_exit_2_without_traceback(tmp_path):
+    bad = _spec(tmp_path, SPEC.replace("num_samples: 3", "num_samples: -3"))
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    (tmp_path / "ok").mkdir()
+    good = str(_spec(tmp_path / "ok"))
+    cases = {
+        "search.num_samples": ("run", str(bad), "--no-mlflow"),
+        "only for --dry-run": ("run", good, "7"),
+        "no such run directory": ("resume", str(tmp_path / "missing")),
+        "is not reachable": ("run", good, "--tracking-uri", dead, "--storage",
+                             str(tmp_path / "runs")),
+        "no Ray job server answers": ("submit", good, "--address", dead, "--no-mlflow"),
+    }
+    for expected, args in cases.items():
+        done = _cli(*args, cwd=tmp_path, timeout=300)
+        assert done.returncode == 2, (args, done.stdout, done.stderr[-2000:])
+        assert done.stderr.startswith("error: ") and expected in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+    assert not (tmp_path / "runs").exists()  # a dead tracking server stops the run first

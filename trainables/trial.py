@@ -1,0 +1,90 @@
+"""The Ray Tune trainable: flat config -> model -> :func:`trainables.train.fit` -> reports.
+
+Use it as ``tune.with_parameters(train_trial, splits=splits)``: the dataset is loaded once by
+the driver and shared through the object store (read-only, zero copy; see
+:class:`trainables.data.Splits`). Each epoch reports the metrics below with a checkpoint
+directory holding ``state.pt`` (model, optimizer, RNG, progress, rewind snapshot: everything to
+resume exactly), ``model.pt`` (a plain state_dict with pruning folded in: it loads into
+``build_model(arch)``) and ``arch.yaml``. A restarted trial resumes from the latest checkpoint.
+
+Metrics per epoch: val_accuracy, val_loss, train_loss, train_accuracy, nonzero_params, macs,
+nonzero_macs, epoch, fidelity, prune_round, lr, epoch_seconds, train_seconds, done (True only
+on the last report, which adds test_accuracy and test_loss).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray.tune import Checkpoint, get_checkpoint, get_context, report
+
+from trainables.arch import ArchConfig, ArchError
+from trainables.data import Splits
+from trainables.models import build_model
+from trainables.train import EpochCallback, FitResult, TrainConfig, fit, fold_pruning
+
+STATE_FILE = "state.pt"  # resumable training state (torch.save of a dict)
+MODEL_FILE = "model.pt"  # plain state_dict of the model (pruning folded in)
+ARCH_FILE = "arch.yaml"  # the ArchConfig that builds the model
+
+
+def check_compatible(arch: ArchConfig, splits: Splits) -> None:
+    """Refuse an architecture whose input or class count does not match the dataset."""
+    c, h, w = splits.input_shape
+    if arch.in_channels != c or tuple(arch.input_size) != (h, w):
+        raise ArchError(
+            f"arch in_channels={arch.in_channels}, input_size={list(arch.input_size)} does not "
+            f"match {splits.name} images of {c}x{h}x{w}: expected in_channels: {c}, "
+            f"input_size: [{h}, {w}]"
+        )
+    if arch.num_classes != splits.num_classes:
+        raise ArchError(f"arch num_classes={arch.num_classes} does not match {splits.name}: "
+                        f"expected num_classes: {splits.num_classes}")
+
+
+def train_arch(
+    arch: ArchConfig,
+    splits: Splits,
+    cfg: TrainConfig,
+    *,
+    device: str | torch.device | None = None,
+    on_epoch: EpochCallback | None = None,
+    start_state: Mapping[str, Any] | None = None,
+) -> FitResult:
+    """Seed, build and train one architecture (the CLI's ``train`` and the trainable share it)."""
+    check_compatible(arch, splits)
+    torch.manual_seed(cfg.seed)  # model init; fit reseeds batch order, augmentation and dropout
+    model = build_model(arch)
+    return fit(model, splits, cfg, device=device, on_epoch=on_epoch, start_state=start_state)
+
+
+def train_trial(config: dict[str, Any], splits: Splits) -> None:
+    """Ray Tune function trainable; ``config`` holds flat ``arch/...`` and ``train/...`` keys."""
+    arch = ArchConfig.from_flat(config)
+    cfg = TrainConfig.from_flat(config)
+    resources = get_context().get_trial_resources().required_resources
+    if cfg.threads is None:
+        cfg = cfg.replace(threads=max(1, int(resources.get("CPU", 1))))
+    device = "cuda" if resources.get("GPU", 0) > 0 and torch.cuda.is_available() else "cpu"
+    start_state = None
+    ckpt = get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            # CPU: RNG states must be CPU tensors; load_state_dict moves the rest to the model.
+            start_state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    arch_yaml = arch.to_yaml()
+
+    def on_epoch(metrics: dict[str, Any], state: Any) -> None:
+        st = state()
+        with tempfile.TemporaryDirectory(prefix="sparse-search-ckpt-") as d:
+            torch.save(st, Path(d) / STATE_FILE)
+            torch.save(fold_pruning(st["model"]), Path(d) / MODEL_FILE)
+            (Path(d) / ARCH_FILE).write_text(arch_yaml)
+            # report() copies the directory to the trial's storage before returning.
+            report(metrics, checkpoint=Checkpoint.from_directory(d))
+
+    train_arch(arch, splits, cfg, device=device, on_epoch=on_epoch, start_state=start_state)
