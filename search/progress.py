@@ -62,10 +62,10 @@ class ProgressCallback(Callback):
         sys.stderr.flush()
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
-        if self._drawn:
-            sys.stderr.write("\r\033[K" + self.line(trials) + "\n")
-            sys.stderr.flush()
-            self._drawn = False
+        """The final counts, always (a TTY line is finished with a newline)."""
+        sys.stderr.write(("\r\033[K" if self._drawn else "") + self.line(trials) + "\n")
+        sys.stderr.flush()
+        self._drawn = False
 
 
 def _fmt(v: Any, spec: str) -> str:

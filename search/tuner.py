@@ -2,35 +2,45 @@
 
 One search, end to end::
 
-    spec ──> run dir (spec.yaml) ──> dataset loaded ONCE in the driver (object store, zero copy)
-         ──> Tuner(train_trial, ProposerSearcher, ASHA?, ConcurrencyLimiter, resources)
-         ──> Recorder (trials/<key>/, CSVs) ─> progress line ─> MLflow (optional)
+    spec ──> run dir (spec.yaml) ──> dataset loaded ONCE in the driver, while Ray starts
+         ──> Tuner(train_trial + dataset via the object store, ProposerSearcher in a
+             ConcurrencyLimiter, ASHA or FIFO, cpu/gpu per trial, reused actors)
+         ──> Recorder (trials/<key>/, CSVs) ─> progress line ─> MLflow (background thread)
          ──> the Pareto front (table on stdout, summary dict returned)
 
-Choices that make a small search fast here (2 CPU cores): actors are reused across trials (a
-fresh worker costs ~2 s: process start + torch import), Ray's per-trial CSV/JSON/TensorBoard
-loggers are off (the Recorder keeps what matters), and MLflow gets one batch per report.
+What keeps the per-trial overhead small (2 CPU cores here): actors are reused across trials (a
+fresh worker costs ~2 s: process start + torch import), Ray's per-result CSV/JSON/TensorBoard
+loggers are off (the Recorder keeps what matters), and everything slow in the driver (MLflow
+calls, per-layer accounting of finished models) runs on one background thread
+(:mod:`search.background`), never inside Tune's event loop.
 
 Quiet by default: no Ray banner, dashboard, usage stats, progress tables or trial tracebacks
 (a failed trial is one line on stderr and a row in results.csv). A local Ray binds loopback
 only (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` makes Ray pick 127.0.0.1 as the node address,
 so gcs_server, raylet, workers and agents listen there; ``_node_ip_address="127.0.0.1"``
-alone is rewritten to the machine's outward address) and keeps token auth on.
+alone is rewritten to the machine's outward address) and keeps token auth on. The
+environment settings are scoped to Ray's start and Tune's run (see ``scoped_env``).
+
+On a multi-node cluster, ``storage_dir`` must be a folder every node sees at the same path
+(NFS or similar): trial checkpoints are written there by the workers.
 
 Resume (``resume_search``) after any kind of death of the driver, SIGKILL included: Ray's
 experiment snapshot restores the trials (finished ones are not rerun, unfinished ones continue
 from their last checkpoint; errored ones stay errored: they already used their
 ``max_failures`` retries), the Optuna journal restores what the sampler learned, and the
-Recorder's files on disk say which trials finished. See :mod:`search.searcher` for how
-asked-but-unrecorded Optuna trials of the dead driver are closed.
+Recorder's files on disk say which trials finished. A trial that finished after Ray's last
+snapshot reruns its last epochs but is recorded (and told to Optuna) once. See
+:mod:`search.searcher` for how asked-but-unrecorded Optuna trials of the dead driver are closed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,9 +59,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sparse_search.tuner")
 
-# Environment defaults for a quiet driver (a user's own settings win).
-QUIET_ENV = {
+# Environment defaults for a quiet search (a user's own settings win). Set only while Ray
+# starts (START_ENV: the raylet and workers inherit it) and while Tune runs (TUNE_ENV), then
+# removed again: a notebook or test process that also uses Ray directly keeps its own defaults.
+START_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
+    "PYTHONWARNINGS": "ignore::DeprecationWarning",  # the workers' torch/ray deprecations
+}
+TUNE_ENV = {
     # The new output engine prints a configuration box and paths even at verbose=0.
     "RAY_AIR_NEW_OUTPUT": "0",
     # The Recorder writes what matters; Ray's per-result CSV/JSON/TBX files cost time per report.
@@ -60,8 +75,8 @@ QUIET_ENV = {
     "TUNE_PRINT_ALL_TRIAL_ERRORS": "0",
     # num_to_keep forces frequent experiment snapshots (wanted: a resume loses little).
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
-    "PYTHONWARNINGS": "ignore::DeprecationWarning",
 }
+QUIET_ENV = {**START_ENV, **TUNE_ENV}  # what a submitted job's driver gets
 # Local clusters only: bind loopback. (Token auth stays on, Ray's default; its "enabled by
 # default" warning is silenced below. Setting RAY_AUTH_MODE here would not do: Ray caches the
 # mode when first imported, and a driver and its gcs_server that disagree cannot talk.)
@@ -75,10 +90,13 @@ _NOISY_LOGGERS = (
 
 
 class _DropIncomplete(logging.Filter):
-    """Ray logs "Trials did not complete: [...]" at ERROR for failed trials we already report."""
+    """Ray's end-of-run notes that sparse-search says better: "Trials did not complete" (failed
+    trials are in results.csv) and "Resume experiment with: Tuner.restore(...)" (the CLI
+    prints ``sparse-search resume RUN_DIR``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Trials did not complete")
+        return not str(record.msg).startswith(("Trials did not complete",
+                                               "Experiment has been interrupted"))
 
 
 class _DropStaleCheckpoint(logging.Filter):
@@ -108,16 +126,20 @@ def cluster_address(address: str | None) -> str | None:
     return address or os.environ.get("RAY_ADDRESS") or None
 
 
-def quiet_environment(*, local: bool) -> None:
-    """Set the environment defaults above; call before Ray is imported where possible."""
-    for k, v in {**QUIET_ENV, **(LOCAL_ENV if local else {})}.items():
-        os.environ.setdefault(k, v)
-    if local:
-        import sys
+@contextlib.contextmanager
+def scoped_env(values: dict[str, str]) -> Iterator[None]:
+    """Set the variables not already set, for the duration of the block only."""
+    added = [k for k in values if k not in os.environ]
+    os.environ.update({k: values[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
-        constants = sys.modules.get("ray._private.ray_constants")
-        if constants is not None:  # Ray read the variable at import: tell it again
-            constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] != "0"
+
+def quiet_logging() -> None:
+    """Lower or filter Ray's and Optuna's chatter (process-wide, idempotent)."""
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     for name, kind in (("ray.tune.tune", _DropIncomplete),
@@ -136,19 +158,29 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool
     An already initialised Ray (a test fixture, a notebook) is used as is.
     """
     address = cluster_address(address)
-    quiet_environment(local=address is None)
+    quiet_logging()
     import ray
+    from ray._private import ray_constants
 
     if ray.is_initialized():
         return False
-    if address is None:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
-                 log_to_driver=False, configure_logging=True)
-    else:
+    if address is not None:
+        with scoped_env(START_ENV):
+            try:
+                ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+            except (ConnectionError, ValueError, RuntimeError) as e:
+                raise UserError(f"--address {address}: cannot attach to the Ray cluster ({e})") from None
+        return True
+    # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, at import; this process may have
+    # imported it already, so set its constant too (the node address is fixed at init).
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    with scoped_env({**START_ENV, **LOCAL_ENV}):
+        ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] != "0"
         try:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-        except (ConnectionError, ValueError, RuntimeError) as e:
-            raise UserError(f"--address {address}: cannot attach to the Ray cluster ({e})") from None
+            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+                     log_to_driver=False, configure_logging=True)
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = before
     return True
 
 
@@ -205,21 +237,28 @@ def resume_search(
 def _search(spec: SearchSpec, run: RunDir, *, resuming: bool, address: str | None,
             tracking_uri: str | None, progress: bool, progress_interval_s: float) -> SearchOutcome:
     """``tracking_uri``: a checked MLflow store, or None for no tracking."""
-    from search.background import Background
+    from concurrent.futures import ThreadPoolExecutor
 
+    from search.background import Background
+    from trainables.data import load_dataset
+
+    # Ray's start-up is mostly other processes: meanwhile this one loads the dataset, and the
+    # background thread imports what the budget screen's first count needs (FlopCounterMode
+    # pulls in torch._dynamo: seconds) and then MLflow (opening or migrating its store: more
+    # seconds, which may run on while the first trials train; calls queued meanwhile wait).
     background = Background()
-    # The budget screen's first count imports torch._dynamo (FlopCounterMode): seconds that
-    # overlap Ray's start-up here instead of delaying the first trial.
     background.submit(_warm_accounting)
     tracker = _tracker(spec, run, tracking_uri) if tracking_uri is not None else None
     if tracker is not None:
-        # Importing MLflow and opening (or migrating) its store takes seconds: let it happen
-        # while Ray starts and the first trials train. Calls queued meanwhile wait for it.
         background.submit(tracker.start, resume=resuming)
-    started = init_ray(address)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparse-search-data") as pool:
+        splits = pool.submit(load_dataset, spec.data)
+        started = init_ray(address)
+        splits.exception()  # wait for it (an unreadable dataset raises its DataError below)
     try:
-        outcome = _fit(spec, run, resuming=resuming, tracker=tracker, background=background,
-                       progress=progress, progress_interval_s=progress_interval_s)
+        outcome = _fit(spec, run, splits.result(), resuming=resuming, tracker=tracker,
+                       background=background, progress=progress,
+                       progress_interval_s=progress_interval_s)
     except BaseException as e:
         if tracker is not None:
             background.drain()
@@ -266,8 +305,8 @@ def _tracker(spec: SearchSpec, run: RunDir, tracking_uri: str) -> Any:
     )
 
 
-def _fit(spec: SearchSpec, run: RunDir, *, resuming: bool, tracker: Any, background: Any,
-         progress: bool, progress_interval_s: float) -> SearchOutcome:
+def _fit(spec: SearchSpec, run: RunDir, splits: Any, *, resuming: bool, tracker: Any,
+         background: Any, progress: bool, progress_interval_s: float) -> SearchOutcome:
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
@@ -276,10 +315,8 @@ def _fit(spec: SearchSpec, run: RunDir, *, resuming: bool, tracker: Any, backgro
     from search.results import Recorder
     from search.searcher import ProposerSearcher
     from search.space import SearchSpace
-    from trainables.data import load_dataset
     from trainables.trial import train_trial
 
-    splits = load_dataset(spec.data)
     space = SearchSpace(spec, input_shape=splits.input_shape, num_classes=splits.num_classes)
     recorder = Recorder(run, spec, background=background)
     searcher = ProposerSearcher(space, journal=run.journal, study_name=spec.name,
@@ -299,6 +336,26 @@ def _fit(spec: SearchSpec, run: RunDir, *, resuming: bool, tracker: Any, backgro
     res = spec.resources
     trainable = tune.with_resources(tune.with_parameters(train_trial, splits=splits),
                                     {"cpu": res.cpu, "gpu": res.gpu})
+    with scoped_env(TUNE_ENV):
+        _tune(spec, run, resuming=resuming, trainable=trainable, search_alg=search_alg,
+              callbacks=callbacks)
+    if front is not None:
+        front.push(final=True)
+    background.drain()
+    complete = searcher.live == 0 and searcher.exhausted
+    return SearchOutcome(
+        run_dir=run.path, complete=complete,
+        summary=summary(run_dir=str(run.path), recorder=recorder, rejected=searcher.rejected,
+                        complete=complete),
+        front_table=front_table(recorder.front),
+    )
+
+
+def _tune(spec: SearchSpec, run: RunDir, *, resuming: bool, trainable: Any, search_alg: Any,
+          callbacks: list[Any]) -> None:
+    """Build (or restore) the Tuner and run it to the end."""
+    from ray import tune
+
     if resuming:
         tuner = tune.Tuner.restore(str(run.experiment), trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
@@ -320,16 +377,6 @@ def _fit(spec: SearchSpec, run: RunDir, *, resuming: bool, tracker: Any, backgro
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
         )
     tuner.fit()
-    if front is not None:
-        front.push(final=True)
-    background.drain()
-    complete = searcher.live == 0 and searcher.exhausted
-    return SearchOutcome(
-        run_dir=run.path, complete=complete,
-        summary=summary(run_dir=str(run.path), recorder=recorder, rejected=searcher.rejected,
-                        complete=complete),
-        front_table=front_table(recorder.front),
-    )
 
 
 def _replace_restored(tuner: Any, *, search_alg: Any, callbacks: list[Any]) -> None:

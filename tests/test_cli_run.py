@@ -9,19 +9,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = """
 name: clirun
 data: {name: digits, val_fraction: 0.2, subset: 300}
-constraints: {max_params: 1500}
+constraints: {max_params: 1200}
 search: {sampler: random, num_samples: 3, max_concurrent: 2, seed: 0}
 train: {epochs: 2, batch_size: 64, optimizer: adamw, lr: 0.02}
 space:
-  stem: {width: {int: [2, 10]}}
+  stem: {width: {int: [2, 12]}}
   num_stages: 1
-  stages: {width: {int: [4, 24]}, layers: 1}
+  stages: {width: {int: [4, 32]}, layers: {int: [1, 2]}}
 """
 
 
@@ -78,11 +79,13 @@ def test_dry_run_samples_without_training(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["feasible"] == 4 and report["rejected"] > 0
-    assert all(p["nonzero_params"] <= 1500 for p in report["proposals"])
+    assert all(p["nonzero_params"] <= 1200 for p in report["proposals"])
     assert not (tmp_path / "runs").exists()
 
 
-def test_user_errors_exit_2_without_traceback(tmp_path):
+def test_user_errors_exit_2_without_traceback(tmp_path, monkeypatch, capsys):
+    from search.cli import main
+
     bad = _spec(tmp_path, SPEC.replace("num_samples: 3", "num_samples: -3"))
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -98,8 +101,11 @@ def test_user_errors_exit_2_without_traceback(tmp_path):
         "no Ray job server answers": ("submit", good, "--address", dead, "--no-mlflow"),
     }
     for expected, args in cases.items():
-        done = _cli(*args, cwd=tmp_path, timeout=300)
-        assert done.returncode == 2, (args, done.stdout, done.stderr[-2000:])
-        assert done.stderr.startswith("error: ") and expected in done.stderr, done.stderr
-        assert "Traceback" not in done.stderr
+        monkeypatch.setattr(sys, "argv", ["sparse-search", *args])
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2, (args, err)
+        assert err.startswith("error: ") and expected in err, err
+        assert "Traceback" not in err
     assert not (tmp_path / "runs").exists()  # a dead tracking server stops the run first

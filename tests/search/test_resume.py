@@ -1,4 +1,5 @@
-"""`sparse-search resume` after a real SIGKILL of the driver (its whole process group)."""
+"""`sparse-search resume` after a real SIGKILL of the driver (its whole process group),
+tracked in a real MLflow sqlite store."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import optuna
+from mlflow import MlflowClient
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
@@ -66,7 +68,9 @@ def test_resume_after_sigkill_finishes_every_trial_exactly_once(tmp_path):
     spec.write_text(SPEC)
     storage = tmp_path / "runs"
     log = (tmp_path / "run.log").open("w")
-    run = subprocess.Popen(_cli("run", str(spec), "--storage", str(storage), "--no-mlflow"),
+    db = tmp_path / "mlflow.db"
+    run = subprocess.Popen(_cli("run", str(spec), "--storage", str(storage), "--tracking-uri",
+                                f"sqlite:///{db}"),
                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 400
@@ -125,3 +129,13 @@ def test_resume_after_sigkill_finishes_every_trial_exactly_once(tmp_path):
     assert all(states[k] == TrialState.COMPLETE for k in keys)
     # The others are rejected proposals (COMPLETE, infeasible) or lost asks told FAIL.
     assert {s for n, s in states.items() if n not in keys} <= {TrialState.COMPLETE, TrialState.FAIL}
+    # MLflow (the store the run used, found in run_dir/mlflow.json): the same parent, finished;
+    # a finished child per trial; nothing left RUNNING by the kill.
+    client = MlflowClient(f"sqlite:///{db}")
+    runs = client.search_runs([client.get_experiment_by_name("resumable").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sparse_search.role") == "search"]
+    assert [p.info.status for p in parents] == ["FINISHED"]
+    children = {r.data.tags["sparse_search.trial_key"]: r.info.status for r in runs
+                if r.data.tags.get("sparse_search.role") == "trial"}
+    assert all(children[k] == "FINISHED" for k in keys)
+    assert "RUNNING" not in children.values()

@@ -5,7 +5,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import pickle
+import re
+import subprocess
 from pathlib import Path
 
 import optuna
@@ -18,7 +21,7 @@ from search.rundir import RunDir
 from search.searcher import ProposerSearcher
 from search.space import SearchSpace, dry_run
 from search.spec import load_spec
-from search.tuner import init_ray, make_scheduler, max_epochs, run_search
+from search.tuner import init_ray, make_scheduler, max_epochs, resume_search, run_search
 from trainables.accounting import count_module
 from trainables.arch import ArchConfig
 from trainables.models import build_model
@@ -55,12 +58,36 @@ space:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    started = init_ray(num_cpus=2)
-    yield
-    if started:
-        import ray
+    import ray
 
+    if ray.is_initialized():  # someone else's Ray: this module tests the one init_ray starts
         ray.shutdown()
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def _descendants(pid: int) -> set[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        p, pp = map(int, line.split())
+        children.setdefault(pp, []).append(p)
+    found, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            found.add(c)
+            todo.append(c)
+    return found
+
+
+def test_local_ray_listens_on_loopback_only(local_ray):
+    pids = _descendants(os.getpid())
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
+    addrs = [line.split()[3] for line in out.splitlines()
+             if {int(p) for p in re.findall(r"pid=(\d+)", line)} & pids]
+    assert addrs, "the local Ray listens nowhere?"
+    assert all(a.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:")) for a in addrs), addrs
 
 
 def _spec(tmp_path: Path, text: str):
@@ -115,6 +142,10 @@ def test_budget_search_never_trains_over_budget(local_ray, tmp_path):
     assert len(study.trials) == 4 + expected
     spec_back = load_spec(out.run_dir / "spec.yaml")
     assert spec_back.to_dict() == spec.to_dict()
+    # Resuming a finished search trains nothing and reports the same front.
+    again = resume_search(out.run_dir, mlflow=False, progress=False)
+    assert again.complete and again.summary["front"] == out.summary["front"]
+    assert _rows(out.run_dir) == rows
 
 
 def test_early_stopped_and_failed_trials_are_recorded_never_on_front(local_ray, tmp_path):
