@@ -25,7 +25,7 @@ demo: $(STAMP)
 
 test: $(STAMP) browser
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=10
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

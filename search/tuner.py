@@ -118,6 +118,7 @@ class SearchOutcome:
     complete: bool  # every trial the spec asked for finished (False: interrupted, resume it)
     summary: dict[str, Any]
     front_table: str
+    mlflow_note: str | None = None  # where to read the search in MLflow (None: --no-mlflow)
 
 
 # ---------------------------------------------------------------------- Ray
@@ -273,6 +274,11 @@ def _search(spec: SearchSpec, run: RunDir, *, resuming: bool, address: str | Non
         tracker.finish("FINISHED" if outcome.complete else "KILLED",
                        reason=None if outcome.complete else
                        f"interrupted: continue with `sparse-search resume {run.path}`")
+        local = not tracker.tracking_uri.startswith(("http://", "https://"))
+        note = f"mlflow: {tracker.runs_url or tracker.tracking_uri}"
+        if local:
+            note += f" (start the UI with `sparse-search ui --backend-store-uri {tracker.tracking_uri}`)"
+        outcome = dataclasses.replace(outcome, mlflow_note=note)
     return outcome
 
 
@@ -481,6 +487,8 @@ def report(outcome: SearchOutcome, *, as_json: bool, echo: Any = print) -> int:
 
     echo(outcome.front_table)
     echo(f"run dir: {outcome.run_dir}")
+    if outcome.mlflow_note:
+        echo(outcome.mlflow_note)
     if not outcome.complete:
         print(f"interrupted: continue with `sparse-search resume {outcome.run_dir}`",
               file=sys.stderr)
