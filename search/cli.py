@@ -47,6 +47,7 @@ def train(
     subset: int | None = typer.Option(None, "--subset", min=2, help="train+val images drawn from TRAIN (stratified)"),
     image_size: int | None = typer.Option(None, "--image-size", min=2, help="imagefolder: resize to this side (pixels)"),
     seed: int = typer.Option(0, "--seed", min=0, help="seeds init, batch order, augmentation and the val split"),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads (default: the CPUs this process may use)"),
     as_json: bool = typer.Option(False, "--json", help="end with one JSON line: the final metrics"),
 ) -> None:
     """Train one architecture outside any search: a line per epoch, then a summary."""
@@ -58,7 +59,8 @@ def train(
 
     arch = ArchConfig.load(arch_yaml)
     splits = load_dataset(DataConfig(name=data, path=data_path, subset=subset, image_size=image_size, seed=seed))
-    cfg = TrainConfig(seed=seed) if epochs is None else TrainConfig(epochs=epochs, seed=seed)
+    cfg = TrainConfig(seed=seed, threads=threads)
+    cfg = cfg if epochs is None else cfg.replace(epochs=epochs)
     typer.echo(f"arch {arch.canonical()}\ndata {data}: {splits.sizes()}\ntrain {cfg}")
     try:
         result = train_arch(arch, splits, cfg, on_epoch=lambda m, _state: typer.echo(describe(m, cfg)))

@@ -18,7 +18,8 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     types: list[type[BaseException]] = [UserError, ArchError]
     # Only modules already imported can have raised their error type: importing them here
     # would pull in torch (seconds) just to print a message.
-    for module, name in (("search.spec", "SpecError"), ("trainables.data", "DataError")):
+    for module, name in (("search.spec", "SpecError"), ("trainables.data", "DataError"),
+                         ("trainables.train", "TrainConfigError")):
         mod = sys.modules.get(module)
         if mod is not None:
             types.append(getattr(mod, name))

@@ -23,7 +23,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_train_prints_epochs_and_a_json_summary_last(tmp_path: Path) -> None:
     arch = tmp_path / "digits.yaml"
     DIGITS_ARCH.dump(arch)
-    out = _cli("train", str(arch), "--data", "digits", "--epochs", "2", "--subset", "600", "--json")
+    out = _cli("train", str(arch), "--data", "digits", "--epochs", "2", "--subset", "600",
+               "--threads", "1", "--json")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert [ln.split()[1] for ln in lines if ln.startswith("epoch")] == ["1/2", "2/2"]
