@@ -32,6 +32,8 @@ from urllib.error import URLError
 import numpy as np
 import torch
 
+from trainables import flat
+
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder")
 FLAT_PREFIX = "data"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -112,19 +114,12 @@ class DataConfig:
             raise DataError(f"data.download={self.download!r} is invalid: expected true or false")
 
     def to_flat(self, prefix: str = FLAT_PREFIX) -> dict[str, Any]:
-        return {f"{prefix}/{f.name}": getattr(self, f.name) for f in fields(self)}
+        return flat.to_flat(self, prefix)
 
     @classmethod
-    def from_flat(cls, flat: Mapping[str, Any], prefix: str = FLAT_PREFIX) -> DataConfig:
+    def from_flat(cls, flat_dict: Mapping[str, Any], prefix: str = FLAT_PREFIX) -> DataConfig:
         """Inverse of :meth:`to_flat`; other prefixes are ignored, unknown ``data/`` keys are errors."""
-        pre = prefix + "/"
-        sub = {k[len(pre):]: v for k, v in flat.items() if k.startswith(pre)}
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(sub) - names)
-        if unknown:
-            raise DataError(f"{pre}{unknown[0]} is not a known field: expected one of "
-                            + ", ".join(sorted(names)))
-        return cls(**sub)
+        return flat.from_flat(cls, flat_dict, prefix, DataError)
 
     def replace(self, **changes: Any) -> DataConfig:
         return dataclasses.replace(self, **changes)

@@ -20,14 +20,14 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainables import pruning
+from trainables import flat, pruning
 from trainables.accounting import count_module
 from trainables.data import Splits
 
@@ -130,19 +130,12 @@ class TrainConfig:
         return self.epochs * (self.prune_rounds + 1)
 
     def to_flat(self, prefix: str = FLAT_PREFIX) -> dict[str, Any]:
-        return {f"{prefix}/{f.name}": getattr(self, f.name) for f in fields(self)}
+        return flat.to_flat(self, prefix)
 
     @classmethod
-    def from_flat(cls, flat: Mapping[str, Any], prefix: str = FLAT_PREFIX) -> TrainConfig:
+    def from_flat(cls, flat_dict: Mapping[str, Any], prefix: str = FLAT_PREFIX) -> TrainConfig:
         """Inverse of :meth:`to_flat`; other prefixes are ignored, unknown ``train/`` keys are errors."""
-        pre = prefix + "/"
-        sub = {k[len(pre):]: v for k, v in flat.items() if k.startswith(pre)}
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(sub) - names)
-        if unknown:
-            raise TrainConfigError(f"{pre}{unknown[0]} is not a known field: expected one of "
-                                   + ", ".join(sorted(names)))
-        return cls(**sub)
+        return flat.from_flat(cls, flat_dict, prefix, TrainConfigError)
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
