@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -736,8 +737,6 @@ def sync_run_dir(run_dir: str | Path, tracking_uri: str | None = None) -> dict[s
     columns), ``trials/<key>/result.json`` (final metrics under ``metrics``), ``arch.yaml``,
     ``layers.json``, ``model.pt`` and pareto.csv (the front's trial keys).
     """
-    from trainables.arch import ArchConfig
-
     run_dir = Path(run_dir).resolve()
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist")
@@ -759,7 +758,40 @@ def sync_run_dir(run_dir: str | Path, tracking_uri: str | None = None) -> dict[s
         ui_url=state.get("ui_url"), strict=True,
     ).start(resume=True)
     df = pd.read_csv(results_csv) if results_csv.is_file() else pd.DataFrame(columns=["trial_key"])
-    counts = {"trials": len(df), "created": 0, "finalized": 0, "closed": 0}
+    counts = {"trials": len(df), **close_recorded_trials(tracker, run_dir, df)}
+    counts["closed"] += sum(s == "RUNNING" for s in tracker._status.values())
+    pareto_csv = run_dir / "pareto.csv"
+    front_keys = (pd.read_csv(pareto_csv)["trial_key"].astype(str).tolist()
+                  if pareto_csv.is_file() else None)
+    ended = [_STATUS_MAP.get(str(s).upper()) for s in df.get("status", [])]
+    finished = sum(s is not None for s in ended)  # trials that ended, failed ones included
+    failed = ended.count("FAILED")
+    if all(c in df.columns for c in tracker.objectives):
+        last = tracker.client.get_run(tracker.parent_run_id).data.metrics.get("trials_finished")
+        tracker.update_front(df, front_keys, step=finished,
+                             counters={"trials_finished": finished, "trials_failed": failed},
+                             final=True, log_metrics=last is None or last < finished)
+    was = tracker.parent_status_at_start
+    tracker.finish(was if was in TERMINAL else "KILLED",
+                   reason=None if was in TERMINAL else "the search driver stopped; closed by sync")
+    return counts
+
+
+def close_recorded_trials(tracker: SearchTracker, run_dir: Path, df: pd.DataFrame) -> dict[str, int]:
+    """Bring each trial of results.csv (``df``) to its recorded end in MLflow.
+
+    A child run that never got its final metrics gets them (from trials/<key>/result.json) with
+    arch.yaml, layers.json and the model; one whose metrics arrived but whose end status did not
+    (the driver was killed in between) is closed with the recorded status. `sync` runs this on
+    every row; `resume` on the rows recorded before the kill, which Ray will not rerun, so
+    their runs would otherwise stay RUNNING and end KILLED. Returns counts: created,
+    finalized, closed.
+    """
+    from trainables.arch import ArchConfig
+
+    counts = {"created": 0, "finalized": 0, "closed": 0}
+    if tracker.offline or tracker.parent_run_id is None:
+        return counts
     for row in df.to_dict("records"):
         rec = {k: v for k, v in ((k, _plain(v)) for k, v in row.items()) if v is not None}
         key = str(rec["trial_key"])
@@ -790,21 +822,6 @@ def sync_run_dir(run_dir: str | Path, tracking_uri: str | None = None) -> dict[s
             model_path=trial_dir / "model.pt" if (trial_dir / "model.pt").is_file() else None,
             arch=arch)
         counts["finalized"] += 1
-    counts["closed"] += sum(s == "RUNNING" for s in tracker._status.values())
-    pareto_csv = run_dir / "pareto.csv"
-    front_keys = (pd.read_csv(pareto_csv)["trial_key"].astype(str).tolist()
-                  if pareto_csv.is_file() else None)
-    ended = [_STATUS_MAP.get(str(s).upper()) for s in df.get("status", [])]
-    finished = sum(s is not None for s in ended)  # trials that ended, failed ones included
-    failed = ended.count("FAILED")
-    if all(c in df.columns for c in tracker.objectives):
-        last = tracker.client.get_run(tracker.parent_run_id).data.metrics.get("trials_finished")
-        tracker.update_front(df, front_keys, step=finished,
-                             counters={"trials_finished": finished, "trials_failed": failed},
-                             final=True, log_metrics=last is None or last < finished)
-    was = tracker.parent_status_at_start
-    tracker.finish(was if was in TERMINAL else "KILLED",
-                   reason=None if was in TERMINAL else "the search driver stopped; closed by sync")
     return counts
 
 
@@ -923,9 +940,7 @@ def serve_ui(*, port: int, backend_store_uri: str, artifact_root: str,
 
     Prints the runs list of the latest search once the server answers; Ctrl-C stops it.
     """
-    import signal
     import socket
-    import sys
 
     with socket.socket() as s:
         try:
@@ -938,15 +953,9 @@ def serve_ui(*, port: int, backend_store_uri: str, artifact_root: str,
         where = run_url(url, parent.info.experiment_id)
     except UserError:
         where = f"{url}/#/experiments{UI_QUERY}"
-    # The defaults start 4 workers and a job runner (15 processes, ~3 GB): 2 processes, ~0.5 GB.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-           "MLFLOW_DISABLE_TELEMETRY": "true"}
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1", "--backend-store-uri", backend_store_uri,
-           "--default-artifact-root", artifact_root]
-    # Own process group (stopped whole below); its log goes to stderr, stdout keeps the URL.
-    proc = subprocess.Popen(cmd, env=env, stdout=sys.stderr, start_new_session=True,
-                            preexec_fn=stop_with_parent)
+    # Its log goes to stderr, stdout keeps the URL.
+    proc = start_light_server(port=port, backend_store_uri=backend_store_uri,
+                              artifact_root=artifact_root, stdout=sys.stderr)
     try:
         wait_healthy(url, proc, timeout=180)
         echo(f"MLflow UI: {where}\n(serving {backend_store_uri}, artifacts {artifact_root}; "
@@ -955,13 +964,37 @@ def serve_ui(*, port: int, backend_store_uri: str, artifact_root: str,
     except KeyboardInterrupt:
         return 0
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_server(proc)
+
+
+def start_light_server(*, port: int, backend_store_uri: str, artifact_root: str | Path,
+                       stdout: Any, cwd: str | Path | None = None) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:port in light mode, in its own process group.
+
+    The defaults start 4 workers and a job runner (15 processes, ~3 GB): this is 2 processes,
+    ~0.5 GB. The group is stopped whole by :func:`stop_server`, and by SIGTERM when the
+    starting process dies (:func:`stop_with_parent`).
+    """
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+           "MLFLOW_DISABLE_TELEMETRY": "true"}
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", backend_store_uri,
+           "--default-artifact-root", str(artifact_root)]
+    return subprocess.Popen(cmd, env=env, stdout=stdout, stderr=subprocess.STDOUT, cwd=cwd,
+                            start_new_session=True, preexec_fn=stop_with_parent)
+
+
+def stop_server(proc: subprocess.Popen, *, timeout: float = 20) -> None:
+    """SIGTERM the server's process group (uvicorn worker included), SIGKILL after ``timeout``."""
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 # ---------------------------------------------------------------------- Ray Tune adaptor

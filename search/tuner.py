@@ -252,6 +252,15 @@ def _search(spec: SearchSpec, run: RunDir, *, resuming: bool, address: str | Non
     tracker = _tracker(spec, run, tracking_uri) if tracking_uri is not None else None
     if tracker is not None:
         background.submit(tracker.start, resume=resuming)
+        if resuming and run.results_csv.is_file():
+            # Trials recorded before the kill are not rerun: close the MLflow runs the dead
+            # driver left open from what it recorded (read now, before new trials add rows).
+            import pandas as pd
+
+            from search.tracking import close_recorded_trials
+
+            background.submit(close_recorded_trials, tracker, run.path,
+                              pd.read_csv(run.results_csv))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparse-search-data") as pool:
         splits = pool.submit(load_dataset, spec.data)
         started = init_ray(address)

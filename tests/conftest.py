@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-
-def _stop_with_parent() -> None:
-    # Linux: the server gets SIGTERM if pytest itself is killed, so it never outlives the run.
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+from search.errors import UserError
+from search.tracking import start_light_server, stop_server, wait_healthy
 
 
 @dataclass(frozen=True)
@@ -49,34 +37,15 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
         artifact_root=root / "mlruns",
         log=root / "server.log",
     )
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-           "MLFLOW_DISABLE_TELEMETRY": "true"}
     with server.log.open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1", "--backend-store-uri", server.backend_store_uri,
-             "--default-artifact-root", str(server.artifact_root)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=root,
-            preexec_fn=_stop_with_parent,
-        )
+        proc = start_light_server(port=port, backend_store_uri=server.backend_store_uri,
+                                  artifact_root=server.artifact_root, stdout=log, cwd=root)
     try:
-        deadline = time.monotonic() + 180  # ~6 s idle; much longer on a loaded 2-core box
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited ({proc.returncode}):\n{server.log.read_text()}")
-            try:
-                with urllib.request.urlopen(server.url + "/health", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server not healthy in 180 s:\n{server.log.read_text()}")
-                time.sleep(0.3)
+        # ~6 s idle; much longer on a loaded 2-core box
+        try:
+            wait_healthy(server.url, proc, timeout=180)
+        except UserError as e:
+            pytest.fail(f"{e}:\n{server.log.read_text()}")
         yield server
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_server(proc)

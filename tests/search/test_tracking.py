@@ -39,6 +39,7 @@ from search.tracking import (
     SearchTracker,
     check_reachable,
     client_for,
+    close_recorded_trials,
     format_front,
     front_from_store,
     read_state,
@@ -334,8 +335,8 @@ import sys, time
 sys.path.insert(0, {here!r})
 from pathlib import Path
 from test_tracking import drive, make_arch, make_tracker
-url, run_dir = sys.argv[1], Path(sys.argv[2])
-tracker = make_tracker(url, run_dir, "crashed", front_interval_s=0).start()
+url, run_dir, experiment = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+tracker = make_tracker(url, run_dir, experiment, front_interval_s=0).start()
 rows = drive(tracker, run_dir, range(5), fail={{2}}, go_offline_before_end=4)
 tracker.offline = False  # MLflow is back: the next trial starts in it...
 arch = make_arch(5)
@@ -346,11 +347,11 @@ time.sleep(600)  # ...and the driver is SIGKILLed here, mid-trial
 """
 
 
-def test_killed_driver_sync_then_resume_leaves_no_running_runs_and_no_duplicates(
-        mlflow_server, tmp_path):
-    run_dir = tmp_path / "run"
+def crash_a_driver(url: str, run_dir: Path, experiment: str) -> None:
+    """Run CRASH_DRIVER and SIGKILL it mid-trial: t000-t004 recorded in run_dir (t004's end
+    never reached MLflow), t005 RUNNING."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", CRASH_DRIVER.format(here=str(HERE)), mlflow_server.url, str(run_dir)],
+        [sys.executable, "-c", CRASH_DRIVER.format(here=str(HERE)), url, str(run_dir), experiment],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         line = proc.stdout.readline()
@@ -358,6 +359,12 @@ def test_killed_driver_sync_then_resume_leaves_no_running_runs_and_no_duplicates
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def test_killed_driver_sync_then_resume_leaves_no_running_runs_and_no_duplicates(
+        mlflow_server, tmp_path):
+    run_dir = tmp_path / "run"
+    crash_a_driver(mlflow_server.url, run_dir, "crashed")
     client = MlflowClient(mlflow_server.url)
     parents, children = runs_of(client, "crashed")
     assert parents[0].info.status == "RUNNING"
@@ -405,6 +412,30 @@ def test_killed_driver_sync_then_resume_leaves_no_running_runs_and_no_duplicates
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     keys = [c.data.tags[TAG_TRIAL_KEY] for c in children]
     assert sorted(keys) == [f"t{i:03d}" for i in range(7)]
+
+
+def test_resume_without_sync_closes_what_the_killed_driver_recorded(mlflow_server, tmp_path):
+    """`resume` (no `sync` first): a trial recorded in results.csv whose MLflow run the dead
+    driver left open is not rerun, so the resume must close it from the run dir; were it left,
+    the resumed search's finish would mark it KILLED."""
+    run_dir = tmp_path / "run"
+    crash_a_driver(mlflow_server.url, run_dir, "resumed-unsynced")
+    client = MlflowClient(mlflow_server.url)
+    tracker = make_tracker(mlflow_server.url, run_dir, "resumed-unsynced").start(resume=True)
+    counts = close_recorded_trials(tracker, run_dir, pd.read_csv(run_dir / "results.csv"))
+    assert counts == {"created": 0, "finalized": 1, "closed": 0}
+    assert close_recorded_trials(tracker, run_dir, pd.read_csv(run_dir / "results.csv")) == {
+        "created": 0, "finalized": 0, "closed": 0}
+    tracker.finish()
+    parents, children = runs_of(client, "resumed-unsynced")
+    by_key = {c.data.tags[TAG_TRIAL_KEY]: c for c in children}
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(by_key) == [f"t{i:03d}" for i in range(6)]
+    assert by_key["t004"].info.status == "FINISHED"
+    assert by_key["t004"].data.metrics["test_accuracy"] == pytest.approx(
+        final_metrics(4, make_arch(4))["test_accuracy"])
+    assert by_key["t002"].info.status == "FAILED"
+    assert by_key["t005"].info.status == "KILLED"  # in flight, never recorded: not resumed here
 
 
 def test_sync_creates_what_mlflow_never_saw(mlflow_server, tmp_path):
