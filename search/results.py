@@ -344,7 +344,7 @@ def layers_of(arch: Any, model_path: Path) -> dict[str, Any]:
     """The accounting of the delivered model (real weights: pruned zeros count as zero)."""
     import torch
 
-    from trainables.accounting import count_module
+    from trainables.accounting import count_built
     from trainables.models import build_model
 
     if arch.backbone is not None and arch.backbone.weights is not None:
@@ -353,7 +353,7 @@ def layers_of(arch: Any, model_path: Path) -> dict[str, Any]:
             name=arch.backbone.name, trainable=arch.backbone.trainable, weights=None))
     model = build_model(arch)
     model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
-    return count_module(model, (arch.in_channels, *arch.input_size)).to_dict()
+    return count_built(model, (arch.in_channels, *arch.input_size)).to_dict()
 
 
 def error_message(trial: Trial) -> str:

@@ -46,7 +46,7 @@ from search.spec import (
     stage_value,
 )
 from trainables import pruning
-from trainables.accounting import Accounting, count_module
+from trainables.accounting import Accounting, count_built, meta_model
 from trainables.arch import (
     BACKBONE_STAGES,
     ArchConfig,
@@ -56,7 +56,6 @@ from trainables.arch import (
     StemConfig,
 )
 from trainables.layers import SparseLinear
-from trainables.models import build_model
 from trainables.train import TrainConfig, resolve_augment
 
 # pruning.prune_step prunes the output layer at half the rate (Frankle & Carbin), its default.
@@ -250,12 +249,8 @@ class SearchSpace:
         hit = self._cache.get(arch)
         if hit is not None:
             return hit
-        meta = arch
-        if arch.backbone is not None and arch.backbone.weights is not None:
-            meta = arch.replace(backbone=dataclasses.replace(arch.backbone, weights=None))
-        with torch.device("meta"):
-            model = build_model(meta)
-        acc = count_module(model, (arch.in_channels, *arch.input_size))
+        model = meta_model(arch)
+        acc = count_built(model, (arch.in_channels, *arch.input_size))
         out = pruning.output_layer(model)
         prunable = pruning.prunable(model)
         screen = _Screen(

@@ -346,6 +346,7 @@ def load_spec(
     num_samples: int | None = None,
     max_params: int | None = None,
     seed: int | None = None,
+    data_path: str | None = None,
 ) -> SearchSpec:
     """Read and validate a spec file; keyword overrides (CLI flags) replace the file's values."""
     p = Path(path)
@@ -366,6 +367,7 @@ def load_spec(
         num_samples=num_samples,
         max_params=max_params,
         seed=seed,
+        data_path=data_path,
     )
 
 
@@ -376,12 +378,16 @@ def parse_spec(
     num_samples: int | None = None,
     max_params: int | None = None,
     seed: int | None = None,
+    data_path: str | None = None,
 ) -> SearchSpec:
     """Validate already-parsed YAML data (a mapping) into a :class:`SearchSpec`."""
     r = _Reader(source)
     d = r.mapping(data, "", _SECTIONS)
     if d.get("data") is None:
         r.fail("data", "is missing: expected a mapping of DataConfig fields, e.g. {name: digits}")
+    if data_path is not None:  # --data-path: the same space on data kept elsewhere
+        d["data"] = {**r.mapping(d["data"], "data", [f.name for f in dataclasses.fields(DataConfig)]),
+                     "path": str(data_path)}
     name = d.get("name", Path(source).stem if source != "<spec>" else "search")
     if not (isinstance(name, str) and name.strip()):
         r.invalid("name", name, "a non-empty string")

@@ -3,11 +3,16 @@
 - :func:`count` counts an :class:`ArchConfig` without weights: it builds the network on the
   meta device and runs a shape-only forward in which each conv/linear/pool/flatten layer just
   computes its output shape and MACs (milliseconds; the budget screen's cost).
+- :func:`count_built` counts a built model (real or meta, possibly pruned) with the same
+  shape-only pass: what a trial (every round) and the budget screen use.
 - :func:`count_module` counts a real (possibly pruned) model: one real forward under
-  ``torch.utils.flop_counter.FlopCounterMode`` gives the MACs, its weights the nonzeros.
+  ``torch.utils.flop_counter.FlopCounterMode`` gives the MACs, its weights the nonzeros. Its
+  first use in a process costs ~1.5 s (torch compiles its flop registry), each later one tens
+  of ms: the reference, not the hot path.
 
-The two share no shape or MAC code, and the tests hold them equal on every family and on
-random configs, so torch's own flop counter checks the fast arithmetic.
+The shape-only pass and the flop counter share no shape or MAC code, and the tests hold them
+equal on every family, on random configs and on pruned models, so torch's own flop counter
+checks the fast arithmetic.
 
 Definitions (the search's objectives use these):
 
@@ -41,7 +46,6 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
-from torch.utils.flop_counter import FlopCounterMode
 
 from trainables.arch import ArchConfig
 from trainables.layers import SeparableConv2d, SparseLinear
@@ -142,13 +146,33 @@ def count(arch: ArchConfig) -> Accounting:
     The budget screen's cost (milliseconds). Tested equal to :func:`count_module` on a real
     build, whose MACs come from torch's own flop counter on a real forward.
     """
+    model = meta_model(arch)
+    rows = _row_modules(model)
+    return _account(model, rows, *_trace_shapes(model, rows, (arch.in_channels, *arch.input_size)))
+
+
+def meta_model(arch: ArchConfig) -> nn.Module:
+    """``arch`` built on the meta device: shapes and masks' counts, no storage, no init."""
     if arch.backbone is not None and arch.backbone.weights is not None:
         # Weights do not change any count; never touch the file in the budget screen.
         arch = arch.replace(backbone=dataclasses.replace(arch.backbone, weights=None))
     with torch.device("meta"), _SkipInitOnMeta():
-        model = build_model(arch)
+        return build_model(arch)
+
+
+def count_built(model: nn.Module, input_shape: tuple[int, int, int]) -> Accounting:
+    """Count a built model (real or meta, possibly pruned) for one (C, H, W) sample.
+
+    The shape-only pass of :func:`count` on the model as it is: no real forward, no data, the
+    weights are read only for their nonzeros (~ms). A leaf with parameters but no shape rule
+    (not in this project's families) makes it fall back to :func:`count_module`.
+    """
     rows = _row_modules(model)
-    return _account(model, rows, *_trace_shapes(model, rows, (arch.in_channels, *arch.input_size)))
+    unknown = [m for m in model.modules()
+               if not m._modules and _shape_rule(m) is None and next(m.parameters(), None) is not None]
+    if unknown:
+        return count_module(model, input_shape)
+    return _account(model, rows, *_trace_shapes(model, rows, input_shape))
 
 
 def count_module(model: nn.Module, input_shape: tuple[int, int, int]) -> Accounting:
@@ -167,6 +191,8 @@ Trace = tuple[dict[nn.Module, tuple[int, ...]], dict[nn.Module, int]]
 
 
 def _trace_flop_counter(model: nn.Module, rows: dict[str, nn.Module], input_shape: tuple[int, int, int]) -> Trace:
+    from torch.utils.flop_counter import FlopCounterMode
+
     first = next(model.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
     counter = FlopCounterMode(display=False)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainables import flat, pruning
-from trainables.accounting import count_module
+from trainables.accounting import count_built
 from trainables.data import Splits
 
 FLAT_PREFIX = "train"
@@ -403,7 +403,7 @@ def fit(
             opt = make_optimizer(model, cfg)
             prog = dataclasses.replace(prog, phase=phase, epoch_in_phase=0, phase_done=False,
                                        best_val=-1.0, bad_epochs=0)
-        counts = count_module(model, splits.input_shape)  # nonzeros change only when pruned
+        counts = count_built(model, splits.input_shape)  # nonzeros change only when pruned
         model.train()
         for e in range(prog.epoch_in_phase, cfg.epochs):
             t0 = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from pathlib import Path
 
@@ -137,11 +138,14 @@ def test_round_trip_and_flat_params(tmp_path):
 
 def test_overrides_replace_file_values(tmp_path):
     path = write(tmp_path, VALID)
-    spec = load_spec(path, num_samples=40, max_params=50_000, seed=7)
+    spec = load_spec(path, num_samples=40, max_params=50_000, seed=7, data_path="/data/x.npz")
     assert spec.search.num_samples == 40
     assert spec.constraints.max_params == 50_000
     assert spec.search.seed == 7
-    assert load_spec(path).search.num_samples == 4
+    assert spec.data.path == "/data/x.npz"
+    plain = load_spec(path)
+    assert plain.search.num_samples == 4
+    assert dataclasses.replace(spec.data, path=plain.data.path) == plain.data  # only the path
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import prune
 
-from trainables.accounting import Accounting, count, count_module
+from trainables.accounting import Accounting, count, count_built, count_module
 from trainables.arch import (
     BLOCK_TYPES,
     ArchConfig,
@@ -93,6 +93,7 @@ def test_random_configs_meta_count_equals_real_count(arch: ArchConfig) -> None:
     torch.manual_seed(0)
     model = build_model(arch)
     assert meta == count_module(model, (arch.in_channels, *arch.input_size))
+    assert meta == count_built(model, (arch.in_channels, *arch.input_size))  # what a trial uses
     assert sum(r.params for r in meta.layers) == meta.total_params
     assert sum(r.macs for r in meta.layers) == meta.macs
     weights = [(h, model.head[i].linear.weight.numel()) for i, h in enumerate(arch.head)]
@@ -137,6 +138,7 @@ def test_pruned_weights_count_as_zero() -> None:
     prune.l1_unstructured(conv, "weight", amount=96)
     prune.l1_unstructured(model.head[0].linear, "weight", amount=0.25)  # on top of the 0.5 mask
     after = count_module(model, (3, 8, 8))
+    assert count_built(model, (3, 8, 8)) == after  # a trial's per-round count, same figures
     assert after.trainable_params == before.trainable_params
     # the head's 64 masked zeros are the smallest magnitudes: pruning 25% of 128 removes 32 of
     # them and no kept weight, so only the conv's 96 are new zeros
@@ -153,6 +155,7 @@ def test_counting_leaves_the_model_as_it_was() -> None:
     model.stages[0].eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     count_module(model, (3, 8, 8))
+    count_built(model, (3, 8, 8))
     assert model.training and not model.stages[0].training and model.head.training
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     forwards = [m for m in model.modules() if "forward" in m.__dict__]
@@ -242,3 +245,18 @@ def _shape_only_count(model: nn.Module, input_shape: tuple[int, int, int]) -> Ac
 
     rows = accounting._row_modules(model)
     return accounting._account(model, rows, *accounting._trace_shapes(model, rows, input_shape))
+
+
+def test_count_built_falls_back_to_the_flop_counter_for_unknown_layers() -> None:
+    class Scale(nn.Module):  # a leaf with a parameter and no shape rule
+        def __init__(self) -> None:
+            super().__init__()
+            self.s = nn.Parameter(torch.ones(3, 1, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.s
+
+    model = nn.Sequential(Scale(), nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    acc = count_built(model, (3, 8, 8))
+    assert acc == count_module(model, (3, 8, 8))
+    assert acc.macs == 4 * 27 * 36 + 144 * 2 and acc.trainable_params == 3 + 112 + 290
