@@ -134,6 +134,7 @@ def run(
     max_params: int | None = typer.Option(None, "--max-params", min=1, help="nonzero-params budget (overrides constraints.max_params)"),
     seed: int | None = typer.Option(None, "--seed", min=0, help="sampler seed (overrides search.seed)"),
     data_path: str | None = typer.Option(None, "--data-path", help="dataset file or folder (overrides data.path)"),
+    time_budget: str | None = typer.Option(None, "--time-budget", help="wall time for the search, e.g. 45m or 2h: no trial starts that would not end in it (overrides search.time_budget)"),
     storage: Path = typer.Option(Path("runs"), "--storage", help="folder that gets the run directory"),
     address: str | None = typer.Option(None, "--address", help="Ray cluster to attach to (default: $RAY_ADDRESS, else a local Ray)"),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)"),
@@ -148,7 +149,7 @@ def run(
     if dry_run_n is not None and not dry_run:
         raise UserError(f"unexpected argument {dry_run_n}: a count is only for --dry-run N")
     spec = load_spec(spec_path, num_samples=num_samples, max_params=max_params, seed=seed,
-                     data_path=data_path)
+                     data_path=data_path, time_budget=time_budget)
     if dry_run:
         from search.tuner import dry_run_report
 
@@ -186,6 +187,7 @@ def submit(
     max_params: int | None = typer.Option(None, "--max-params", min=1, help="nonzero-params budget (overrides constraints.max_params)"),
     seed: int | None = typer.Option(None, "--seed", min=0, help="sampler seed (overrides search.seed)"),
     data_path: str | None = typer.Option(None, "--data-path", help="dataset file or folder (overrides data.path)"),
+    time_budget: str | None = typer.Option(None, "--time-budget", help="wall time for the search, e.g. 45m or 2h: no trial starts that would not end in it (overrides search.time_budget)"),
     storage: str | None = typer.Option(None, "--storage", help="run directories on the head (default: ./runs here for a local address, else $HOME/sparse-search/runs)"),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow store the job logs to (default: $MLFLOW_TRACKING_URI, else a local sqlite file)"),
     no_mlflow: bool = typer.Option(False, "--no-mlflow", help="do not track in MLflow"),
@@ -200,7 +202,7 @@ def submit(
     job_id, status = submit_job(
         spec_path, address=address,
         overrides={"num_samples": num_samples, "max_params": max_params, "seed": seed,
-                   "data_path": data_path},
+                   "data_path": data_path, "time_budget": time_budget},
         storage=storage, tracking_uri=tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
         mlflow=not no_mlflow, as_json=as_json, entrypoint_python=entrypoint_python,
         follow=follow, echo=typer.echo)

@@ -44,9 +44,14 @@ class ProgressCallback(Callback):
         c = self.recorder.counts()
         running = sum(1 for t in trials if t.status == "RUNNING")
         early = f" ({c['early_stopped']} stopped early)" if c["early_stopped"] else ""
+        budget = getattr(self.searcher, "time_budget", None)
+        clock = ""
+        if budget is not None:
+            clock = f" | {self.searcher.spent / 60:.0f}/{budget / 60:.0f} min"
+            clock += " (no new trials: time budget)" if self.searcher.stopped_by else ""
         return (f"trials {c['finished']}/{self.total} done{early}, {running} running, "
                 f"{c['failed']} failed, {self.searcher.rejected} rejected | "
-                f"front {len(self.recorder.front)}")
+                f"front {len(self.recorder.front)}{clock}")
 
     def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
         now = time.monotonic()
@@ -94,12 +99,19 @@ def _json_number(v: Any) -> Any:
     return v if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
-def summary(*, run_dir: str, recorder: Recorder, rejected: int, complete: bool) -> dict[str, Any]:
-    """The ``--json`` object: counts and the front (JSON has no NaN: missing values are null)."""
+def summary(*, run_dir: str, recorder: Recorder, rejected: int, complete: bool,
+            stopped_by: str | None = None, wall_s: float | None = None) -> dict[str, Any]:
+    """The ``--json`` object: counts and the front (JSON has no NaN: missing values are null).
+
+    ``stopped_by``: why a complete search ended (num_samples | time_budget); ``wall_s``: the
+    search's wall seconds over resumes, from its first trial.
+    """
     c = recorder.counts()
     return {
         "run_dir": run_dir,
         "complete": complete,
+        "stopped_by": stopped_by,
+        "wall_s": None if wall_s is None else round(wall_s, 1),
         "trials": c["finished"],
         "terminated": c["terminated"],
         "early_stopped": c["early_stopped"],

@@ -20,6 +20,10 @@ stay RUNNING forever (TPE's constant liar would keep imputing them); the trials 
 keep their Optuna trial and are told when they finish. ``num_samples`` is enforced here, over
 trials recorded on disk plus those in flight, so trials that finished after the last snapshot
 are not trained twice over the budget.
+
+Time budget (``search.time_budget``, wall seconds over the whole search, resumes included):
+no trial starts once it is spent, nor one that the median finished trial says would end after
+it; the trials in flight finish. The search then ends complete, ``stopped_by`` says why.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from __future__ import annotations
 import logging
 import math
 import pickle
+import statistics
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -50,6 +56,7 @@ class ProposerSearcher(Searcher):
         study_name: str,
         num_samples: int,
         recorded: Iterable[str] = (),
+        time_budget: float | None = None,
     ) -> None:
         spec = space.spec
         super().__init__(metric=[o.metric for o in spec.objectives],
@@ -63,12 +70,19 @@ class ProposerSearcher(Searcher):
         self._issued: set[str] = set(recorded)  # trial keys that count towards num_samples
         self._rejected_before = 0  # rejected by proposers of earlier driver processes
         self.told = {"complete": 0, "pruned": 0, "failed": 0}
+        self.time_budget = time_budget
+        self._spent_before = 0.0  # wall seconds of earlier driver processes
+        self._t0: float | None = None  # monotonic time this process started searching
+        self._started: dict[str, float] = {}  # Ray trial id -> monotonic start
+        self.durations: list[float] = []  # wall seconds of trials that ended (this process)
+        self.stopped_by: str | None = None  # "time_budget" once it stopped new trials
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict[str, Any]:
         # The study is rebuilt from the journal: never pickle a storage handle.
         return {**self.__dict__, "_proposer": None,
-                "_rejected_before": self.rejected}
+                "_rejected_before": self.rejected, "_spent_before": self.spent, "_t0": None,
+                "_started": {}}
 
     @property
     def proposer(self) -> Proposer:
@@ -90,6 +104,19 @@ class ProposerSearcher(Searcher):
         return len(self._live)
 
     @property
+    def spent(self) -> float:
+        """Wall seconds this search has run, over resumes (from its first suggestion)."""
+        return self._spent_before + (time.monotonic() - self._t0 if self._t0 is not None else 0.0)
+
+    def out_of_time(self) -> bool:
+        """The time budget leaves no room for another trial (always False without one)."""
+        if self.time_budget is None:
+            return False
+        left = self.time_budget - self.spent
+        typical = statistics.median(self.durations) if self.durations else 0.0
+        return left <= 0 or typical > left
+
+    @property
     def exhausted(self) -> bool:
         """Every trial of ``num_samples`` was handed out (recorded ones included)."""
         return len(self._issued) >= self.num_samples
@@ -100,10 +127,20 @@ class ProposerSearcher(Searcher):
         return True  # the space comes from the spec, never from Tune's param_space
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if self._t0 is None:
+            self._t0 = time.monotonic()
         if len(self._issued) >= self.num_samples:
+            return Searcher.FINISHED
+        if self.out_of_time():
+            if self.stopped_by is None:
+                self.stopped_by = "time_budget"
+                log.info("time budget: %.0f of %.0f s spent, no new trial starts (median trial "
+                         "%.0f s)", self.spent, self.time_budget,
+                         statistics.median(self.durations) if self.durations else 0.0)
             return Searcher.FINISHED
         number, proposal = self.proposer.ask()
         key = str(number)
+        self._started[trial_id] = time.monotonic()
         self._live[trial_id] = key
         self._issued.add(key)
         return {**proposal.config, TRIAL_KEY: key}
@@ -111,6 +148,9 @@ class ProposerSearcher(Searcher):
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
         key = self._live.pop(trial_id, None)
+        started = self._started.pop(trial_id, None)
+        if started is not None and not error:
+            self.durations.append(time.monotonic() - started)
         if key is None and result is not None and f"config/{TRIAL_KEY}" in result:
             key = str(result[f"config/{TRIAL_KEY}"])
         if key is None:
@@ -133,7 +173,7 @@ class ProposerSearcher(Searcher):
 
     def save(self, checkpoint_path: str) -> None:
         state = {"live": self._live, "issued": sorted(self._issued), "rejected": self.rejected,
-                 "told": self.told}
+                 "told": self.told, "spent": self.spent, "durations": self.durations}
         Path(checkpoint_path).write_bytes(pickle.dumps(state))
 
     def restore(self, checkpoint_path: str) -> None:
@@ -142,6 +182,9 @@ class ProposerSearcher(Searcher):
         self._issued |= set(state["issued"]) | set(self._live.values())
         self._rejected_before = int(state["rejected"])
         self.told = dict(state["told"])
+        self._spent_before = float(state.get("spent", 0.0))
+        self._t0 = None  # this process's clock starts at its first suggestion
+        self.durations = list(state.get("durations", []))
         self.fail_orphans()
 
     def fail_orphans(self) -> list[int]:

@@ -17,6 +17,7 @@ optional except ``data``; omitted values take the defaults shown here::
       max_rejects: 1000               # over-budget proposals in a row before giving up
       early_stopping: null            # or {scheduler: asha, grace_epochs: 1, reduction_factor: 3}
       fill_budget: null               # or {fraction: 0.9} / {fraction: {float: [0.3, 1.0]}}
+      time_budget: null               # or 45m, 2h, 3600: no trial starts that would end later
     resources: {cpu: 1, gpu: 0}       # per trial; fractions allowed (gpu: 0.25)
     train:                            # trainables.train.TrainConfig fields, fixed or searched
       epochs: 10
@@ -208,6 +209,9 @@ class SearchSettings:
     max_rejects: int = 1000  # infeasible proposals in a row before the search gives up
     early_stopping: EarlyStopping | None = None
     fill_budget: FillBudget | None = None
+    # Wall seconds for the whole search (resumes included): no trial starts once it is spent,
+    # nor one the median finished trial says would not end in what is left. None: no limit.
+    time_budget: float | None = None
 
 
 @dataclass(frozen=True)
@@ -347,6 +351,7 @@ def load_spec(
     max_params: int | None = None,
     seed: int | None = None,
     data_path: str | None = None,
+    time_budget: str | float | None = None,
 ) -> SearchSpec:
     """Read and validate a spec file; keyword overrides (CLI flags) replace the file's values."""
     p = Path(path)
@@ -368,6 +373,7 @@ def load_spec(
         max_params=max_params,
         seed=seed,
         data_path=data_path,
+        time_budget=time_budget,
     )
 
 
@@ -379,6 +385,7 @@ def parse_spec(
     max_params: int | None = None,
     seed: int | None = None,
     data_path: str | None = None,
+    time_budget: str | float | None = None,
 ) -> SearchSpec:
     """Validate already-parsed YAML data (a mapping) into a :class:`SearchSpec`."""
     r = _Reader(source)
@@ -408,6 +415,12 @@ def parse_spec(
         settings = dataclasses.replace(settings, seed=seed)
     if max_params is not None:
         constraints = dataclasses.replace(constraints, max_params=max_params)
+    if time_budget is not None:
+        seconds = parse_duration(time_budget)
+        if seconds is None:
+            r.fail("search.time_budget", f"={time_budget!r} (command-line override) is invalid: "
+                   f"expected {DURATION}")
+        settings = dataclasses.replace(settings, time_budget=seconds)
     if settings.fill_budget is not None and constraints.max_params is None:
         r.fail("search.fill_budget", "needs a budget: set constraints.max_params (or --max-params)")
     return SearchSpec(
@@ -514,6 +527,22 @@ def _constraints(r: _Reader, d: Any) -> Constraints:
     })
 
 
+def parse_duration(v: Any) -> float | None:
+    """Seconds from a number of seconds or a string like ``90s``, ``45m``, ``1.5h``; None for
+    anything else (the caller names the field)."""
+    if _is_number(v):
+        return float(v) if v > 0 else None
+    if isinstance(v, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*", v)
+        if m:
+            seconds = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+            return seconds if seconds > 0 else None
+    return None
+
+
+DURATION = "a positive duration: seconds, or a string like 90s, 45m, 1.5h"
+
+
 def _search_settings(r: _Reader, d: Any) -> SearchSettings:
     kw = r.mapping(d, "search", [f.name for f in fields(SearchSettings)])
     early, fill = kw.pop("early_stopping", None), kw.pop("fill_budget", None)
@@ -524,7 +553,10 @@ def _search_settings(r: _Reader, d: Any) -> SearchSettings:
         "seed": _int_check(0),
         "max_failures": _int_check(0),
         "max_rejects": _int_check(1),
+        "time_budget": lambda v: None if v is None or parse_duration(v) is not None else DURATION,
     })
+    if plain.time_budget is not None:
+        plain = dataclasses.replace(plain, time_budget=parse_duration(plain.time_budget))
     if early is not None:
         early = r.dataclass(EarlyStopping, early, "search.early_stopping", {
             "scheduler": _one_of(SCHEDULERS),

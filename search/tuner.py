@@ -336,7 +336,8 @@ def _fit(spec: SearchSpec, run: RunDir, splits: Any, *, resuming: bool, tracker:
     recorder = Recorder(run, spec, background=background)
     searcher = ProposerSearcher(space, journal=run.journal, study_name=spec.name,
                                 num_samples=spec.search.num_samples,
-                                recorded=recorder.records.keys())
+                                recorded=recorder.records.keys(),
+                                time_budget=spec.search.time_budget)
     callbacks: list[Any] = [recorder]  # first: the others read the files it writes
     if progress:
         callbacks.append(ProgressCallback(recorder, searcher, total=spec.search.num_samples,
@@ -357,11 +358,13 @@ def _fit(spec: SearchSpec, run: RunDir, splits: Any, *, resuming: bool, tracker:
     if front is not None:
         front.push(final=True)
     background.drain()
-    complete = searcher.live == 0 and searcher.exhausted
+    ended = searcher.stopped_by or ("num_samples" if searcher.exhausted else None)
+    complete = searcher.live == 0 and ended is not None
     return SearchOutcome(
         run_dir=run.path, complete=complete,
         summary=summary(run_dir=str(run.path), recorder=recorder, rejected=searcher.rejected,
-                        complete=complete),
+                        complete=complete, stopped_by=ended if complete else None,
+                        wall_s=searcher.spent),
         front_table=front_table(recorder.front),
     )
 

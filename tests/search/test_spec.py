@@ -143,6 +143,7 @@ def test_overrides_replace_file_values(tmp_path):
     assert spec.constraints.max_params == 50_000
     assert spec.search.seed == 7
     assert spec.data.path == "/data/x.npz"
+    assert load_spec(path, time_budget="1.5h").search.time_budget == 5400.0
     plain = load_spec(path)
     assert plain.search.num_samples == 4
     assert dataclasses.replace(spec.data, path=plain.data.path) == plain.data  # only the path
@@ -154,6 +155,8 @@ def test_overrides_replace_file_values(tmp_path):
         ({"max_params": 0}, "constraints.max_params=0 (command-line override) is invalid"),
         ({"num_samples": -1}, "search.num_samples=-1 (command-line override)"),
         ({"seed": 1.5}, "search.seed=1.5 (command-line override)"),
+        ({"time_budget": "soon"}, "search.time_budget='soon' (command-line override) is invalid"),
+        ({"time_budget": 0}, "search.time_budget=0 (command-line override)"),
     ],
 )
 def test_bad_overrides(tmp_path, override, fragment):
@@ -243,6 +246,7 @@ BAD = [
     (_with("constraints.max_params", None), ["search.fill_budget", "constraints.max_params"]),
     (_with("search.sampler", "cmaes"), ["search.sampler='cmaes'", "one of tpe, nsga2, random"]),
     (_with("search.num_samples", 0), ["search.num_samples=0", "an integer >= 1"]),
+    (_with("search.time_budget", "2 days"), ["search.time_budget='2 days'", "90s, 45m, 1.5h"]),
     (_with("search.early_stopping", {"scheduler": "asha", "reduction_factor": 1}),
      ["search.early_stopping.reduction_factor=1", "a number > 1"]),
     (_with("search.early_stopping", {"scheduler": "pbt"}),

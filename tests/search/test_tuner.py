@@ -9,6 +9,7 @@ import os
 import pickle
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import optuna
@@ -90,10 +91,10 @@ def test_local_ray_listens_on_loopback_only(local_ray):
     assert all(a.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:")) for a in addrs), addrs
 
 
-def _spec(tmp_path: Path, text: str):
+def _spec(tmp_path: Path, text: str, **overrides):
     path = tmp_path / "spec.yaml"
     path.write_text(text)
-    return load_spec(path)
+    return load_spec(path, **overrides)
 
 
 def _rows(run_dir: Path) -> list[dict[str, str]]:
@@ -201,6 +202,40 @@ def test_searcher_pickles_without_storage_and_fails_orphans_on_restore(tmp_path)
     # num_samples counts trials that train: the orphan never did, so two more are handed out.
     assert revived.suggest("ray-c") is not None and revived.suggest("ray-d") is not None
     assert revived.suggest("ray-e") == "FINISHED"
+
+
+def test_time_budget_stops_new_trials_and_survives_a_resume(tmp_path):
+    spec = _spec(tmp_path, BUDGET_SPEC)
+    space = SearchSpace(spec, input_shape=DIGITS, num_classes=10)
+    journal = tmp_path / "optuna.journal"
+    searcher = ProposerSearcher(space, journal=journal, study_name="t", num_samples=10,
+                                time_budget=1.0)
+    assert searcher.suggest("ray-a") is not None and not searcher.out_of_time()
+    time.sleep(0.6)  # ray-a takes 0.6 s: with ~0.4 s left, a trial like it would overrun
+    searcher.on_trial_complete("ray-a", {"val_accuracy": 0.5, "nonzero_params": 100,
+                                         "test_accuracy": 0.4})
+    assert searcher.durations and searcher.durations[0] >= 0.6
+    assert searcher.suggest("ray-b") == "FINISHED" and searcher.stopped_by == "time_budget"
+    assert 0.6 <= searcher.spent < 1.0
+    # The time spent travels with the snapshot: a resumed search does not get a fresh hour.
+    state = tmp_path / "searcher.pkl"
+    searcher.save(str(state))
+    revived = ProposerSearcher(space, journal=journal, study_name="t", num_samples=10,
+                               time_budget=1.0)
+    revived.restore(str(state))
+    assert revived.spent >= 0.6 and revived.out_of_time()
+    assert pickle.loads(pickle.dumps(searcher)).spent >= 0.6
+    # Without a budget nothing is ever out of time.
+    assert not ProposerSearcher(space, journal=tmp_path / "j2", study_name="u",
+                                num_samples=1).out_of_time()
+
+
+def test_a_search_ends_complete_at_its_time_budget(local_ray, tmp_path):
+    spec = _spec(tmp_path, BUDGET_SPEC, num_samples=200, time_budget="4s")
+    out = run_search(spec, storage_dir=tmp_path / "runs", mlflow=False, progress=False)
+    assert out.complete and out.summary["stopped_by"] == "time_budget"
+    assert 1 <= out.summary["trials"] < 200 and out.summary["wall_s"] > 0
+    assert {r["status"] for r in _rows(out.run_dir)} == {TERMINATED}
 
 
 def test_pareto_front_only_from_eligible_points():
