@@ -209,8 +209,9 @@ class SearchSettings:
     max_rejects: int = 1000  # infeasible proposals in a row before the search gives up
     early_stopping: EarlyStopping | None = None
     fill_budget: FillBudget | None = None
-    # Wall seconds for the whole search (resumes included): no trial starts once it is spent,
-    # nor one the median finished trial says would not end in what is left. None: no limit.
+    # Wall seconds for the whole search, from its first trial (resumes included): no trial
+    # starts once it is spent, nor one the median finished trial says would not end in what
+    # is left. None: no limit.
     time_budget: float | None = None
 
 

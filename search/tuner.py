@@ -244,11 +244,9 @@ def _search(spec: SearchSpec, run: RunDir, *, resuming: bool, address: str | Non
     from trainables.data import load_dataset
 
     # Ray's start-up is mostly other processes: meanwhile this one loads the dataset, and the
-    # background thread imports what the budget screen's first count needs (FlopCounterMode
-    # pulls in torch._dynamo: seconds) and then MLflow (opening or migrating its store: more
-    # seconds, which may run on while the first trials train; calls queued meanwhile wait).
+    # background thread imports MLflow and opens (or migrates) its store: seconds, which may
+    # run on while the first trials train; calls queued meanwhile wait.
     background = Background()
-    background.submit(_warm_accounting)
     tracker = _tracker(spec, run, tracking_uri) if tracking_uri is not None else None
     if tracker is not None:
         background.submit(tracker.start, resume=resuming)
@@ -289,13 +287,6 @@ def _search(spec: SearchSpec, run: RunDir, *, resuming: bool, address: str | Non
             note += f" (start the UI with `sparse-search ui --backend-store-uri {tracker.tracking_uri}`)"
         outcome = dataclasses.replace(outcome, mlflow_note=note)
     return outcome
-
-
-def _warm_accounting() -> None:
-    from trainables.accounting import count
-    from trainables.arch import ArchConfig
-
-    count(ArchConfig(in_channels=1, input_size=(4, 4), num_classes=2))
 
 
 def checked_tracking_uri(tracking_uri: str | None) -> str:
