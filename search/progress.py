@@ -100,7 +100,8 @@ def _json_number(v: Any) -> Any:
 
 
 def summary(*, run_dir: str, recorder: Recorder, rejected: int, complete: bool,
-            stopped_by: str | None = None, wall_s: float | None = None) -> dict[str, Any]:
+            stopped_by: str | None = None, wall_s: float | None = None,
+            duplicates: int = 0) -> dict[str, Any]:
     """The ``--json`` object: counts and the front (JSON has no NaN: missing values are null).
 
     ``stopped_by``: why a complete search ended (num_samples | time_budget); ``wall_s``: the
@@ -117,6 +118,7 @@ def summary(*, run_dir: str, recorder: Recorder, rejected: int, complete: bool,
         "early_stopped": c["early_stopped"],
         "failed": c["failed"],
         "rejected": rejected,
+        "duplicates": duplicates,
         "front": [
             {"trial_id": p["trial_id"], "trial_key": p["trial_key"],
              "prune_round": p.get("prune_round", 0),

@@ -69,6 +69,7 @@ class ProposerSearcher(Searcher):
         self._live: dict[str, str] = {}  # Ray trial id -> trial key, asked and not yet told
         self._issued: set[str] = set(recorded)  # trial keys that count towards num_samples
         self._rejected_before = 0  # rejected by proposers of earlier driver processes
+        self._duplicates_before = 0
         self.told = {"complete": 0, "pruned": 0, "failed": 0}
         self.time_budget = time_budget
         self._spent_before = 0.0  # wall seconds of earlier driver processes
@@ -81,7 +82,8 @@ class ProposerSearcher(Searcher):
     def __getstate__(self) -> dict[str, Any]:
         # The study is rebuilt from the journal: never pickle a storage handle.
         return {**self.__dict__, "_proposer": None,
-                "_rejected_before": self.rejected, "_spent_before": self.spent, "_t0": None,
+                "_rejected_before": self.rejected, "_duplicates_before": self.duplicates,
+                "_spent_before": self.spent, "_t0": None,
                 "_started": {}}
 
     @property
@@ -97,6 +99,11 @@ class ProposerSearcher(Searcher):
     def rejected(self) -> int:
         """Over-budget proposals told to Optuna by this search, over resumes."""
         return self._rejected_before + (self._proposer.rejected if self._proposer else 0)
+
+    @property
+    def duplicates(self) -> int:
+        """Proposals that repeated a handed-out config (never trained twice), over resumes."""
+        return self._duplicates_before + (self._proposer.duplicates if self._proposer else 0)
 
     @property
     def live(self) -> int:
@@ -173,7 +180,8 @@ class ProposerSearcher(Searcher):
 
     def save(self, checkpoint_path: str) -> None:
         state = {"live": self._live, "issued": sorted(self._issued), "rejected": self.rejected,
-                 "told": self.told, "spent": self.spent, "durations": self.durations}
+                 "told": self.told, "spent": self.spent, "durations": self.durations,
+                 "duplicates": self.duplicates}
         Path(checkpoint_path).write_bytes(pickle.dumps(state))
 
     def restore(self, checkpoint_path: str) -> None:
@@ -181,6 +189,7 @@ class ProposerSearcher(Searcher):
         self._live = dict(state["live"])
         self._issued |= set(state["issued"]) | set(self._live.values())
         self._rejected_before = int(state["rejected"])
+        self._duplicates_before = int(state.get("duplicates", 0))
         self.told = dict(state["told"])
         self._spent_before = float(state.get("spent", 0.0))
         self._t0 = None  # this process's clock starts at its first suggestion

@@ -21,6 +21,8 @@ Optuna parameter names follow the spec's paths: ``block``, ``stem/width``, ``sta
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import time
 import warnings
@@ -431,6 +433,7 @@ class Proposer:
         self.objectives = space.spec.objectives
         self.max_rejects = max_rejects
         self.rejected = 0  # infeasible proposals told to Optuna by this proposer
+        self.duplicates = 0  # proposals equal to an earlier trial's config, never trained twice
         # Optuna logs every study and trial at INFO; a search tells hundreds of rejected ones.
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study = optuna.create_study(
@@ -452,12 +455,40 @@ class Proposer:
             for key, value in self.space.constraint_values(proposal).items():
                 trial.set_constraint(key, value)
             if proposal.feasible:
-                return trial.number, proposal
-            self.study.tell(trial, self._infeasible_values(proposal))
-            self.rejected += 1
+                key = config_key(proposal.config)
+                earlier = self._earlier(key, trial.number)
+                if earlier is None:
+                    trial.set_user_attr(CONFIG_KEY, key)
+                    return trial.number, proposal
+                # Same config, same seeds: training it again would repeat the earlier result.
+                self._tell_like(trial, earlier)
+                self.duplicates += 1
+            else:
+                self.study.tell(trial, self._infeasible_values(proposal))
+                self.rejected += 1
             streak.append(proposal)
             if len(streak) >= self.max_rejects:
                 raise SpecError(self._too_many_rejects(streak))
+
+    def _earlier(self, key: str, number: int) -> optuna.trial.FrozenTrial | None:
+        """The earliest other trial handed out with this config key that did not fail (a failed
+        one, or one a killed driver lost, may be tried again)."""
+        for t in self.study.get_trials(deepcopy=False):
+            if (t.number != number and t.state != TrialState.FAIL
+                    and t.user_attrs.get(CONFIG_KEY) == key):
+                return t
+        return None
+
+    def _tell_like(self, trial: optuna.Trial, earlier: optuna.trial.FrozenTrial) -> None:
+        """A duplicate ends as its original did: its values when known, PRUNED, or FAIL for
+        one still running (TPE's constant liar already imputes that one)."""
+        trial.set_user_attr("duplicate_of", earlier.number)
+        if earlier.state == TrialState.COMPLETE and earlier.values is not None:
+            self.study.tell(trial, list(earlier.values))
+        elif earlier.state == TrialState.PRUNED:
+            self.study.tell(trial, state=TrialState.PRUNED)
+        else:
+            self.study.tell(trial, state=TrialState.FAIL)
 
     def tell(self, number: int, values: Mapping[str, float] | Sequence[float]) -> None:
         """A finished trial's objective values: a result dict (keyed by metric) or a sequence
@@ -483,10 +514,14 @@ class Proposer:
 
     def _too_many_rejects(self, streak: list[Proposal]) -> str:
         spec = self.space.spec
-        counted = [p for p in streak if p.screened_params is not None]
+        counted = [p for p in streak if p.screened_params is not None and not p.feasible]
         invalid = [p for p in streak if p.error is not None]
-        parts = [f"{spec.source}: {len(streak)} proposals in a row were infeasible "
-                 f"(search.max_rejects={self.max_rejects})"]
+        repeats = sum(p.feasible for p in streak)
+        parts = [f"{spec.source}: {len(streak)} proposals in a row were infeasible or already "
+                 f"tried (search.max_rejects={self.max_rejects})"]
+        if repeats:
+            parts.append(f"{repeats} repeated a config trained before: the space may hold fewer "
+                         "distinct configs than search.num_samples (widen it or lower num_samples)")
         if counted:
             small = min(counted, key=lambda p: p.screened_params or 0)
             acc = small.accounting
@@ -500,6 +535,15 @@ class Proposer:
         if invalid:
             parts.append(f"{len(invalid)} made no valid network, e.g. {invalid[-1].error}")
         return "; ".join(parts)
+
+
+CONFIG_KEY = "config_key"  # Optuna user attr: the proposal's config_key, set when handed out
+
+
+def config_key(config: Mapping[str, Any]) -> str:
+    """A short stable hash of a flat config (what the trainable receives, seeds included)."""
+    text = json.dumps(dict(config), sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------- dry run

@@ -355,7 +355,7 @@ def _fit(spec: SearchSpec, run: RunDir, splits: Any, *, resuming: bool, tracker:
         run_dir=run.path, complete=complete,
         summary=summary(run_dir=str(run.path), recorder=recorder, rejected=searcher.rejected,
                         complete=complete, stopped_by=ended if complete else None,
-                        wall_s=searcher.spent),
+                        wall_s=searcher.spent, duplicates=searcher.duplicates),
         front_table=front_table(recorder.front),
     )
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from optuna.trial import FixedTrial, TrialState
 
-from search.space import DryRun, Proposer, SearchSpace, dry_run, text_histogram
+from search.space import CONFIG_KEY, DryRun, Proposer, SearchSpace, dry_run, text_histogram
 from search.spec import SpecError, load_spec, parse_spec
 from trainables import pruning
 from trainables.accounting import count, count_module
@@ -113,9 +113,42 @@ def test_too_many_rejects_names_the_smallest_count():
     with pytest.raises(SpecError) as info:
         proposer.ask()
     message = str(info.value)
-    assert message.startswith("test.yaml: 5 proposals in a row were infeasible")
+    assert message.startswith("test.yaml: 5 proposals in a row were infeasible or already tried")
     assert "the smallest had" in message and "constraints.max_params=60" in message
     assert proposer.rejected == 5
+
+
+
+def test_a_config_is_never_handed_out_twice():
+    """Two distinct configs in the space: the third ask only finds repeats. A repeat of a
+    finished trial is told its values, of a running one FAIL; a failed config may come back."""
+    data = {"data": {"name": "digits"}, "train": {"epochs": 1},
+            "space": {"stem": {"width": {"choice": [4, 6]}}, "num_stages": 1,
+                      "stages": {"width": 8}}}
+    proposer = Proposer(make_space(data), sampler="random", seed=0, max_rejects=6)
+    (a, pa), (b, pb) = proposer.ask(), proposer.ask()
+    assert pa.config != pb.config and proposer.duplicates == 0
+    proposer.tell(a, [0.9, pa.screened_params])
+    with pytest.raises(SpecError, match="6 repeated a config trained before"):
+        proposer.ask()
+    assert proposer.duplicates == 6 and proposer.rejected == 0
+    trials = proposer.study.get_trials(deepcopy=False)
+    repeats = [t for t in trials if "duplicate_of" in t.user_attrs]
+    assert len(repeats) == 6 and all(CONFIG_KEY not in t.user_attrs for t in repeats)
+    for t in repeats:
+        if t.user_attrs["duplicate_of"] == a:
+            assert t.state == TrialState.COMPLETE and t.values == [0.9, pa.screened_params]
+        else:
+            assert t.user_attrs["duplicate_of"] == b and t.state == TrialState.FAIL
+    proposer.tell_failed(b)  # it crashed: its config may be tried again
+    again = None
+    for _ in range(20):
+        try:
+            again = proposer.ask()
+            break
+        except SpecError:
+            continue
+    assert again is not None and again[1].config == pb.config
 
 
 def test_impossible_shapes_are_infeasible_never_returned():
