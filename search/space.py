@@ -593,7 +593,7 @@ def dry_run(
     proposals = tuple(proposer.ask()[1] for _ in range(n))
     elapsed = time.perf_counter() - start
     return DryRun(proposals, proposer.rejected,
-                  1000 * elapsed / (len(proposals) + proposer.rejected))
+                  1000 * elapsed / (len(proposals) + proposer.rejected + proposer.duplicates))
 
 
 def text_histogram(values: Sequence[float], *, bins: int = 8, width: int = 40) -> str:

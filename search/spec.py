@@ -345,16 +345,9 @@ def _section_dict(section: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- loading
-def load_spec(
-    path: str | Path,
-    *,
-    num_samples: int | None = None,
-    max_params: int | None = None,
-    seed: int | None = None,
-    data_path: str | None = None,
-    time_budget: str | float | None = None,
-) -> SearchSpec:
-    """Read and validate a spec file; keyword overrides (CLI flags) replace the file's values."""
+def load_spec(path: str | Path, **overrides: Any) -> SearchSpec:
+    """Read and validate a spec file; ``overrides`` (CLI flags: the keyword arguments of
+    :func:`parse_spec`) replace the file's values."""
     p = Path(path)
     try:
         text = p.read_text()
@@ -367,15 +360,7 @@ def load_spec(
         where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
         problem = getattr(e, "problem", None) or str(e)
         raise SpecError(f"{where}: invalid YAML: {problem}") from None
-    return parse_spec(
-        {} if data is None else data,
-        source=str(p),
-        num_samples=num_samples,
-        max_params=max_params,
-        seed=seed,
-        data_path=data_path,
-        time_budget=time_budget,
-    )
+    return parse_spec({} if data is None else data, source=str(p), **overrides)
 
 
 def parse_spec(

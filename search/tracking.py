@@ -137,8 +137,7 @@ def check_reachable(uri: str, *, timeout: float = 5.0) -> None:
     if uri.startswith(("http://", "https://")):
         url = uri.rstrip("/") + "/health"
         try:
-            with urllib.request.urlopen(url, timeout=timeout):
-                pass
+            urllib.request.urlopen(url, timeout=timeout).close()  # any answer will do
         except urllib.error.HTTPError:
             return  # something answers: auth or proxies are MLflow's to report
         except (urllib.error.URLError, OSError) as e:
