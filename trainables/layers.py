@@ -52,6 +52,27 @@ def conv_output_size(size: int, kernel: int, *, stride: int = 1, padding: str = 
     return (size + 2 * conv_padding(kernel, padding) - kernel) // stride + 1
 
 
+class SubsampledConv2d(nn.Conv2d):
+    """A strided 1x1 conv computed as "take every stride-th pixel, then a 1x1 conv".
+
+    The same weights, outputs, parameter and MAC counts as ``nn.Conv2d(k=1, stride=s)``
+    (a 1x1 kernel at stride s reads exactly the pixels x[..., ::s, ::s]), but it never runs
+    torch's strided 1x1 kernel: on CPU in channels_last with fewer than 8 input channels, its
+    backward corrupts the heap in torch 2.14.1 ("free(): invalid next size", then SIGABRT; a
+    residual shortcut 5 -> 11 channels at stride 2 is enough).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sh, sw = self.stride
+        return F.conv2d(x[:, :, ::sh, ::sw], self.weight, self.bias, 1, 0, self.dilation, self.groups)
+
+
+def _conv(in_ch: int, out_ch: int, kernel: int, *, stride: int, padding: int, groups: int = 1,
+          bias: bool) -> nn.Conv2d:
+    cls = SubsampledConv2d if kernel == 1 and stride > 1 and padding == 0 else nn.Conv2d
+    return cls(in_ch, out_ch, kernel, stride=stride, padding=padding, groups=groups, bias=bias)
+
+
 class SeparableConv2d(nn.Module):
     """Keras ``SeparableConv2D``: depthwise kxk (groups=in, no bias) then pointwise 1x1 (bias).
 
@@ -64,9 +85,8 @@ class SeparableConv2d(nn.Module):
         self, in_ch: int, out_ch: int, kernel: int, *, stride: int, padding: int, bias: bool
     ) -> None:
         super().__init__()
-        self.depthwise = nn.Conv2d(
-            in_ch, in_ch, kernel, stride=stride, padding=padding, groups=in_ch, bias=False
-        )
+        self.depthwise = _conv(in_ch, in_ch, kernel, stride=stride, padding=padding, groups=in_ch,
+                               bias=False)
         self.pointwise = nn.Conv2d(in_ch, out_ch, 1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +109,7 @@ def create_conv2d(
             raise ValueError(f"{name}={value} must be >= 1")
     pad = conv_padding(kernel, padding)
     if conv == "standard":
-        return nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=pad, bias=bias)
+        return _conv(in_ch, out_ch, kernel, stride=stride, padding=pad, bias=bias)
     if conv == "separable":
         return SeparableConv2d(in_ch, out_ch, kernel, stride=stride, padding=pad, bias=bias)
     raise ValueError(f"conv={conv!r} is invalid: expected standard or separable")

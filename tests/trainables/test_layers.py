@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +11,7 @@ from torch import nn
 from trainables.layers import (
     SeparableConv2d,
     SparseLinear,
+    SubsampledConv2d,
     conv_output_size,
     create_activation,
     create_conv2d,
@@ -63,6 +67,47 @@ def test_conv_factory_errors_name_the_value(kwargs: dict, message: str) -> None:
     args = {"in_ch": 2, "out_ch": 2, "kernel": 3} | kwargs
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         create_conv2d(args.pop("in_ch"), args.pop("out_ch"), args.pop("kernel"), **args)
+
+
+
+@pytest.mark.parametrize("conv", ["standard", "separable"])
+def test_strided_1x1_conv_equals_torchs_strided_conv(conv: str) -> None:
+    torch.manual_seed(0)
+    ours = create_conv2d(5, 11, 1, stride=2, conv=conv, bias=True)
+    strided = [m for m in ours.modules() if isinstance(m, nn.Conv2d) and m.stride == (2, 2)]
+    assert len(strided) == 1 and isinstance(strided[0], SubsampledConv2d)
+    ref = nn.Conv2d(strided[0].in_channels, strided[0].out_channels, 1, stride=2,
+                    groups=strided[0].groups, bias=strided[0].bias is not None)
+    ref.load_state_dict(strided[0].state_dict())
+    x = torch.randn(3, strided[0].in_channels, 9, 7, requires_grad=True)
+    out, out_ref = strided[0](x), ref(x)  # NCHW: torch's own strided kernel is safe here
+    assert out.shape == out_ref.shape == (3, strided[0].out_channels, 5, 4)
+    torch.testing.assert_close(out, out_ref)
+    g, g_ref = (torch.autograd.grad(o.square().sum(), [x, m.weight])
+                for o, m in ((out, strided[0]), (out_ref, ref)))
+    for a, b in zip(g, g_ref, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_strided_shortcut_trains_in_channels_last_on_cpu() -> None:
+    """torch 2.14.1 aborts (heap corruption) in the backward of a strided 1x1 conv with < 8
+    input channels in channels_last on CPU; a residual stage 5 -> 11 channels at stride 2 has
+    one. Run in a child process: the bug kills the process, not a test."""
+    code = """
+import torch
+from trainables.arch import ArchConfig, StageConfig, StemConfig
+from trainables.models import build_model
+torch.manual_seed(0)
+arch = ArchConfig(stem=StemConfig(width=5), stages=(StageConfig(block="residual", width=11,
+                  downsample="stride", bias=False),))
+model = build_model(arch).to(memory_format=torch.channels_last)
+x = torch.randn(64, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+for _ in range(3):
+    model(x).sum().backward()
+print("trained")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "trained", done.stderr[-2000:]
 
 
 def test_activation_factory() -> None:
