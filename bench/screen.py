@@ -80,7 +80,7 @@ def main() -> None:
     print(f"{'count':14} {med_ours:10.1f} {q(ours, 9):8.1f}")
     print(f"{'flop_counter':14} {med_ref:10.1f} {q(ref, 9):8.1f}")
     print(f"count is {med_ref / med_ours:.1f}x cheaper than the flop counter (median, CPU time); "
-          f"the screen costs {sampled.ms_per_screen:.1f} ms per proposal in all")
+          f"a proposal costs {sampled.ms_per_screen:.1f} ms in all (the sampler's ask + screen)")
     print(json.dumps({
         "space": Path(args.space).name, "configs": len(archs),
         "count_ms_median": round(med_ours, 2), "count_ms_p90": round(q(ours, 9), 2),
