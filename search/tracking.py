@@ -1007,12 +1007,19 @@ class _TrackingCallbackMixin:
     uses the started tracker of the same run dir in this process, or starts one (resume).
     """
 
-    def __init__(self, tracker: SearchTracker) -> None:
+    def __init__(self, tracker: SearchTracker, *, recorded: Iterable[str] = ()) -> None:
         self._tracker: SearchTracker | None = tracker
         self._args = tracker.init_args()
+        # Trials the run dir recorded before a resume: Ray may rerun one from a stale snapshot
+        # (and the rerun may even fail on a pruned checkpoint); its recorded end stands, in
+        # MLflow as in results.csv (close_recorded_trials closed its run).
+        self._recorded = frozenset(recorded)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"_args": self._args, "_tracker": None}
+        return {"_args": self._args, "_tracker": None, "_recorded": self._recorded}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({"_recorded": frozenset(), **state})
 
     @property
     def tracker(self) -> SearchTracker:
@@ -1028,12 +1035,16 @@ class _TrackingCallbackMixin:
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         from trainables.arch import ArchConfig
 
+        if self.trial_key(trial) in self._recorded:
+            return
         config = dict(trial.config)
         flat = {k: v for k, v in config.items() if not k.startswith("meta/")}
         self.tracker.trial_started(self.trial_key(trial), ArchConfig.from_flat(config), flat)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
+        if self.trial_key(trial) in self._recorded:
+            return
         step = result.get("epoch", result.get("training_iteration", 0))
         self.tracker.trial_result(self.trial_key(trial), result, int(step))
 
@@ -1051,6 +1062,8 @@ class _TrackingCallbackMixin:
 
     def _finished(self, trial: Any, status: str, error: str | None) -> None:
         key = self.trial_key(trial)
+        if key in self._recorded:
+            return
         trial_dir = self.tracker.run_dir / "trials" / key
         layers = None
         if (trial_dir / "layers.json").is_file():

@@ -250,15 +250,6 @@ def _search(spec: SearchSpec, run: RunDir, *, resuming: bool, address: str | Non
     tracker = _tracker(spec, run, tracking_uri) if tracking_uri is not None else None
     if tracker is not None:
         background.submit(tracker.start, resume=resuming)
-        if resuming and run.results_csv.is_file():
-            # Trials recorded before the kill are not rerun: close the MLflow runs the dead
-            # driver left open from what it recorded (read now, before new trials add rows).
-            import pandas as pd
-
-            from search.tracking import close_recorded_trials
-
-            background.submit(close_recorded_trials, tracker, run.path,
-                              pd.read_csv(run.results_csv))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparse-search-data") as pool:
         splits = pool.submit(load_dataset, spec.data)
         started = init_ray(address)
@@ -325,6 +316,17 @@ def _fit(spec: SearchSpec, run: RunDir, splits: Any, *, resuming: bool, tracker:
 
     space = SearchSpace(spec, input_shape=splits.input_shape, num_classes=splits.num_classes)
     recorder = Recorder(run, spec, background=background)
+    if resuming and tracker is not None and recorder.records:
+        # The trials recorded before the kill keep their recorded end (the tracking callback
+        # ignores any rerun of them): close the MLflow runs the dead driver left open. The
+        # tables are rewritten first, so results.csv holds every recorded trial (the driver may
+        # have died between a trial's result.json and the table).
+        import pandas as pd
+
+        from search.tracking import close_recorded_trials
+
+        recorder.write_tables()
+        background.submit(close_recorded_trials, tracker, run.path, pd.read_csv(run.results_csv))
     searcher = ProposerSearcher(space, journal=run.journal, study_name=spec.name,
                                 num_samples=spec.search.num_samples,
                                 recorded=recorder.records.keys(),
@@ -337,7 +339,9 @@ def _fit(spec: SearchSpec, run: RunDir, splits: Any, *, resuming: bool, tracker:
     if tracker is not None:
         from search.tracking import TrackingCallback
 
-        front = FrontToTracker(recorder, searcher, TrackingCallback(tracker), background)
+        front = FrontToTracker(recorder, searcher,
+                               TrackingCallback(tracker, recorded=recorder.records.keys()),
+                               background)
         callbacks += [InBackground([front.tracking], background), front]
     search_alg = ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent)
     res = spec.resources

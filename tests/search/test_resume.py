@@ -137,5 +137,5 @@ def test_resume_after_sigkill_finishes_every_trial_exactly_once(tmp_path):
     assert [p.info.status for p in parents] == ["FINISHED"]
     children = {r.data.tags["sparse_search.trial_key"]: r.info.status for r in runs
                 if r.data.tags.get("sparse_search.role") == "trial"}
-    assert all(children[k] == "FINISHED" for k in keys)
+    assert all(children[k] == "FINISHED" for k in keys), children
     assert "RUNNING" not in children.values()

@@ -465,8 +465,10 @@ def test_callback_records_a_real_ray_tune_run_and_pickles_without_its_client(
 
     run_dir = tmp_path / "run"
     tracker = make_tracker(mlflow_server.url, run_dir, "ray").start()
-    callback = TrackingCallback(tracker)
-    assert pickle.loads(pickle.dumps(callback)).tracker is tracker  # the live one, by run dir
+    # "done" was recorded before a resume: a rerun of it by Ray must not touch MLflow.
+    callback = TrackingCallback(tracker, recorded=["done"])
+    clone = pickle.loads(pickle.dumps(callback))
+    assert clone.tracker is tracker and clone._recorded == {"done"}  # the live one, by run dir
 
     def trainable(config: dict) -> None:
         if config["meta/trial_key"] == "bad":
@@ -481,7 +483,8 @@ def test_callback_records_a_real_ray_tune_run_and_pickles_without_its_client(
     try:
         tune.Tuner(
             trainable,
-            param_space={**arch.to_flat(), "meta/trial_key": tune.grid_search(["good", "bad"])},
+            param_space={**arch.to_flat(),
+                         "meta/trial_key": tune.grid_search(["good", "bad", "done"])},
             run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), verbose=0,
                                       callbacks=[callback]),
         ).fit()
