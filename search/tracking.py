@@ -782,9 +782,9 @@ def close_recorded_trials(tracker: SearchTracker, run_dir: Path, df: pd.DataFram
     A child run that never got its final metrics gets them (from trials/<key>/result.json) with
     arch.yaml, layers.json and the model; one whose metrics arrived but whose end status did not
     (the driver was killed in between) is closed with the recorded status. `sync` runs this on
-    every row; `resume` on the rows recorded before the kill, which Ray will not rerun, so
-    their runs would otherwise stay RUNNING and end KILLED. Returns counts: created,
-    finalized, closed.
+    every row; `resume` on the rows recorded before the kill (the tracking callback ignores any
+    rerun of them), whose runs would otherwise stay RUNNING and end KILLED. Returns counts:
+    created, finalized, closed.
     """
     from trainables.arch import ArchConfig
 
