@@ -26,6 +26,18 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+def _usage_error_types() -> tuple[type[BaseException], ...]:
+    """Click's usage errors (unknown command or option, bad value): click's own classes and,
+    from typer 0.22 on, those of the click copy typer ships (which click's do not catch)."""
+    import click
+
+    types: list[type[BaseException]] = [click.exceptions.ClickException]
+    vendored = getattr(typer, "TyperException", None)
+    if isinstance(vendored, type) and issubclass(vendored, Exception):
+        types.append(vendored)
+    return tuple(types)
+
+
 def run_cli(app: typer.Typer) -> None:
     """Run the typer app; user errors become ``error: ...`` on stderr and exit code 2."""
     try:
@@ -36,10 +48,8 @@ def run_cli(app: typer.Typer) -> None:
         print("aborted", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
+        if isinstance(e, _usage_error_types()) and hasattr(e, "show"):
+            e.show()  # "Usage: ... Error: No such command 'dry-run'." as click prints it
             sys.exit(2)
         if isinstance(e, _user_error_types()):
             print(f"error: {e}", file=sys.stderr)

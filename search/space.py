@@ -41,6 +41,7 @@ from search.spec import (
     AGGREGATING_BLOCKS,
     Choice,
     FloatRange,
+    InitialPoint,
     IntRange,
     SearchSpec,
     SpecError,
@@ -122,6 +123,10 @@ class SearchSpace:
         self.input_shape = (shape[0], shape[1], shape[2])  # (C, H, W)
         self.num_classes = num_classes
         self._cache: dict[ArchConfig, _Screen] = {}
+        # search.initial as Optuna params, for Study.enqueue_trial (checked here: a point
+        # outside the space fails before anything trains).
+        self.initial: tuple[dict[str, Any], ...] = tuple(
+            self._initial_params(i, p) for i, p in enumerate(spec.search.initial))
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_cache": {}}  # screens are cheap to redo, big to ship
@@ -245,6 +250,81 @@ class SearchSpace:
             kw[name] = _suggest(trial, f"train/{name}", dim)
         return kw
 
+    # ------------------------------------------------------------------ initial points
+    def _initial_params(self, i: int, point: InitialPoint) -> dict[str, Any]:
+        """The Optuna params that make :meth:`sample` propose ``point``.
+
+        The point is walked through the same suggest calls as a sampled trial, so conditional
+        parameters come out right and every value is checked against its distribution. An
+        arch must come back unchanged: equal to the network the space builds from those
+        values (fixed dims included), and left alone by the fill (its ``fill_fraction`` is
+        chosen to put the target just above its own size).
+        """
+        where = f"{self.spec.source}: search.initial[{i}] ({point.label})"
+        arch = point.arch
+        if arch is not None:
+            theirs = (arch.in_channels, *arch.input_size)
+            if theirs != self.input_shape or arch.num_classes != self.num_classes:
+                raise SpecError(
+                    f"{where}: the network takes {_shape(theirs)} inputs in "
+                    f"{arch.num_classes} classes, the data has {_shape(self.input_shape)} "
+                    f"images in {self.num_classes}")
+            clash = [k for k in point.params if not k.startswith("train/") and k != "fill_fraction"]
+            if clash:
+                raise SpecError(f"{where}: {clash[0]} is given beside arch: give a whole "
+                                "network or its parameters, not both")
+        trial = _FixedTrial(where, point.params, arch)
+        arch_kw = self._suggest_arch(trial)
+        train_kw = self._suggest_train(trial)
+        fill = self.spec.search.fill_budget
+        fraction = None
+        if fill is not None:
+            if arch is not None and "fill_fraction" not in point.params:
+                trial.fill = self._fill_fraction_for(arch, fill.fraction)
+            fraction = _suggest(trial, "fill_fraction", fill.fraction)
+        unused = [k for k in point.params if k not in trial.asked]
+        if unused:
+            raise SpecError(
+                f"{where}: {unused[0]} is not a parameter of this point (its parameters: "
+                f"{', '.join(trial.asked)}); a conditional one needs the values it depends on")
+        if arch is None:
+            return trial.params  # unset values are sampled: the network is built at ask time
+        try:
+            built = ArchConfig(**arch_kw)
+        except ValueError as e:
+            raise SpecError(f"{where}: {e}") from None
+        diff = [k for k, v in arch.to_flat().items() if built.to_flat().get(k, _UNSET) != v]
+        diff += [k for k in built.to_flat() if k not in arch.to_flat()]
+        if diff:
+            mine = built.to_flat()
+            raise SpecError(f"{where}: the network is outside the space: " + "; ".join(
+                f"{k} is {arch.to_flat().get(k)!r}, the space gives {mine.get(k)!r}"
+                for k in diff[:3]))
+        if fraction is not None and "fill_fraction" not in point.params:
+            assert self.spec.constraints.max_params is not None
+            train = TrainConfig(**train_kw)
+            filled = self._fill(built, train, fraction * self.spec.constraints.max_params)
+            if filled != built:
+                got = _delivered_params(self._screen(filled), train)
+                raise SpecError(
+                    f"{where}: search.fill_budget would scale it to {got:,} params "
+                    f"(fill_fraction {fraction:.3g} of max_params): its own size is outside "
+                    "the fill range; give fill_fraction to accept that")
+        return trial.params
+
+    def _fill_fraction_for(self, arch: ArchConfig, dim: Any) -> float | None:
+        """The fill fraction whose target sits just above ``arch``'s own (dense) size; None
+        when the fraction is fixed (the check after the fill says whether it fits)."""
+        assert self.spec.constraints.max_params is not None
+        own = self._screen(arch).accounting.nonzero_params
+        want = own / (self.spec.constraints.max_params * (1 + _FILL_TOLERANCE) / 2)
+        if isinstance(dim, FloatRange):
+            return min(max(want, dim.lo), dim.hi)
+        if isinstance(dim, Choice):
+            above = [v for v in dim.values if v >= want]
+            return min(above) if above else max(dim.values)
+        return None
+
     # ------------------------------------------------------------------ screening
     def _screen(self, arch: ArchConfig) -> _Screen:
         """Counts of ``arch`` built once on the meta device (milliseconds, no weights)."""
@@ -314,6 +394,123 @@ class SearchSpace:
             return under[2]
         assert over is not None
         return over[2]
+
+
+_UNSET = object()
+
+
+class _FixedTrial:
+    """Stands in for an ``optuna.Trial`` while an initial point is turned into Optuna params:
+    each suggest returns the point's value (checked against the distribution) and records it;
+    a value the point leaves open returns the lowest choice and is left to the sampler."""
+
+    def __init__(self, where: str, params: Mapping[str, Any], arch: ArchConfig | None) -> None:
+        self.where = where
+        self.given = dict(params)
+        self.arch = arch
+        self.fill: float | None = None  # fill_fraction chosen for an arch
+        self.params: dict[str, Any] = {}  # what Optuna will be given (categoricals encoded)
+        self.asked: list[str] = []
+
+    def _value(self, name: str) -> Any:
+        self.asked.append(name)
+        if name in self.given:
+            return self.given[name]
+        if name == "fill_fraction" and self.fill is not None:
+            return self.fill
+        if self.arch is not None and not name.startswith("train/") and name != "fill_fraction":
+            return _arch_value(self.arch, name)
+        return _UNSET
+
+    def _bad(self, name: str, value: Any, allowed: str) -> SpecError:
+        return SpecError(f"{self.where}: {name}={value!r} is outside the space: expected {allowed}")
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
+        v = self._value(name)
+        if v is _UNSET:
+            return choices[0]
+        enc = _encode(tuple(v) if isinstance(v, list) else v)
+        for c in choices:  # by type too: YAML's 1 is not true, nor "1" 1
+            if c == enc and (type(c) is type(enc) or {type(c), type(enc)} == {int, float}):
+                self.params[name] = c
+                return c
+        raise self._bad(name, v, "one of " + ", ".join(map(repr, choices)))
+
+    def suggest_int(self, name: str, low: int, high: int, *, step: int = 1,
+                    log: bool = False) -> int:
+        v = self._value(name)
+        if v is _UNSET:
+            return low
+        if not (isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+                and (v - low) % step == 0):
+            raise self._bad(name, v, f"an integer in [{low}, {high}]"
+                            + (f" in steps of {step}" if step != 1 else ""))
+        self.params[name] = v
+        return v
+
+    def suggest_float(self, name: str, low: float, high: float, *, log: bool = False) -> float:
+        v = self._value(name)
+        if v is _UNSET:
+            return low
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v <= high):
+            raise self._bad(name, v, f"a number in [{low:g}, {high:g}]")
+        self.params[name] = float(v)
+        return float(v)
+
+
+def _arch_value(arch: ArchConfig, name: str) -> Any:
+    """The value ``arch`` holds for the Optuna parameter ``name`` (``_UNSET`` when it has no
+    such part: the comparison after the walk names the difference)."""
+    head = arch.head
+    top = {
+        "backbone": arch.backbone.name if arch.backbone else "none",
+        "conv": arch.stages[0].conv if arch.stages else _UNSET,
+        "block": arch.stages[0].block if arch.stages else _UNSET,
+        "num_stages": len(arch.stages),
+        "head": tuple(h.width for h in head),
+        "head_sparse": any(h.sparse for h in head),
+        "head_density": head[0].density if head else _UNSET,
+    }
+    if name in top:
+        return top[name]
+    if name == "backbone_trainable":
+        b = arch.backbone
+        if b is None:
+            return _UNSET
+        if b.trainable in ("none", "all"):
+            return b.trainable
+        return f"stage{BACKBONE_STAGES[b.name].index(b.trainable)}"
+    parts = name.split("/")
+    if parts[0] == "stem":
+        return _UNSET if arch.stem is None else getattr(arch.stem, parts[1])
+    if parts[0] == "stages":
+        i, field_name = int(parts[1]), parts[2]
+        if i >= len(arch.stages):
+            return _UNSET
+        field_name = {"growth": "width", "downsample_dense": "downsample"}.get(field_name, field_name)
+        return getattr(arch.stages[i], field_name)
+    return getattr(arch, name, _UNSET)
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "x".join(map(str, shape))
+
+
+def check_initial(spec: SearchSpec) -> None:
+    """Check ``spec.search.initial`` against the space when the spec is read (SpecError).
+
+    A network brings its own input shape and class count; a point of params alone is checked
+    for names and ranges on a nominal 3x32x32, 10-class shape (its network is built, and the
+    shapes checked, at ask time, when the sampler has filled in what it leaves open).
+    """
+    for point in spec.search.initial:
+        one = dataclasses.replace(spec, search=dataclasses.replace(spec.search, initial=(point,)))
+        arch = point.arch
+        if arch is not None:
+            SearchSpace(one, input_shape=(arch.in_channels, *arch.input_size),
+                        num_classes=arch.num_classes)
+        else:
+            SearchSpace(one, input_shape=(3, 32, 32), num_classes=10)
 
 
 def _suggest(trial: optuna.Trial, name: str, dim: Any) -> Any:
@@ -444,7 +641,11 @@ class Proposer:
         )
         # Re-seed past the trials already stored, so a resumed study does not replay the
         # random start-up proposals it made before.
-        self.study.sampler = make_sampler(sampler, seed + len(self.study.trials))
+        stored = len(self.study.trials)
+        self.study.sampler = make_sampler(sampler, seed + stored)
+        if not stored:  # a new study: search.initial first (a resumed one has them stored)
+            for point, params in zip(space.spec.search.initial, space.initial, strict=True):
+                self.study.enqueue_trial(params, user_attrs={INITIAL: point.label})
 
     def ask(self) -> tuple[int, Proposal]:
         """The next feasible proposal and its Optuna trial number."""
@@ -538,6 +739,7 @@ class Proposer:
 
 
 CONFIG_KEY = "config_key"  # Optuna user attr: the proposal's config_key, set when handed out
+INITIAL = "initial"  # Optuna user attr of an enqueued search.initial point: its label
 
 
 def config_key(config: Mapping[str, Any]) -> str:

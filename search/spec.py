@@ -200,6 +200,28 @@ class FillBudget:
 
 
 @dataclass(frozen=True)
+class InitialPoint:
+    """One configuration the search trains before the sampler's own proposals
+    (``search.initial``): a known network to start the front from, as Ray Tune's
+    ``points_to_evaluate`` and Optuna's ``enqueue_trial`` do.
+
+    ``arch`` is a whole network (an arch file, loaded when the spec is read, or inline);
+    ``params`` are Optuna parameter names as ``dry-run`` and the Optuna journal show them
+    (``train/lr``, ``fill_fraction``, ``stages/0/width``, ...). What neither fixes is sampled.
+    """
+
+    arch: ArchConfig | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+    label: str = ""  # for messages: the arch file's path, or initial[i]
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"label": self.label}
+        if self.arch is not None:
+            d["arch"] = self.arch.to_dict()
+        return {**d, **{k: list(v) if isinstance(v, tuple) else v for k, v in self.params.items()}}
+
+
+@dataclass(frozen=True)
 class SearchSettings:
     sampler: str = "tpe"  # tpe (multivariate, constant liar) | nsga2 | random
     num_samples: int = 20  # trials to train; over-budget proposals never count
@@ -213,6 +235,8 @@ class SearchSettings:
     # starts once it is spent, nor one the median finished trial says would not end in what
     # is left. None: no limit.
     time_budget: float | None = None
+    # Trained first, in order, before the sampler proposes anything (counted in num_samples).
+    initial: tuple[InitialPoint, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -295,7 +319,8 @@ class SearchSpec:
             "data": {f.name: getattr(self.data, f.name) for f in fields(self.data)},
             "objectives": {o.metric: o.mode for o in self.objectives},
             "constraints": _section_dict(self.constraints),
-            "search": _section_dict(self.search),
+            "search": {**_section_dict(self.search),
+                       "initial": [p.to_dict() for p in self.search.initial]},
             "resources": _section_dict(self.resources),
             "train": {k: _plain(v) for k, v in self.train.items()},
             "space": _section_dict(self.space),
@@ -409,7 +434,10 @@ def parse_spec(
         settings = dataclasses.replace(settings, time_budget=seconds)
     if settings.fill_budget is not None and constraints.max_params is None:
         r.fail("search.fill_budget", "needs a budget: set constraints.max_params (or --max-params)")
-    return SearchSpec(
+    if len(settings.initial) > settings.num_samples:
+        r.fail("search.initial", f"holds {len(settings.initial)} points, more than "
+               f"search.num_samples={settings.num_samples} trials: drop some or raise num_samples")
+    spec = SearchSpec(
         name=name,
         data=_data(r, d["data"]),
         objectives=_objectives(r, d.get("objectives")),
@@ -420,6 +448,11 @@ def parse_spec(
         space=_arch_space(r, d.get("space", {})),
         source=source,
     )
+    if spec.search.initial:
+        from search.space import check_initial  # search.space builds on this module
+
+        check_initial(spec)  # against the space now, not after Ray has started
+    return spec
 
 
 class _Reader:
@@ -532,6 +565,7 @@ DURATION = "a positive duration: seconds, or a string like 90s, 45m, 1.5h"
 def _search_settings(r: _Reader, d: Any) -> SearchSettings:
     kw = r.mapping(d, "search", [f.name for f in fields(SearchSettings)])
     early, fill = kw.pop("early_stopping", None), kw.pop("fill_budget", None)
+    initial = _initial(r, kw.pop("initial", None))
     plain = r.dataclass(SearchSettings, kw, "search", {
         "sampler": _one_of(SAMPLERS),
         "num_samples": _int_check(1),
@@ -556,7 +590,62 @@ def _search_settings(r: _Reader, d: Any) -> SearchSettings:
                         lambda v: None if _is_number(v) and 0 < v <= 1 else "a number in (0, 1]")
             fd["fraction"] = frac
         fill = FillBudget(**fd)
-    return dataclasses.replace(plain, early_stopping=early, fill_budget=fill)
+    return dataclasses.replace(plain, early_stopping=early, fill_budget=fill, initial=initial)
+
+
+INITIAL_ENTRY = ("an architecture file, or a mapping of arch (a file or an inline network), "
+                 "label and Optuna parameter names (train/lr, fill_fraction, stages/0/width, ...)")
+
+
+def _initial(r: _Reader, v: Any) -> tuple[InitialPoint, ...]:
+    """search.initial: arch files are read now (a resumed or submitted search gets the spec
+    back from ``to_yaml``, which holds the networks inline, not the paths)."""
+    if v is None:
+        return ()
+    if not isinstance(v, list):
+        r.invalid("search.initial", v, f"a list; each entry {INITIAL_ENTRY}")
+    out = []
+    for i, entry in enumerate(v):
+        path = f"search.initial[{i}]"
+        if isinstance(entry, str):
+            entry = {"arch": entry}
+        if not isinstance(entry, Mapping) or not entry:
+            r.invalid(path, entry, INITIAL_ENTRY)
+        params = {str(k): _freeze(x) for k, x in entry.items() if k not in ("arch", "label")}
+        for k, x in params.items():
+            flat = x if isinstance(x, tuple) else (x,)
+            if not all(isinstance(e, (bool, int, float, str)) for e in flat):
+                r.invalid(f"{path}.{k}", x, "a number, true/false, a string or a list of ints")
+        arch, label = entry.get("arch"), entry.get("label")
+        if label is not None and not (isinstance(label, str) and label.strip()):
+            r.invalid(f"{path}.label", label, "a non-empty string")
+        if isinstance(arch, str):
+            label = label or arch
+            arch = _arch_file(r, f"{path}.arch", arch)
+        elif isinstance(arch, Mapping):
+            try:
+                arch = ArchConfig.from_dict(arch)
+            except (ArchError, TypeError) as e:
+                r.fail(f"{path}.arch", f"is not a valid network: {e}")
+        elif arch is not None:
+            r.invalid(f"{path}.arch", arch, "an architecture file path or an inline network")
+        out.append(InitialPoint(arch=arch, params=params, label=label or f"initial[{i}]"))
+    return tuple(out)
+
+
+def _arch_file(r: _Reader, path: str, name: str) -> ArchConfig:
+    """An arch file, relative to where the search starts (as data.path), else to the spec."""
+    given = Path(name).expanduser()
+    tried = [given.resolve()]
+    if not given.is_absolute() and r.source != "<spec>":
+        tried.append((Path(r.source).parent / given).resolve())
+    for p in tried:
+        if p.is_file():
+            try:
+                return ArchConfig.load(p)
+            except ArchError as e:
+                r.fail(path, f"is not a valid network: {e}")
+    r.invalid(path, name, "an existing architecture file (tried " + ", ".join(map(str, tried)) + ")")
 
 
 def _resources(r: _Reader, d: Any) -> Resources:
