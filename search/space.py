@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import time
 import warnings
@@ -60,6 +61,8 @@ from trainables.arch import (
 )
 from trainables.layers import SparseLinear
 from trainables.train import TrainConfig, resolve_augment
+
+log = logging.getLogger("sparse_search.space")
 
 # pruning.prune_step prunes the output layer at half the rate (Frankle & Carbin), its default.
 OUTPUT_RATE_FACTOR = 0.5
@@ -300,9 +303,17 @@ class SearchSpace:
             raise SpecError(f"{where}: the network is outside the space: " + "; ".join(
                 f"{k} is {arch.to_flat().get(k)!r}, the space gives {mine.get(k)!r}"
                 for k in diff[:3]))
+        train = TrainConfig(**train_kw)
+        screen = self._screen(built)
+        over = {k: v for k, v in self._violations(_delivered_params(screen, train),
+                                                  screen.accounting.macs).items() if v > 0}
+        if over:
+            limits = {"max_params": "params", "max_macs": "MACs"}
+            raise SpecError(f"{where}: the network is over budget: " + "; ".join(
+                f"{v:+,.0f} {limits[k]} over constraints.{k}" for k, v in over.items())
+                + " (pruning rounds, if the point sets train/prune_rounds, are counted)")
         if fraction is not None and "fill_fraction" not in point.params:
             assert self.spec.constraints.max_params is not None
-            train = TrainConfig(**train_kw)
             filled = self._fill(built, train, fraction * self.spec.constraints.max_params)
             if filled != built:
                 got = _delivered_params(self._screen(filled), train)
@@ -667,9 +678,24 @@ class Proposer:
             else:
                 self.study.tell(trial, self._infeasible_values(proposal))
                 self.rejected += 1
+                self._retry_initial(trial)
             streak.append(proposal)
             if len(streak) >= self.max_rejects:
                 raise SpecError(self._too_many_rejects(streak))
+
+    def _retry_initial(self, trial: optuna.Trial) -> None:
+        """An initial point whose open values came out over budget is asked again (with fresh
+        open values), up to ``INITIAL_TRIES`` times: the user asked for it to be trained."""
+        label = trial.user_attrs.get(INITIAL)
+        if label is None:
+            return
+        tries = trial.user_attrs.get(INITIAL_TRY, 1)
+        if tries >= INITIAL_TRIES:
+            log.warning("search.initial point %s: %d proposals with its values were over "
+                        "budget; the search goes on without it", label, tries)
+            return
+        fixed = self.study.get_trials(deepcopy=False)[trial.number].system_attrs["fixed_params"]
+        self.study.enqueue_trial(fixed, user_attrs={INITIAL: label, INITIAL_TRY: tries + 1})
 
     def _earlier(self, key: str, number: int) -> optuna.trial.FrozenTrial | None:
         """The earliest other trial handed out with this config key that did not fail (a failed
@@ -740,6 +766,8 @@ class Proposer:
 
 CONFIG_KEY = "config_key"  # Optuna user attr: the proposal's config_key, set when handed out
 INITIAL = "initial"  # Optuna user attr of an enqueued search.initial point: its label
+INITIAL_TRY = "initial_try"  # ... and which attempt at it (its open values were over budget)
+INITIAL_TRIES = 20
 
 
 def config_key(config: Mapping[str, Any]) -> str:

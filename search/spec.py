@@ -607,6 +607,7 @@ def _initial(r: _Reader, v: Any) -> tuple[InitialPoint, ...]:
     out = []
     for i, entry in enumerate(v):
         path = f"search.initial[{i}]"
+        arch_path = path if isinstance(entry, str) else f"{path}.arch"
         if isinstance(entry, str):
             entry = {"arch": entry}
         if not isinstance(entry, Mapping) or not entry:
@@ -621,7 +622,7 @@ def _initial(r: _Reader, v: Any) -> tuple[InitialPoint, ...]:
             r.invalid(f"{path}.label", label, "a non-empty string")
         if isinstance(arch, str):
             label = label or arch
-            arch = _arch_file(r, f"{path}.arch", arch)
+            arch = _arch_file(r, arch_path, arch)
         elif isinstance(arch, Mapping):
             try:
                 arch = ArchConfig.from_dict(arch)

@@ -109,3 +109,20 @@ def test_user_errors_exit_2_without_traceback(tmp_path, monkeypatch, capsys):
         assert err.startswith("error: ") and expected in err, err
         assert "Traceback" not in err
     assert not (tmp_path / "runs").exists()  # a dead tracking server stops the run first
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["dry-run", "x.yaml"], "No such command 'dry-run'. Did you mean 'run'?"),
+    (["run", "--bogus", "x.yaml"], "No such option: --bogus"),
+    (["run", "x.yaml", "--max-params", "many"], "Invalid value for '--max-params'"),
+])
+def test_usage_errors_exit_2_without_traceback(monkeypatch, capsys, args, expected):
+    # typer >= 0.22 raises the usage errors of its own click copy, not click's
+    from search.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["sparse-search", *args])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert expected in err and "Usage: " in err and "Traceback" not in err

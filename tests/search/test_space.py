@@ -365,3 +365,96 @@ def test_text_histogram():
     lines = text_histogram([10, 100, 1000, 1000], bins=3, width=10).splitlines()
     assert len(lines) == 3 and lines[-1].endswith("########## 2")
     assert optuna.logging.get_verbosity() <= optuna.logging.WARNING
+
+
+# ---------------------------------------------------------------------- search.initial
+MNIST_SPACE = Path(__file__).parents[2] / "spaces" / "mnist.yaml"
+MNIST_5K = MNIST_SPACE.parent / "archs" / "mnist-5k.yaml"
+
+
+def mnist_data(*initial) -> dict:
+    import yaml
+
+    data = yaml.safe_load(MNIST_SPACE.read_text())
+    data["search"]["initial"] = list(initial)
+    return data
+
+
+def test_initial_points_are_asked_first_and_exactly_as_given(tmp_path):
+    from trainables.arch import ArchConfig
+
+    arch = ArchConfig.load(MNIST_5K)
+    data = mnist_data({"arch": str(MNIST_5K), "train/lr": 0.05},
+                      {"stem/width": 8, "num_stages": 3, "stages/0/layers": 2, "train/lr": 0.1})
+    space = make_space(data, shape=(1, 28, 28))
+    storage = tmp_path / "study.journal"
+    proposer = Proposer(space, sampler="tpe", seed=0, storage=storage, study_name="s")
+    n0, first = proposer.ask()
+    n1, second = proposer.ask()
+    assert n0 == 0 and n1 >= 1
+    # an over-budget draw of the second point's open values is retried, not dropped
+    assert [t.user_attrs.get("initial") for t in proposer.study.trials[1:n1 + 1]] == \
+        ["initial[1]"] * n1
+    # the network trains as it is written: not rescaled by the fill, nothing resampled
+    assert first.arch == arch and first.screened_params == 4498
+    assert first.train.lr == 0.05
+    assert proposer.study.trials[0].user_attrs["initial"] == str(MNIST_5K)
+    # params alone fix what they name; the sampler fills in the rest (fill included)
+    assert second.train.lr == 0.1 and len(second.arch.stages) == 3
+    assert second.arch.stages[0].layers == 2
+    assert second.screened_params <= 5000
+    proposer.tell(n0, [0.99, 4498])
+    # a resumed study has them stored: nothing is enqueued twice
+    resumed = Proposer(space, sampler="tpe", seed=0, storage=storage, study_name="s")
+    numbers = [resumed.ask()[0] for _ in range(2)]
+    assert numbers[0] >= 2 and all("initial" not in resumed.study.trials[n].user_attrs
+                                   for n in numbers)
+    # the sampler's own proposals follow
+    fresh = [proposer.study.trials[n] for n in numbers]
+    assert all(t.state == TrialState.RUNNING for t in fresh)
+
+
+@pytest.mark.parametrize(("entry", "fragment"), [
+    ({"stem/width": 40}, "stem/width=40 is outside the space: expected an integer in [4, 16]"),
+    ({"stages/0/padding": "reflect"},
+     "stages/0/padding='reflect' is outside the space: expected one of 'same', 'valid'"),
+    ({"num_stages": True}, "num_stages=True is outside the space"),
+    ({"train/lr": 1.5}, "train/lr=1.5 is outside the space: expected a number in [0.02, 0.2]"),
+    ({"train/epochs": 3}, "train/epochs is not a parameter of this point"),
+    ({"num_stages": 3, "stages/3/width": 8}, "stages/3/width is not a parameter of this point"),
+    ({"arch": str(MNIST_5K), "stem/width": 8}, "stem/width is given beside arch"),
+])
+def test_initial_points_outside_the_space_name_the_value(entry, fragment):
+    with pytest.raises(SpecError) as info:
+        parse_spec(mnist_data(entry), source="mnist.yaml")
+    assert str(info.value).startswith("mnist.yaml: search.initial[0] (")
+    assert fragment in str(info.value), str(info.value)
+
+
+def test_an_initial_network_must_be_one_the_space_builds():
+    import yaml
+
+    net = yaml.safe_load(MNIST_5K.read_text())
+    net["stages"][0]["kernel"] = 5  # the space fixes kernel 3
+    with pytest.raises(SpecError, match=r"the network is outside the space: "
+                                        r"arch/stages/0/kernel is 5, the space gives 3"):
+        parse_spec(mnist_data({"arch": net}), source="mnist.yaml")
+    big = yaml.safe_load(MNIST_5K.read_text())
+    big["stages"][3]["width"] = 64
+    with pytest.raises(SpecError, match=r"the network is over budget: \+[\d,]+ params over "
+                                        r"constraints.max_params"):
+        parse_spec(mnist_data({"arch": big}), source="mnist.yaml")
+    small = yaml.safe_load(MNIST_5K.read_text())
+    for stage in small["stages"]:
+        stage["width"] = 8
+    small["stem"]["width"] = 4  # 674 params: under the fill's low end (12% of 20,000)
+    with pytest.raises(SpecError, match=r"fill_budget would scale it to [\d,]+ params"):
+        parse_spec(mnist_data({"arch": small}), source="mnist.yaml", max_params=20000)
+    # taking the fill's word for it is allowed
+    parse_spec(mnist_data({"arch": small, "fill_fraction": 0.12}), source="mnist.yaml",
+               max_params=20000)
+    # a network for other data fails when the search meets the data
+    spec = parse_spec(mnist_data(str(MNIST_5K)), source="mnist.yaml")
+    with pytest.raises(SpecError, match=r"takes 1x28x28 inputs in 10 classes, the data has "
+                                        r"3x32x32 images in 10"):
+        SearchSpace(spec, input_shape=(3, 32, 32), num_classes=10)

@@ -340,3 +340,62 @@ def test_fuzzed_specs_raise_only_spec_error(data):
     else:
         assert isinstance(result, SearchSpec)
         assert parse_spec(result.to_dict(), source="fuzz.yaml") == result
+
+
+# ---------------------------------------------------------------------- search.initial
+MNIST_5K = Path(__file__).parents[2] / "spaces" / "archs" / "mnist-5k.yaml"
+
+
+def test_initial_points_load_arch_files_and_round_trip(tmp_path, monkeypatch):
+    (tmp_path / "archs").mkdir()
+    (tmp_path / "archs" / "net.yaml").write_text(MNIST_5K.read_text())
+    inline = yaml.safe_load(MNIST_5K.read_text())
+    inline["stages"][3]["width"] = 40
+    data = yaml.safe_load((MNIST_5K.parents[1] / "mnist.yaml").read_text())
+    data["search"]["initial"] = [
+        "archs/net.yaml",  # relative to the spec file (the cwd has no archs/)
+        {"arch": str(MNIST_5K), "train/lr": 0.05, "label": "five-k"},
+        {"arch": inline},
+        {"stem/width": 8, "num_stages": 3},
+    ]
+    monkeypatch.chdir(tmp_path.parent)
+    spec = load_spec(write(tmp_path, data))
+    points = spec.search.initial
+    assert [p.label for p in points] == ["archs/net.yaml", "five-k", "initial[2]", "initial[3]"]
+    assert points[0].arch == points[1].arch and points[0].arch.stages[3].width == 48
+    assert points[1].params == {"train/lr": 0.05} and points[2].arch.stages[3].width == 40
+    assert points[3].arch is None and points[3].params == {"stem/width": 8, "num_stages": 3}
+    # the resolved spec holds the networks inline: a resume or a submitted job needs no file
+    again = parse_spec(yaml.safe_load(spec.to_yaml()), source="elsewhere.yaml")
+    assert again.search.initial == points
+
+
+@pytest.mark.parametrize(("entry", "fragments"), [
+    ("nope.yaml", ["search.initial[0]='nope.yaml' is invalid", "an existing architecture file",
+                   "tried"]),
+    (3, ["search.initial[0]=3 is invalid", "an architecture file, or a mapping"]),
+    ({"arch": {"stages": [{"width": 0}]}}, ["search.initial[0].arch is not a valid network",
+                                            "width=0"]),
+    ({"train/lr": {"float": [0.1, 0.2]}}, ["search.initial[0].train/lr=", "a number"]),
+    ({"arch": 5}, ["search.initial[0].arch=5 is invalid"]),
+    ({"label": "", "train/lr": 0.01}, ["search.initial[0].label='' is invalid"]),
+])
+def test_bad_initial_entries_name_the_entry(tmp_path, entry, fragments):
+    data = copy.deepcopy(VALID)
+    data["search"]["initial"] = [entry]
+    path = write(tmp_path, data)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ")
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_more_initial_points_than_trials_is_an_error(tmp_path):
+    data = copy.deepcopy(VALID)
+    data["search"]["initial"] = [{"train/lr": 0.01}] * 5  # num_samples is 4
+    with pytest.raises(SpecError, match=r"search.initial holds 5 points, more than "
+                                        r"search.num_samples=4"):
+        load_spec(write(tmp_path, data))
+    load_spec(write(tmp_path, data), num_samples=5)  # the override makes room
