@@ -105,7 +105,7 @@ def summary(*, run_dir: str, recorder: Recorder, rejected: int, complete: bool,
     """The ``--json`` object: counts and the front (JSON has no NaN: missing values are null).
 
     ``stopped_by``: why a complete search ended (num_samples | time_budget); ``wall_s``: the
-    search's wall seconds over resumes, from its first trial.
+    search's wall seconds over resumes, from the command's start.
     """
     c = recorder.counts()
     return {

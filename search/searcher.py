@@ -57,6 +57,7 @@ class ProposerSearcher(Searcher):
         num_samples: int,
         recorded: Iterable[str] = (),
         time_budget: float | None = None,
+        started_at: float | None = None,
     ) -> None:
         spec = space.spec
         super().__init__(metric=[o.metric for o in spec.objectives],
@@ -74,6 +75,9 @@ class ProposerSearcher(Searcher):
         self.time_budget = time_budget
         self._spent_before = 0.0  # wall seconds of earlier driver processes
         self._t0: float | None = None  # monotonic time this process started searching
+        # When this process's command started (time.monotonic()): Ray's start-up and the data
+        # loading count against the time budget too. None: from the first suggestion.
+        self._started_at = started_at
         self._started: dict[str, float] = {}  # Ray trial id -> monotonic start
         self.durations: list[float] = []  # wall seconds of trials that ended (this process)
         self.stopped_by: str | None = None  # "time_budget" once it stopped new trials
@@ -83,7 +87,7 @@ class ProposerSearcher(Searcher):
         # The study is rebuilt from the journal: never pickle a storage handle.
         return {**self.__dict__, "_proposer": None,
                 "_rejected_before": self.rejected, "_duplicates_before": self.duplicates,
-                "_spent_before": self.spent, "_t0": None,
+                "_spent_before": self.spent, "_t0": None, "_started_at": None,
                 "_started": {}}
 
     @property
@@ -112,7 +116,8 @@ class ProposerSearcher(Searcher):
 
     @property
     def spent(self) -> float:
-        """Wall seconds this search has run, over resumes (from its first suggestion)."""
+        """Wall seconds this search has run, over resumes (each process from its command's
+        start, or from its first suggestion without ``started_at``)."""
         return self._spent_before + (time.monotonic() - self._t0 if self._t0 is not None else 0.0)
 
     def out_of_time(self) -> bool:
@@ -135,7 +140,7 @@ class ProposerSearcher(Searcher):
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         if self._t0 is None:
-            self._t0 = time.monotonic()
+            self._t0 = self._started_at if self._started_at is not None else time.monotonic()
         if len(self._issued) >= self.num_samples:
             return Searcher.FINISHED
         if self.out_of_time():
@@ -192,7 +197,7 @@ class ProposerSearcher(Searcher):
         self._duplicates_before = int(state.get("duplicates", 0))
         self.told = dict(state["told"])
         self._spent_before = float(state.get("spent", 0.0))
-        self._t0 = None  # this process's clock starts at its first suggestion
+        self._t0 = None  # this process's clock starts at its start (see started_at)
         self.durations = list(state.get("durations", []))
         self.fail_orphans()
 

@@ -231,7 +231,7 @@ class SearchSettings:
     max_rejects: int = 1000  # infeasible proposals in a row before the search gives up
     early_stopping: EarlyStopping | None = None
     fill_budget: FillBudget | None = None
-    # Wall seconds for the whole search, from its first trial (resumes included): no trial
+    # Wall seconds for the whole search, from the command's start (resumes add theirs): no trial
     # starts once it is spent, nor one the median finished trial says would not end in what
     # is left. None: no limit.
     time_budget: float | None = None

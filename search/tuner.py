@@ -238,7 +238,10 @@ def resume_search(
 def _search(spec: SearchSpec, run: RunDir, *, resuming: bool, address: str | None,
             tracking_uri: str | None, progress: bool, progress_interval_s: float) -> SearchOutcome:
     """``tracking_uri``: a checked MLflow store, or None for no tracking."""
+    import time
     from concurrent.futures import ThreadPoolExecutor
+
+    started_at = time.monotonic()  # the time budget counts Ray's start and the data loading
 
     from search.background import Background
     from trainables.data import load_dataset
@@ -256,7 +259,7 @@ def _search(spec: SearchSpec, run: RunDir, *, resuming: bool, address: str | Non
         splits.exception()  # wait for it (an unreadable dataset raises its DataError below)
     try:
         outcome = _fit(spec, run, splits.result(), resuming=resuming, tracker=tracker,
-                       background=background, progress=progress,
+                       background=background, progress=progress, started_at=started_at,
                        progress_interval_s=progress_interval_s)
     except BaseException as e:
         if tracker is not None:
@@ -303,7 +306,8 @@ def _tracker(spec: SearchSpec, run: RunDir, tracking_uri: str) -> Any:
 
 
 def _fit(spec: SearchSpec, run: RunDir, splits: Any, *, resuming: bool, tracker: Any,
-         background: Any, progress: bool, progress_interval_s: float) -> SearchOutcome:
+         background: Any, progress: bool, progress_interval_s: float,
+         started_at: float | None = None) -> SearchOutcome:
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
@@ -330,7 +334,7 @@ def _fit(spec: SearchSpec, run: RunDir, splits: Any, *, resuming: bool, tracker:
     searcher = ProposerSearcher(space, journal=run.journal, study_name=spec.name,
                                 num_samples=spec.search.num_samples,
                                 recorded=recorder.records.keys(),
-                                time_budget=spec.search.time_budget)
+                                time_budget=spec.search.time_budget, started_at=started_at)
     callbacks: list[Any] = [recorder]  # first: the others read the files it writes
     if progress:
         callbacks.append(ProgressCallback(recorder, searcher, total=spec.search.num_samples,

@@ -228,6 +228,12 @@ def test_time_budget_stops_new_trials_and_survives_a_resume(tmp_path):
     # Without a budget nothing is ever out of time.
     assert not ProposerSearcher(space, journal=tmp_path / "j2", study_name="u",
                                 num_samples=1).out_of_time()
+    # The clock runs from the command's start (Ray's start-up, data loading), not from the
+    # first trial: a search whose start-up ate its budget starts nothing.
+    late = ProposerSearcher(space, journal=tmp_path / "j3", study_name="v", num_samples=10,
+                            time_budget=1.0, started_at=time.monotonic() - 1.5)
+    assert late.suggest("ray-a") == "FINISHED" and late.spent >= 1.5
+    assert pickle.loads(pickle.dumps(late))._started_at is None  # no clock crosses processes
 
 
 def test_a_search_ends_complete_at_its_time_budget(local_ray, tmp_path):
