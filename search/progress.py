@@ -88,10 +88,13 @@ def front_table(front: Sequence[Mapping[str, Any]]) -> str:
     head += f"  {'round':>5}" if rounds else ""
     lines = [f"Pareto front ({len(front)}):", head + "  arch"]
     for p in front:
+        trial = f"{p['trial_key']}{'*' if p.get('initial') else ''}"
         row = (f"{_fmt(p.get('nonzero_params'), ',d'):>14}  {_fmt(p.get('val_accuracy'), '.4f'):>7}"
-               f"  {_fmt(p.get('test_accuracy'), '.4f'):>8}  {p['trial_key']:>5}")
+               f"  {_fmt(p.get('test_accuracy'), '.4f'):>8}  {trial:>5}")
         row += f"  {p.get('prune_round', 0):>5}" if rounds else ""
         lines.append(row + f"  {p['arch']}")
+    if any(p.get("initial") for p in front):
+        lines.append("* a network of search.initial (not found by the sampler)")
     return "\n".join(lines)
 
 

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("sparse_search.results")
 
 TRIAL_KEY = "meta/trial_key"  # the config key holding the trial key (the Optuna trial number)
+INITIAL_KEY = "meta/initial"  # set on a trial of search.initial: the entry's label
 TERMINATED, EARLY_STOPPED, ERROR = "TERMINATED", "EARLY_STOPPED", "ERROR"
 # Report keys kept in records and points (the trainable reports more; Ray adds bookkeeping).
 METRIC_KEYS = ("val_accuracy", "val_loss", "test_accuracy", "test_loss", "train_loss",
@@ -58,12 +59,12 @@ METRIC_KEYS = ("val_accuracy", "val_loss", "test_accuracy", "test_loss", "train_
                "train_seconds")
 RESULT_COLUMNS = ("trial_key", "trial_id", "status", "error", "arch", "nonzero_params", "macs",
                   "val_accuracy", "val_loss", "test_accuracy", "train_seconds", "epochs",
-                  "prune_round", "fidelity")
+                  "prune_round", "fidelity", "initial")
 POINT_COLUMNS = ("trial_key", "trial_id", "prune_round", "epoch", "nonzero_params", "macs",
                  "val_accuracy", "val_loss", "test_accuracy", "eligible", "on_front", "model",
                  "arch")
 PARETO_COLUMNS = ("trial_key", "trial_id", "prune_round", "nonzero_params", "macs",
-                  "val_accuracy", "test_accuracy", "model", "arch")
+                  "val_accuracy", "test_accuracy", "model", "arch", "initial")
 
 
 def trial_key(trial: Trial) -> str:
@@ -107,7 +108,7 @@ def candidate_points(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any
             continue
         for p in rec["points"]:
             out.append({**p, "trial_key": rec["trial_key"], "trial_id": rec["trial_id"],
-                        "arch": rec["arch"]})
+                        "arch": rec["arch"], "initial": rec.get("initial")})
     return out
 
 
@@ -194,7 +195,8 @@ class Recorder(Callback):
         config_cols = sorted({k for r in recs for k in r["config"]})
         rows = [{**r["config"], **r["metrics"], "trial_key": r["trial_key"],
                  "trial_id": r["trial_id"], "status": r["status"], "error": r["error"],
-                 "arch": r["arch"], "epochs": r["metrics"].get("epoch")} for r in recs]
+                 "arch": r["arch"], "epochs": r["metrics"].get("epoch"),
+                 "initial": r.get("initial")} for r in recs]
         write_atomic(self.run.results_csv, _csv(rows, [*RESULT_COLUMNS, *config_cols]))
         write_atomic(self.run.pareto_csv, _csv(self.front, PARETO_COLUMNS))
         if any(len(r["points"]) > 1 for r in recs):
@@ -309,7 +311,8 @@ class Recorder(Callback):
             self._save_model(trial, out)
         record = {"trial_key": key, "trial_id": trial.trial_id, "status": status, "error": error,
                   "arch": arch_name, "finished_at": time.time(), "metrics": metrics,
-                  "points": points, "config": config}
+                  "points": points, "config": config,
+                  "initial": trial.config.get(INITIAL_KEY)}
         write_json(out / RESULT_JSON, record)
         self.records[key] = record
         self._recompute()

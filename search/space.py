@@ -95,6 +95,7 @@ class Proposal:
     violations: dict[str, float]  # constraint -> value - limit; <= 0 is feasible
     params: dict[str, Any] = field(default_factory=dict)  # what Optuna sampled
     error: str | None = None  # why the sampled values make no valid config
+    initial: str | None = None  # the label of the search.initial entry it comes from
 
 
 @dataclass(frozen=True)
@@ -671,6 +672,9 @@ class Proposer:
                 earlier = self._earlier(key, trial.number)
                 if earlier is None:
                     trial.set_user_attr(CONFIG_KEY, key)
+                    label = trial.user_attrs.get(INITIAL)
+                    if label is not None:
+                        proposal = dataclasses.replace(proposal, initial=label)
                     return trial.number, proposal
                 # Same config, same seeds: training it again would repeat the earlier result.
                 self._tell_like(trial, earlier)

@@ -77,6 +77,7 @@ STATE_FILE = "mlflow.json"  # in the run dir: tracking URI, experiment and paren
 TAG_ROLE = "sparse_search.role"  # "search" (parent) | "trial" (child)
 TAG_RUN_DIR = "sparse_search.run_dir"
 TAG_TRIAL_KEY = "sparse_search.trial_key"
+TAG_INITIAL = "sparse_search.initial"  # a trial of search.initial: the entry's label
 TAG_FINAL = "sparse_search.final"  # "true" once the final metrics are logged
 TAG_MODEL = "sparse_search.model_uploaded"
 TAG_ON_FRONT = "on_front"
@@ -449,24 +450,30 @@ class SearchTracker:
 
     # ------------------------------------------------------------------ trials
     @_tracked
-    def trial_started(self, trial_key: str, arch: ArchConfig, flat_config: Mapping[str, Any]) -> str:
-        """A child run for the trial (an existing one with this key is reused); its run id."""
-        run_id = self._ensure_child(trial_key, arch, flat_config)
+    def trial_started(self, trial_key: str, arch: ArchConfig, flat_config: Mapping[str, Any],
+                      *, initial: str | None = None) -> str:
+        """A child run for the trial (an existing one with this key is reused); its run id.
+        ``initial``: the label of the search.initial entry it trains (a tag)."""
+        run_id = self._ensure_child(trial_key, arch, flat_config, initial)
         if self._status.get(trial_key) != "RUNNING":
             self.client.update_run(run_id, status="RUNNING")
             self._status[trial_key] = "RUNNING"
             self._final.discard(trial_key)
         return run_id
 
-    def _ensure_child(self, trial_key: str, arch: ArchConfig, flat_config: Mapping[str, Any]) -> str:
+    def _ensure_child(self, trial_key: str, arch: ArchConfig, flat_config: Mapping[str, Any],
+                      initial: str | None = None) -> str:
         self._archs[trial_key] = arch
         if trial_key in self._children:
             return self._children[trial_key]
         name = arch.canonical()
-        run = self.client.create_run(self.experiment_id, run_name=name, tags={
+        tags = {
             TAG_PARENT: self.parent_run_id, TAG_ROLE: "trial", TAG_TRIAL_KEY: trial_key,
             "sparse_search.arch_key": arch.key(), "mlflow.source.name": "sparse-search",
-        })
+        }
+        if initial is not None:
+            tags[TAG_INITIAL] = initial
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         run_id = run.info.run_id
         self._children[trial_key] = run_id
         self._status[trial_key] = "RUNNING"
@@ -799,7 +806,8 @@ def close_recorded_trials(tracker: SearchTracker, run_dir: Path, df: pd.DataFram
                 else ArchConfig.from_flat(rec))
         if key not in tracker._children:
             flat = {k: v for k, v in rec.items() if k.startswith(("arch/", "train/"))}
-            tracker._ensure_child(key, arch, flat)
+            initial = rec.get("initial")
+            tracker._ensure_child(key, arch, flat, str(initial) if initial else None)
             counts["created"] += 1
         status = _STATUS_MAP.get(str(rec.get("status", "")).upper(), "KILLED")
         if key in tracker._final and tracker._status.get(key) != "RUNNING":
@@ -1039,7 +1047,8 @@ class _TrackingCallbackMixin:
             return
         config = dict(trial.config)
         flat = {k: v for k, v in config.items() if not k.startswith("meta/")}
-        self.tracker.trial_started(self.trial_key(trial), ArchConfig.from_flat(config), flat)
+        self.tracker.trial_started(self.trial_key(trial), ArchConfig.from_flat(config), flat,
+                                   initial=config.get("meta/initial"))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:

@@ -271,3 +271,37 @@ def test_run_dirs_never_collide(tmp_path):
     a = RunDir.create(tmp_path, "x")
     b = RunDir.create(tmp_path, "x")
     assert a.path != b.path and a.path.name.startswith("x-") and b.trials.is_dir()
+
+
+def test_initial_points_train_first_and_are_marked_everywhere(local_ray, mlflow_server,
+                                                              tmp_path):
+    from mlflow import MlflowClient
+
+    from search.progress import front_table
+    from search.tracking import TAG_INITIAL
+
+    net = ("{in_channels: 1, input_size: [8, 8], num_classes: 10, stem: {width: 6}, "
+           "stages: [{width: 12, layers: 1}]}")
+    text = BUDGET_SPEC.replace("num_samples: 4,", "num_samples: 3,").replace(
+        "seed: 0}", f"seed: 0, initial: [{{arch: {net}, label: my-net, train/prune_rounds: 0}}]}}")
+    spec = _spec(tmp_path, text)
+    out = run_search(spec, storage_dir=tmp_path / "runs", tracking_uri=mlflow_server.url,
+                     progress=False)
+    assert out.complete
+    rows = {r["trial_key"]: r for r in _rows(out.run_dir)}
+    assert rows["0"]["initial"] == "my-net" and rows["0"]["status"] == TERMINATED
+    assert rows["0"]["arch/stem/width"] == "6" and rows["0"]["arch/stages/0/width"] == "12"
+    assert [k for k, r in rows.items() if r["initial"]] == ["0"]
+    # the front says which point came from search.initial (the table marks it)
+    table = front_table([{**r, "nonzero_params": int(r["nonzero_params"]),
+                          "val_accuracy": float(r["val_accuracy"]),
+                          "test_accuracy": float(r["test_accuracy"])} for r in rows.values()])
+    assert re.search(r"\s0\*\s", table) and "search.initial" in table
+    with (out.run_dir / "pareto.csv").open() as f:
+        front = list(csv.DictReader(f))
+    assert all(p["initial"] == ("my-net" if p["trial_key"] == "0" else "") for p in front)
+    client = MlflowClient(mlflow_server.url)
+    exp = client.get_experiment_by_name(spec.name)
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_INITIAL}` = 'my-net'")
+    assert len(runs) == 1 and runs[0].data.tags["sparse_search.trial_key"] == "0"
+    assert runs[0].info.status == "FINISHED"
