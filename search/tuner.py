@@ -151,6 +151,28 @@ def quiet_logging() -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _raylet_errors_to_stderr()
+
+
+def _raylet_errors_to_stderr() -> None:
+    """Ray prints the raylet's error messages ("A worker died or was killed ...") on the
+    driver's *stdout* from a thread of its own, which no setting turns off; the search already
+    records the failed trial (a line on stderr, a row in results.csv), and stdout is for the
+    front table and the ``--json`` line. Send those messages to stderr instead (idempotent; a
+    Ray without this private hook is left alone)."""
+    import ray._private.worker as ray_worker
+
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "_sparse_search", False):
+        return
+
+    def to_stderr(data: dict[str, Any], ignore_prefix: bool) -> None:
+        if data.get("pid") == "raylet":
+            data = {**data, "is_err": True}
+        original(data, ignore_prefix)
+
+    to_stderr._sparse_search = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = to_stderr
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool:

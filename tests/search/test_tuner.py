@@ -305,3 +305,23 @@ def test_initial_points_train_first_and_are_marked_everywhere(local_ray, mlflow_
     runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_INITIAL}` = 'my-net'")
     assert len(runs) == 1 and runs[0].data.tags["sparse_search.trial_key"] == "0"
     assert runs[0].info.status == "FINISHED"
+
+
+def test_raylet_error_messages_go_to_stderr_not_stdout(capsys):
+    import ray._private.worker as ray_worker
+
+    from search.tuner import quiet_logging
+
+    quiet_logging()
+    quiet_logging()  # idempotent: one wrapper, not two
+    assert ray_worker.print_to_stdstream._sparse_search
+    # what Ray's listen_error_messages thread passes for a worker that died
+    ray_worker.print_to_stdstream({"lines": ["A worker died or was killed while executing a "
+                                             "task by an unexpected system error."],
+                                   "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    ray_worker.print_to_stdstream({"lines": ["a trial's print"], "pid": 1234, "ip": "127.0.0.1",
+                                   "is_err": False, "task_name": "t", "actor_name": "a"},
+                                  ignore_prefix=False)
+    out, err = capsys.readouterr()
+    assert "A worker died" in err and "A worker died" not in out
+    assert "a trial's print" in out  # everything else keeps its stream
