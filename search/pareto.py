@@ -76,6 +76,29 @@ def pareto_ranks(points: Sequence[Sequence[float]], senses: Sequence[str]) -> li
     return ranks
 
 
+def crowding_distances(points: Sequence[Sequence[float]], senses: Sequence[str],
+                       ranks: Sequence[int] | None = None) -> list[float]:
+    """NSGA-II crowding distance of each point within its sorting front (``ranks``, computed
+    when not given): the sum over objectives of the gap between its two neighbours, scaled
+    by the front's range; inf at a front's ends. Larger means less crowded."""
+    pts = _as_minimised(points, senses)
+    if ranks is None:
+        ranks = pareto_ranks(points, senses)
+    out = [0.0] * len(pts)
+    for rank in set(ranks):
+        members = [i for i, r in enumerate(ranks) if r == rank]
+        for k in range(len(senses)):
+            members.sort(key=lambda i: pts[i][k])
+            lo, hi = pts[members[0]][k], pts[members[-1]][k]
+            out[members[0]] = out[members[-1]] = math.inf
+            span = hi - lo
+            if not math.isfinite(span) or span <= 0:
+                continue
+            for a, i, b in zip(members, members[1:], members[2:], strict=False):
+                out[i] += (pts[b][k] - pts[a][k]) / span
+    return out
+
+
 def front_indices(points: Sequence[Sequence[float]], senses: Sequence[str]) -> list[int]:
     """Indices of the non-dominated points (rank 0), in input order."""
     return [i for i, r in enumerate(pareto_ranks(points, senses)) if r == 0]

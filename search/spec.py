@@ -85,7 +85,7 @@ from trainables.train import TrainConfig
 
 FLAT_PREFIX = "spec"
 SAMPLERS = ("tpe", "nsga2", "random")
-SCHEDULERS = ("asha",)
+SCHEDULERS = ("asha", "moasha")
 # Metrics a trial reports that can be objectives, with the only sensible direction of each.
 OBJECTIVE_MODES: dict[str, str] = {
     "val_accuracy": "max",
@@ -187,7 +187,9 @@ class Constraints:
 
 @dataclass(frozen=True)
 class EarlyStopping:
-    scheduler: str = "asha"  # asha (Ray's AsyncHyperBandScheduler)
+    # asha: Ray's AsyncHyperBandScheduler, ranks a rung by the trained objective alone;
+    # moasha: search.moasha, ranks it by Pareto dominance over every objective
+    scheduler: str = "asha"
     grace_epochs: int = 1  # epochs every trial runs before it may be stopped
     reduction_factor: float = 3.0  # keep the top 1/reduction_factor at each rung
 

@@ -434,7 +434,8 @@ def _replace_restored(tuner: Any, *, search_alg: Any, callbacks: list[Any]) -> N
 
 
 def make_scheduler(spec: SearchSpec) -> Any:
-    """ASHA on the first trained objective (its own single metric), or None (FIFO).
+    """ASHA on the first trained objective (its own single metric), multi-objective ASHA on
+    all of them (``moasha``), or None (FIFO).
 
     ``time_attr`` is the trainable's ``epoch``, which keeps counting across pruning rounds, and
     ``max_t`` the most epochs any trial of the space can run, so ASHA never cuts a
@@ -447,6 +448,13 @@ def make_scheduler(spec: SearchSpec) -> Any:
 
     from search.spec import TRAINED_METRICS
 
+    if es.scheduler == "moasha":
+        from search.moasha import MultiObjectiveASHA
+
+        return MultiObjectiveASHA(objectives=[(o.metric, o.mode) for o in spec.objectives],
+                                  time_attr="epoch", max_t=max_epochs(spec),
+                                  grace_period=es.grace_epochs,
+                                  reduction_factor=es.reduction_factor)
     objective = next(o for o in spec.objectives if o.metric in TRAINED_METRICS)
     return ASHAScheduler(time_attr="epoch", metric=objective.metric, mode=objective.mode,
                          max_t=max_epochs(spec), grace_period=es.grace_epochs,
