@@ -264,6 +264,10 @@ def test_asha_spans_every_pruning_round(tmp_path):
     assert max_epochs(spec) == 15
     asha = make_scheduler(spec)
     assert asha._max_t == 15 and asha._time_attr == "epoch" and asha.metric == "val_accuracy"
+    mo = make_scheduler(_spec(tmp_path, MIXED_SPEC.replace("scheduler: asha", "scheduler: moasha")
+                              .replace("epochs: 3,", "epochs: 5, prune_rounds: 2,")))
+    assert mo.max_t == 15 and mo.time_attr == "epoch" and mo.rungs == [1, 2, 4, 8]
+    assert mo.objectives == (("val_accuracy", "max"), ("nonzero_params", "min"))
     assert make_scheduler(_spec(tmp_path, BUDGET_SPEC)) is None
 
 
