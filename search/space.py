@@ -267,10 +267,10 @@ class SearchSpace:
         where = f"{self.spec.source}: search.initial[{i}] ({point.label})"
         arch = point.arch
         if arch is not None:
-            theirs = (arch.in_channels, *arch.input_size)
-            if theirs != self.input_shape or arch.num_classes != self.num_classes:
+            shape = (arch.in_channels, *arch.input_size)
+            if shape != self.input_shape or arch.num_classes != self.num_classes:
                 raise SpecError(
-                    f"{where}: the network takes {_shape(theirs)} inputs in "
+                    f"{where}: the network takes {_shape(shape)} inputs in "
                     f"{arch.num_classes} classes, the data has {_shape(self.input_shape)} "
                     f"images in {self.num_classes}")
             clash = [k for k in point.params if not k.startswith("train/") and k != "fill_fraction"]
@@ -297,13 +297,11 @@ class SearchSpace:
             built = ArchConfig(**arch_kw)
         except ValueError as e:
             raise SpecError(f"{where}: {e}") from None
-        diff = [k for k, v in arch.to_flat().items() if built.to_flat().get(k, _UNSET) != v]
-        diff += [k for k in built.to_flat() if k not in arch.to_flat()]
+        theirs, mine = arch.to_flat(), built.to_flat()
+        diff = [k for k in {**theirs, **mine} if theirs.get(k, _UNSET) != mine.get(k, _UNSET)]
         if diff:
-            mine = built.to_flat()
             raise SpecError(f"{where}: the network is outside the space: " + "; ".join(
-                f"{k} is {arch.to_flat().get(k)!r}, the space gives {mine.get(k)!r}"
-                for k in diff[:3]))
+                f"{k} is {theirs.get(k)!r}, the space gives {mine.get(k)!r}" for k in diff[:3]))
         train = TrainConfig(**train_kw)
         screen = self._screen(built)
         over = {k: v for k, v in self._violations(_delivered_params(screen, train),
