@@ -29,7 +29,7 @@ import yaml
 CONV_TYPES = ("standard", "separable")
 BLOCK_TYPES = ("plain", "residual", "densenet", "sparsenet")
 DOWNSAMPLES = ("none", "stride", "maxpool", "avgpool")
-POOLINGS = ("gap", "gmp", "maxpool", "flatten")
+POOLINGS = ("gap", "gmp", "maxpool", "flatten", "pool_flatten")
 PADDINGS = ("same", "valid")
 ACTIVATIONS = ("relu", "relu6", "silu", "hardswish", "gelu")
 BACKBONES = ("resnet18", "densenet121")
@@ -186,7 +186,9 @@ class ArchConfig:
     batch_norm: bool = True  # BN after every conv
     activation: str = "relu"
     dropout: float = 0.0  # dropout after each stage (probability)
-    pooling: str = "gap"  # into the head: gap (global avg) | gmp (global max) | maxpool (to 1x1) | flatten
+    # into the head: gap (global avg) | gmp (global max) | maxpool (to 1x1) | flatten |
+    # pool_flatten (a 2x2 max-pool, then flatten: study 000's Conv-Pool trunk end)
+    pooling: str = "gap"
     head: tuple[HeadLayer, ...] = ()  # 0-4 hidden dense layers, then the output layer
     head_batch_norm: bool = False  # BN1d after each hidden head layer (004's Dense 128 + BN)
     head_dropout: float = 0.0  # dropout before each head linear layer after the first
@@ -271,6 +273,11 @@ class ArchConfig:
                     f"stages[{i}] shrinks the {self.input_size[0]}x{self.input_size[1]} input "
                     f"to {h}x{w}: use fewer downsampling stages, 'same' padding or a larger input"
                 )
+        if self.pooling == "pool_flatten" and (h < 2 or w < 2):
+            raise ArchError(
+                f"pooling='pool_flatten' is invalid: the last feature map is {h}x{w}, a 2x2 "
+                "max-pool needs at least 2x2; expected gap, gmp, maxpool or flatten"
+            )
 
     # ------------------------------------------------------------------ conversions
     def to_dict(self) -> dict[str, Any]:

@@ -76,7 +76,7 @@ def small_archs(draw: st.DrawFn) -> ArchConfig:
         "in_channels": draw(st.integers(1, 3)), "input_size": [draw(st.integers(5, 14)), draw(st.integers(5, 14))],
         "num_classes": draw(st.integers(2, 7)), "stem": stem, "stages": stages, "head": head,
         "batch_norm": draw(st.booleans()), "activation": draw(st.sampled_from(["relu", "gelu", "hardswish"])),
-        "pooling": draw(st.sampled_from(["gap", "gmp", "maxpool", "flatten"])),
+        "pooling": draw(st.sampled_from(["gap", "gmp", "maxpool", "flatten", "pool_flatten"])),
         "head_batch_norm": draw(st.booleans()), "mask_seed": draw(st.integers(0, 5)),
     }
     try:

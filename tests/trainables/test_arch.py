@@ -172,6 +172,8 @@ BAD = [
     ({"stages": [{"block": "residual", "padding": "valid"}]}, "stages[0].padding='valid' is invalid"),
     ({"stages": [{}, {"block": "sparsenet", "padding": "valid"}]}, "stages[1].padding='valid' is invalid"),
     ({"input_size": [4, 4], "stages": [{"downsample": "maxpool"}] * 3}, "stages[2] shrinks the 4x4 input to 0x0"),
+    ({"input_size": [4, 4], "stages": [{"downsample": "maxpool"}] * 2, "pooling": "pool_flatten"},
+     "pooling='pool_flatten' is invalid: the last feature map is 1x1"),
     ({"stem": None, "stages": [], "backbone": {"name": "vgg"}}, "backbone.name='vgg' is invalid"),
     ({"stem": None, "stages": [], "backbone": {"trainable": "layer9"}}, "backbone.trainable='layer9' is invalid"),
     ({"backbone": {"name": "resnet18"}}, "backbone='resnet18' replaces stem and stages"),

@@ -148,7 +148,7 @@ def test_downsampling(down: str, module, size: int) -> None:
 
 @pytest.mark.parametrize(("pooling", "module", "features"), [
     ("gap", nn.AdaptiveAvgPool2d, 4), ("gmp", nn.AdaptiveMaxPool2d, 4), ("maxpool", nn.MaxPool2d, 4),
-    ("flatten", None, 4 * 3 * 5),
+    ("flatten", None, 4 * 3 * 5), ("pool_flatten", nn.MaxPool2d, 4 * 1 * 2),
 ])
 def test_pooling_into_the_head(pooling: str, module, features: int) -> None:
     arch = ArchConfig(stem=StemConfig(width=4, stride=2), stages=(), input_size=(6, 10), pooling=pooling)
@@ -160,6 +160,8 @@ def test_pooling_into_the_head(pooling: str, module, features: int) -> None:
         assert isinstance(model.pool.pool, module)
     if pooling == "maxpool":
         assert model.pool.pool.kernel_size == (3, 5)  # the final HxW: Keras MaxPool to 1x1
+    if pooling == "pool_flatten":
+        assert model.pool.pool.kernel_size == 2  # 3x5 -> 1x2, then flatten
     x = torch.randn(2, 3, 6, 10)
     assert model(x).shape == (2, 10)
 

@@ -139,10 +139,16 @@ def build_pool(pooling: str, fm: FeatureMap) -> tuple[nn.Sequential, int]:
     elif pooling == "maxpool":
         # Keras MaxPooling2D(pool_size=final HxW): one window over the whole map (004's Model 1).
         parts["pool"] = nn.MaxPool2d((fm.height, fm.width))
+    elif pooling == "pool_flatten":
+        # Keras MaxPooling2D(2) then Flatten (study 000): (C, H, W) -> C * (H//2) * (W//2)
+        parts["pool"] = nn.MaxPool2d(2)
+        fm = FeatureMap(fm.channels, fm.height // 2, fm.width // 2)
     elif pooling != "flatten":
-        raise ValueError(f"pooling={pooling!r} is invalid: expected gap, gmp, maxpool or flatten")
+        raise ValueError(f"pooling={pooling!r} is invalid: expected gap, gmp, maxpool, flatten "
+                         "or pool_flatten")
     parts["flatten"] = nn.Flatten()
-    features = fm.channels if pooling != "flatten" else fm.channels * fm.height * fm.width
+    flat = pooling in ("flatten", "pool_flatten")
+    features = fm.channels * fm.height * fm.width if flat else fm.channels
     return nn.Sequential(parts), features
 
 
