@@ -80,6 +80,8 @@ class ProposerSearcher(Searcher):
         self._started_at = started_at
         self._started: dict[str, float] = {}  # Ray trial id -> monotonic start
         self.durations: list[float] = []  # wall seconds of trials that ended (this process)
+        # ... of those that trained to the end (not stopped early): what a new trial may take
+        self.full_durations: list[float] = []
         self.stopped_by: str | None = None  # "time_budget" once it stopped new trials
 
     # ------------------------------------------------------------------ pickling
@@ -125,8 +127,14 @@ class ProposerSearcher(Searcher):
         if self.time_budget is None:
             return False
         left = self.time_budget - self.spent
-        typical = statistics.median(self.durations) if self.durations else 0.0
-        return left <= 0 or typical > left
+        return left <= 0 or self.typical_trial_s() > left
+
+    def typical_trial_s(self) -> float:
+        """What a new trial may take: the median trial that trained to the end (with early
+        stopping most trials end early, and the next one may not), else the median of all
+        that ended; 0 before any ended."""
+        durations = self.full_durations or self.durations
+        return statistics.median(durations) if durations else 0.0
 
     @property
     def exhausted(self) -> bool:
@@ -147,8 +155,7 @@ class ProposerSearcher(Searcher):
             if self.stopped_by is None:
                 self.stopped_by = "time_budget"
                 log.info("time budget: %.0f of %.0f s spent, no new trial starts (median trial "
-                         "%.0f s)", self.spent, self.time_budget,
-                         statistics.median(self.durations) if self.durations else 0.0)
+                         "%.0f s)", self.spent, self.time_budget, self.typical_trial_s())
             return Searcher.FINISHED
         number, proposal = self.proposer.ask()
         key = str(number)
@@ -166,6 +173,8 @@ class ProposerSearcher(Searcher):
         started = self._started.pop(trial_id, None)
         if started is not None and not error:
             self.durations.append(time.monotonic() - started)
+            if result is not None and is_final(result):
+                self.full_durations.append(self.durations[-1])
         if key is None and result is not None and f"config/{TRIAL_KEY}" in result:
             key = str(result[f"config/{TRIAL_KEY}"])
         if key is None:
@@ -189,6 +198,7 @@ class ProposerSearcher(Searcher):
     def save(self, checkpoint_path: str) -> None:
         state = {"live": self._live, "issued": sorted(self._issued), "rejected": self.rejected,
                  "told": self.told, "spent": self.spent, "durations": self.durations,
+                 "full_durations": self.full_durations,
                  "duplicates": self.duplicates}
         Path(checkpoint_path).write_bytes(pickle.dumps(state))
 
@@ -202,6 +212,7 @@ class ProposerSearcher(Searcher):
         self._spent_before = float(state.get("spent", 0.0))
         self._t0 = None  # this process's clock starts at its start (see started_at)
         self.durations = list(state.get("durations", []))
+        self.full_durations = list(state.get("full_durations", []))
         self.fail_orphans()
 
     def fail_orphans(self) -> list[int]:

@@ -8,6 +8,7 @@ import math
 import os
 import pickle
 import re
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -234,6 +235,19 @@ def test_time_budget_stops_new_trials_and_survives_a_resume(tmp_path):
                             time_budget=1.0, started_at=time.monotonic() - 1.5)
     assert late.suggest("ray-a") == "FINISHED" and late.spent >= 1.5
     assert pickle.loads(pickle.dumps(late))._started_at is None  # no clock crosses processes
+    # With early stopping most trials end after a rung; the next one may train to the end:
+    # the budget plans with the trials that did.
+    es = ProposerSearcher(space, journal=tmp_path / "j4", study_name="w", num_samples=10,
+                          time_budget=100.0)
+    for trial_id, seconds, result in [("a", 0.3, {"val_accuracy": 0.5, "nonzero_params": 100,
+                                                  "test_accuracy": 0.4}),
+                                      ("b", 0.0, {"val_accuracy": 0.2, "nonzero_params": 90}),
+                                      ("c", 0.0, {"val_accuracy": 0.2, "nonzero_params": 80})]:
+        assert es.suggest(trial_id) is not None
+        time.sleep(seconds)
+        es.on_trial_complete(trial_id, result)
+    assert len(es.durations) == 3 and es.full_durations == [es.durations[0]]
+    assert es.typical_trial_s() == es.durations[0] > statistics.median(es.durations)
 
 
 def test_a_search_ends_complete_at_its_time_budget(local_ray, tmp_path):
