@@ -188,9 +188,9 @@ class Constraints:
 
 @dataclass(frozen=True)
 class EarlyStopping:
-    # asha: Ray's AsyncHyperBandScheduler, ranks a rung by the trained objective alone;
-    # moasha: search.moasha, ranks it by Pareto dominance over every objective
-    scheduler: str = "asha"
+    # moasha: search.moasha, ranks a rung by Pareto dominance over every objective;
+    # asha: Ray's AsyncHyperBandScheduler, by the trained objective alone (it cuts small nets)
+    scheduler: str = "moasha"
     grace_epochs: int = 1  # epochs every trial runs before it may be stopped
     reduction_factor: float = 3.0  # keep the top 1/reduction_factor at each rung
 
