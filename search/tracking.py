@@ -1123,9 +1123,16 @@ def render_png(table: pd.DataFrame, path: Path, *, objectives: Mapping[str, str]
                 ax.set_xscale("log")
                 label = FuncFormatter(lambda v, _pos: _fmt(v))  # 2k, not 2x10^3
                 ax.xaxis.set_major_formatter(label)
-                # Label the 2..9 minor ticks only when there are too few decades for majors.
-                narrow = table[x_col].max() / table[x_col].min() < 20
-                ax.xaxis.set_minor_formatter(label if narrow else NullFormatter())
+                # Label minor ticks only when there are too few decades for majors, and then
+                # only 2, 3 and 5 x 10^k unless the span is tiny (6..9 crowd on a log axis).
+                span = table[x_col].max() / table[x_col].min()
+
+                def minor(v: float, _pos: int) -> str:
+                    lead = round(v / 10 ** math.floor(math.log10(v)))
+                    return _fmt(v) if span < 4 or lead in (2, 3, 5) else ""
+
+                ax.xaxis.set_minor_formatter(FuncFormatter(minor) if span < 20
+                                             else NullFormatter())
             ax.legend(loc="lower right")
         ax.set_xlabel(x_col)
         ax.set_ylabel(y_col)
