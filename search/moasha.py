@@ -5,7 +5,9 @@ the small nets (they are always less accurate at any epoch), which are exactly t
 the small end of the front needs. This scheduler keeps ASHA's asynchronous rule, with the
 ranking of MO-ASHA (Schmucker et al. 2021, "Multi-objective Asynchronous Successive
 Halving"): at each rung a trial's objective values (``val_accuracy`` at that epoch and the
-``nonzero_params`` it reported, ...) are ranked against those recorded at the same rung by
+``nonzero_params`` of the model it will deliver, as the budget screen counted it: a
+lottery-ticket trial still reports its dense count before its pruning rounds; ...) are
+ranked against those recorded at the same rung by
 non-dominated sorting, then by crowding distance within a sorting front (NSGA-II: spread
 points before crowded ones). A trial goes on when it is in the top ``1 / reduction_factor``
 of that order, or on the rung's Pareto front (no other trial at this rung is better in every
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from search.pareto import crowding_distances, pareto_ranks
+from search.results import SCREENED_KEY
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
@@ -71,7 +74,7 @@ class MultiObjectiveASHA(FIFOScheduler):
         return True  # the objectives come from the spec, never from Tune's metric/mode
 
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict) -> str:
-        action = self._on_result(trial.trial_id, result)
+        action = self._on_result(trial.trial_id, result, trial.config)
         if action == TrialScheduler.STOP:
             self.num_stopped += 1
         return action
@@ -79,7 +82,7 @@ class MultiObjectiveASHA(FIFOScheduler):
     def on_trial_complete(self, tune_controller: Any, trial: Trial, result: dict) -> None:
         # a trial ending on a milestone still counts at that rung for the ones that follow
         if result:
-            self._on_result(trial.trial_id, result)
+            self._on_result(trial.trial_id, result, trial.config)
 
     def debug_string(self) -> str:
         sizes = ", ".join(f"{r:g}: {len(self.recorded[r])}" for r in self.rungs)
@@ -92,9 +95,9 @@ class MultiObjectiveASHA(FIFOScheduler):
         self.__dict__.update(pickle.loads(Path(checkpoint_path).read_bytes()))
 
     # ------------------------------------------------------------------ the rule
-    def _on_result(self, trial_id: str, result: dict) -> str:
+    def _on_result(self, trial_id: str, result: dict, config: dict | None = None) -> str:
         t = result.get(self.time_attr)
-        values = self._values(result)
+        values = self._values(result, config or {})
         if t is None or values is None:
             return TrialScheduler.CONTINUE
         if t >= self.max_t:
@@ -111,10 +114,14 @@ class MultiObjectiveASHA(FIFOScheduler):
             return TrialScheduler.CONTINUE if go_on else TrialScheduler.STOP
         return TrialScheduler.CONTINUE
 
-    def _values(self, result: dict) -> tuple[float, ...] | None:
+    def _values(self, result: dict, config: dict) -> tuple[float, ...] | None:
+        """The objectives at this report; params are the delivered model's (the screen's
+        count in the config), not the dense count a pruning trial reports before its rounds."""
         out = []
         for metric, _ in self.objectives:
             v = result.get(metric)
+            if metric == "nonzero_params" and config.get(SCREENED_KEY) is not None:
+                v = config[SCREENED_KEY]
             if not isinstance(v, (int, float)) or isinstance(v, bool):
                 return None
             out.append(float(v))  # NaN stays: such a trial stops (see goes_on)

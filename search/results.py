@@ -52,6 +52,9 @@ log = logging.getLogger("sparse_search.results")
 
 TRIAL_KEY = "meta/trial_key"  # the config key holding the trial key (the Optuna trial number)
 INITIAL_KEY = "meta/initial"  # set on a trial of search.initial: the entry's label
+# The budget screen's count of the model the trial will deliver (after its pruning rounds):
+# what early stopping compares at a rung, where a pruning trial still reports dense counts.
+SCREENED_KEY = "meta/screened_params"
 TERMINATED, EARLY_STOPPED, ERROR = "TERMINATED", "EARLY_STOPPED", "ERROR"
 # Report keys kept in records and points (the trainable reports more; Ray adds bookkeeping).
 METRIC_KEYS = ("val_accuracy", "val_loss", "test_accuracy", "test_loss", "train_loss",

@@ -39,7 +39,7 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
-from search.results import INITIAL_KEY, TRIAL_KEY, is_final
+from search.results import INITIAL_KEY, SCREENED_KEY, TRIAL_KEY, is_final
 from search.space import Proposer, SearchSpace
 
 log = logging.getLogger("sparse_search.searcher")
@@ -162,7 +162,7 @@ class ProposerSearcher(Searcher):
         self._started[trial_id] = time.monotonic()
         self._live[trial_id] = key
         self._issued.add(key)
-        config = {**proposal.config, TRIAL_KEY: key}
+        config = {**proposal.config, TRIAL_KEY: key, SCREENED_KEY: proposal.screened_params}
         if proposal.initial is not None:
             config[INITIAL_KEY] = proposal.initial
         return config

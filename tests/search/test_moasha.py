@@ -53,6 +53,19 @@ def test_a_small_net_is_never_stopped_for_being_less_accurate_than_a_big_one():
     assert s._on_result("big", {"epoch": 9, "val_accuracy": 0.98, "nonzero_params": 4000}) == STOP
 
 
+def test_a_pruning_trial_is_ranked_by_the_size_it_will_deliver():
+    s = make()
+    assert s._on_result("dense", {"epoch": 1, "val_accuracy": 0.9, "nonzero_params": 2000},
+                        {"meta/screened_params": 2000}) == CONTINUE
+    # it reports 4,000 dense params at its first rung, and will deliver 1,000 after pruning:
+    # less accurate than "dense" but smaller, so on the rung's front
+    report = {"epoch": 1, "val_accuracy": 0.8, "nonzero_params": 4000}
+    assert s._on_result("ticket", report, {"meta/screened_params": 1000}) == CONTINUE
+    assert s.recorded[1]["ticket"] == (0.8, 1000.0)
+    # by its dense count it would have been dominated and stopped
+    assert s._on_result("ticket-2", report) == STOP
+
+
 def test_dominated_trials_keep_the_top_share_of_the_order():
     s = make()
     front = [(0.9, 1000.0)]

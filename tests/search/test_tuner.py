@@ -343,3 +343,21 @@ def test_raylet_error_messages_go_to_stderr_not_stdout(capsys):
     out, err = capsys.readouterr()
     assert "A worker died" in err and "A worker died" not in out
     assert "a trial's print" in out  # everything else keeps its stream
+
+
+def test_a_search_with_multi_objective_asha_ends_complete(local_ray, tmp_path):
+    spec = _spec(tmp_path, MIXED_SPEC.replace("scheduler: asha", "scheduler: moasha"))
+    assert make_scheduler(spec).__class__.__name__ == "MultiObjectiveASHA"
+    out = run_search(spec, storage_dir=tmp_path / "runs", mlflow=False, progress=False)
+    assert out.complete
+    rows = {r["trial_key"]: r for r in _rows(out.run_dir)}
+    assert len(rows) == 6 and [r["status"] for r in rows.values()].count(ERROR) == 1
+    stopped = {k for k, r in rows.items() if r["status"] == EARLY_STOPPED}
+    front = {p["trial_key"] for p in out.summary["front"]}
+    assert front and not front & stopped
+    # a trial the rule stopped was beaten at its rung by one no bigger: the smallest size
+    # always has a trial that went on
+    sizes = {k: int(r["nonzero_params"]) for k, r in rows.items() if r["status"] != ERROR}
+    smallest = {k for k, v in sizes.items() if v == min(sizes.values())}
+    assert smallest - stopped
+    assert "meta/screened_params" not in rows["0"]  # bookkeeping stays out of the tables
