@@ -523,7 +523,11 @@ def test_ui_serves_and_prints_the_runs_list(mlflow_server, tmp_path):
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
         assert proc.wait(timeout=60) == 0
         with socket.socket() as s:
-            s.bind(("127.0.0.1", port))  # the server went with it
+            # the server went with it: nothing listens there. SO_REUSEADDR, because the health
+            # check's connection may linger in TIME_WAIT on that port (Linux still refuses the
+            # bind while a socket listens on it)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
