@@ -322,8 +322,7 @@ class SearchSpec:
             "data": {f.name: getattr(self.data, f.name) for f in fields(self.data)},
             "objectives": {o.metric: o.mode for o in self.objectives},
             "constraints": _section_dict(self.constraints),
-            "search": {**_section_dict(self.search),
-                       "initial": [p.to_dict() for p in self.search.initial]},
+            "search": _section_dict(self.search),
             "resources": _section_dict(self.resources),
             "train": {k: _plain(v) for k, v in self.train.items()},
             "space": _section_dict(self.space),
@@ -358,8 +357,9 @@ def _searched_dict(d: Mapping[str, Any]) -> bool:
 
 
 def _plain(v: Any) -> Any:
-    """Searched values, dataclasses and tuples as plain YAML data."""
-    if is_searched(v):
+    """Searched values, dataclasses and tuples as plain YAML data (a class with its own
+    ``to_dict``, a searched value or an initial point, says how it is written)."""
+    if is_searched(v) or isinstance(v, InitialPoint):
         return v.to_dict()
     if dataclasses.is_dataclass(v) and not isinstance(v, type):
         return _section_dict(v)
