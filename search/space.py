@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import math
+import random
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -38,6 +39,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
+from search import bands
 from search.spec import (
     AGGREGATING_BLOCKS,
     Choice,
@@ -141,7 +143,7 @@ class SearchSpace:
         arch_kw = self._suggest_arch(trial)
         train_kw = self._suggest_train(trial)
         fill = self.spec.search.fill_budget
-        fraction = _suggest(trial, "fill_fraction", fill.fraction) if fill is not None else None
+        fraction = _suggest(trial, FILL_FRACTION, fill.fraction) if fill is not None else None
         try:
             train = TrainConfig(**train_kw)
             arch = ArchConfig(**arch_kw)
@@ -273,7 +275,7 @@ class SearchSpace:
                     f"{where}: the network takes {_shape(shape)} inputs in "
                     f"{arch.num_classes} classes, the data has {_shape(self.input_shape)} "
                     f"images in {self.num_classes}")
-            clash = [k for k in point.params if not k.startswith("train/") and k != "fill_fraction"]
+            clash = [k for k in point.params if not k.startswith("train/") and k != FILL_FRACTION]
             if clash:
                 raise SpecError(f"{where}: {clash[0]} is given beside arch: give a whole "
                                 "network or its parameters, not both")
@@ -283,9 +285,9 @@ class SearchSpace:
         fill = self.spec.search.fill_budget
         fraction = None
         if fill is not None:
-            if arch is not None and "fill_fraction" not in point.params:
+            if arch is not None and FILL_FRACTION not in point.params:
                 trial.fill = self._fill_fraction_for(arch, fill.fraction)
-            fraction = _suggest(trial, "fill_fraction", fill.fraction)
+            fraction = _suggest(trial, FILL_FRACTION, fill.fraction)
         unused = [k for k in point.params if k not in trial.asked]
         if unused:
             raise SpecError(
@@ -311,7 +313,7 @@ class SearchSpace:
             raise SpecError(f"{where}: the network is over budget: " + "; ".join(
                 f"{v:+,.0f} {limits[k]} over constraints.{k}" for k, v in over.items())
                 + " (pruning rounds, if the point sets train/prune_rounds, are counted)")
-        if fraction is not None and "fill_fraction" not in point.params:
+        if fraction is not None and FILL_FRACTION not in point.params:
             assert self.spec.constraints.max_params is not None
             filled = self._fill(built, train, fraction * self.spec.constraints.max_params)
             if filled != built:
@@ -426,9 +428,9 @@ class _FixedTrial:
         self.asked.append(name)
         if name in self.given:
             return self.given[name]
-        if name == "fill_fraction" and self.fill is not None:
+        if name == FILL_FRACTION and self.fill is not None:
             return self.fill
-        if self.arch is not None and not name.startswith("train/") and name != "fill_fraction":
+        if self.arch is not None and not name.startswith("train/") and name != FILL_FRACTION:
             return _arch_value(self.arch, name)
         return _UNSET
 
@@ -639,6 +641,7 @@ class Proposer:
         self.space = space
         self.objectives = space.spec.objectives
         self.max_rejects = max_rejects
+        self.seed = seed
         self.rejected = 0  # infeasible proposals told to Optuna by this proposer
         self.duplicates = 0  # proposals equal to an earlier trial's config, never trained twice
         # Optuna logs every study and trial at INFO; a search tells hundreds of rejected ones.
@@ -661,6 +664,7 @@ class Proposer:
         """The next feasible proposal and its Optuna trial number."""
         streak: list[Proposal] = []
         while True:
+            self._queue_band()
             trial = self.study.ask()
             proposal = self.space.sample(trial)
             for key, value in self.space.constraint_values(proposal).items():
@@ -684,6 +688,24 @@ class Proposer:
             streak.append(proposal)
             if len(streak) >= self.max_rejects:
                 raise SpecError(self._too_many_rejects(streak))
+
+    def _queue_band(self) -> None:
+        """With ``fill_budget.bands`` > 1 and nothing queued (initial points go first): queue
+        a fill fraction inside the band with the fewest trials handed out so far."""
+        fill = self.space.spec.search.fill_budget
+        if fill is None or fill.bands <= 1:
+            return
+        trials = self.study.get_trials(deepcopy=False)
+        if any(t.state == TrialState.WAITING for t in trials):
+            return
+        cuts = bands.edges(fill.fraction, fill.bands)
+        handed = [t.params[FILL_FRACTION] for t in trials
+                  if CONFIG_KEY in t.user_attrs and FILL_FRACTION in t.params]
+        # The band depends on the trials handed out only (a rejected proposal's retry stays
+        # in its band); the value inside it on every trial asked (a retry draws a new one).
+        band = bands.pick(bands.counts(handed, cuts), random.Random(f"{self.seed}/{len(handed)}"))
+        value = bands.draw(fill.fraction, cuts, band, random.Random(f"{self.seed}/{len(trials)}"))
+        self.study.enqueue_trial({FILL_FRACTION: value}, user_attrs={BAND: band})
 
     def _retry_initial(self, trial: optuna.Trial) -> None:
         """An initial point whose open values came out over budget is asked again (with fresh
@@ -770,6 +792,8 @@ CONFIG_KEY = "config_key"  # Optuna user attr: the proposal's config_key, set wh
 INITIAL = "initial"  # Optuna user attr of an enqueued search.initial point: its label
 INITIAL_TRY = "initial_try"  # ... and which attempt at it (its open values were over budget)
 INITIAL_TRIES = 20
+BAND = "band"  # Optuna user attr: the fill_budget band a trial's fill fraction was drawn in
+FILL_FRACTION = "fill_fraction"  # the Optuna param that fill_budget searches
 
 
 def config_key(config: Mapping[str, Any]) -> str:

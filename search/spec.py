@@ -16,7 +16,7 @@ optional except ``data``; omitted values take the defaults shown here::
       max_failures: 0                 # retries of a crashed trial (Ray's FailureConfig)
       max_rejects: 1000               # over-budget proposals in a row before giving up
       early_stopping: null            # or {scheduler: moasha | asha, grace_epochs: 1, reduction_factor: 3}
-      fill_budget: null               # or {fraction: 0.9} / {fraction: {float: [0.3, 1.0]}}
+      fill_budget: null               # or {fraction: 0.9} / {fraction: {float: [0.3, 1.0]}, bands: 4}
       time_budget: null               # or 45m, 2h, 3600: no trial starts that would end later
       initial: []                     # trained first: arch files, {arch: ..., train/lr: ...}, params
     resources: {cpu: 1, gpu: 0}       # per trial; fractions allowed (gpu: 0.25)
@@ -200,6 +200,10 @@ class FillBudget:
     """Scale every width of a sampled shape so its params land at ``fraction`` of max_params."""
 
     fraction: Any = 0.9  # fixed in (0, 1] or searched ({float: [lo, hi]} / {choice: [...]})
+    # > 1: split a searched {float: [lo, hi]} fraction into this many equal bands (equal in
+    # log space when log: true) and give each trial the band with the fewest trials so far,
+    # so every size range of the front gets its share of trials whatever the sampler favours.
+    bands: int = 1
 
 
 @dataclass(frozen=True)
@@ -587,12 +591,20 @@ def _search_settings(r: _Reader, d: Any) -> SearchSettings:
             "reduction_factor": lambda v: None if _is_number(v) and v > 1 else "a number > 1",
         })
     if fill is not None:
-        fd = r.mapping(fill, "search.fill_budget", ["fraction"])
+        fd = r.mapping(fill, "search.fill_budget", ["fraction", "bands"])
         if "fraction" in fd:
             frac = _dim(r, fd["fraction"], "search.fill_budget.fraction", "float",
                         lambda v: None if _is_number(v) and 0 < v <= 1 else "a number in (0, 1]")
             fd["fraction"] = frac
+        if "bands" in fd:
+            allowed = _int_check(1)(fd["bands"])
+            if allowed is not None:
+                r.invalid("search.fill_budget.bands", fd["bands"], allowed)
         fill = FillBudget(**fd)
+        if fill.bands > 1 and not isinstance(fill.fraction, FloatRange):
+            r.fail("search.fill_budget.bands", f"={fill.bands} needs a searched fraction to split "
+                   f"({{float: [lo, hi]}}), but fraction is {_plain(fill.fraction)!r}: drop bands "
+                   "or search the fraction")
     return dataclasses.replace(plain, early_stopping=early, fill_budget=fill, initial=initial)
 
 

@@ -104,6 +104,7 @@ def test_valid_spec_parses_into_typed_sections(tmp_path):
     assert spec.data == DataConfig(name="digits", val_fraction=0.2)
     assert spec.directions == ["maximize", "minimize", "minimize"]
     assert spec.search.fill_budget.fraction == FloatRange(0.5, 1.0)
+    assert spec.search.fill_budget.bands == 1  # no bands unless asked for
     assert spec.search.early_stopping.reduction_factor == 2
     assert spec.resources.cpu == 0.5 and spec.resources.gpu == 0.0
     assert spec.train["lr"] == FloatRange(0.001, 0.1, log=True)
@@ -253,6 +254,14 @@ BAD = [
      ["search.early_stopping.scheduler='pbt'", "one of asha"]),
     (_with("search.fill_budget", {"fraction": 1.5}),
      ["search.fill_budget.fraction=1.5", "(0, 1]"]),
+    (_with("search.fill_budget", {"fraction": {"float": [0.2, 1.0]}, "bands": 0}),
+     ["search.fill_budget.bands=0", "an integer >= 1"]),
+    (_with("search.fill_budget", {"fraction": 0.9, "bands": 4}),
+     ["search.fill_budget.bands=4", "needs a searched fraction", "fraction is 0.9"]),
+    (_with("search.fill_budget", {"fraction": {"choice": [0.5, 1.0]}, "bands": 2}),
+     ["search.fill_budget.bands=2", "{float: [lo, hi]}", "{'choice': [0.5, 1.0]}"]),
+    (_with("search.fill_budget", {"fraction": {"float": [0.2, 1.0]}, "band": 4}),
+     ["search.fill_budget.band is not a known key", "did you mean 'bands'?"]),
     (_with("resources.cpu", 0), ["resources.cpu=0", "a number > 0"]),
     (_with("resources.gpu", -1), ["resources.gpu=-1", "a number >= 0"]),
     (_with("name", ""), ["name=''", "a non-empty string"]),
