@@ -9,6 +9,9 @@ each trial is given the band with the fewest trials so far (ties: the one drawn 
 seeded generator) and a fraction drawn uniformly inside it; the sampler still picks
 everything else (shape, wiring, learning rate), and learns from every trial as before.
 
+On that space, 11-12 of 24 trials ran above 1,730 params with 4 bands, against 6 of 23
+without, and the search found 99.3-99.5%-test nets under 5,000 params (docs/results.md).
+
 Counts come from the study itself (trials handed out, initial points included), so a
 resumed search goes on balancing where it stopped.
 """

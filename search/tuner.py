@@ -110,6 +110,20 @@ class _DropStaleCheckpoint(logging.Filter):
                     and isinstance(exc, FileNotFoundError))
 
 
+class _DropSyncRace(logging.Filter):
+    """Ray writes each experiment snapshot into its driver staging dir (temporary files, then
+    renamed) while the previous snapshot's copy to the run dir may still be listing that dir;
+    a temporary file renamed between the listing and the copy makes the copy fail with a
+    FileNotFoundError, logged with a traceback (seen once in a CI rehearsal: ``.<uuid>-tmp-
+    searcher-state-*.pkl``). Nothing is lost: the next snapshot copies again, and the last one
+    is copied after the trials end, when nothing writes. Drop exactly that record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (str(record.msg).startswith("Saving experiment state to storage")
+                    and isinstance(exc, FileNotFoundError) and "tmp-" in str(exc))
+
+
 @dataclass(frozen=True)
 class SearchOutcome:
     """What a finished (or interrupted) search returns; ``summary`` is the --json object."""
@@ -144,7 +158,8 @@ def quiet_logging() -> None:
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     for name, kind in (("ray.tune.tune", _DropIncomplete),
-                       ("ray.tune.execution.tune_controller", _DropStaleCheckpoint)):
+                       ("ray.tune.execution.tune_controller", _DropStaleCheckpoint),
+                       ("ray.tune.execution.experiment_state", _DropSyncRace)):
         logger = logging.getLogger(name)
         if not any(isinstance(f, kind) for f in logger.filters):
             logger.addFilter(kind())

@@ -345,6 +345,32 @@ def test_raylet_error_messages_go_to_stderr_not_stdout(capsys):
     assert "a trial's print" in out  # everything else keeps its stream
 
 
+def test_a_snapshot_copy_racing_a_temporary_file_is_not_reported():
+    import logging
+
+    from search.tuner import quiet_logging
+
+    quiet_logging()
+    logger = logging.getLogger("ray.tune.execution.experiment_state")
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    try:
+        for name in (".bd13-tmp-searcher-state-2026.pkl", "experiment_state-2026.json"):
+            try:  # what pyarrow raises when the listed file is gone by the copy
+                raise FileNotFoundError(2, f"Failed to open local file '/tmp/ray/s/{name}'")
+            except FileNotFoundError:
+                logger.error("Saving experiment state to storage at '/runs/x' failed with "
+                             "exception: ", exc_info=True)
+        logger.error("Saving experiment state to storage at '/runs/x' failed with exception: ")
+    finally:
+        logger.removeHandler(handler)
+    # only the temporary file's race is dropped: a real file missing, or no exception, stays
+    assert len(seen) == 2
+    assert "experiment_state-2026.json" in str(seen[0].exc_info[1]) and seen[1].exc_info is None
+
+
 def test_a_search_with_multi_objective_asha_ends_complete(local_ray, tmp_path):
     spec = _spec(tmp_path, MIXED_SPEC.replace("scheduler: asha", "scheduler: moasha"))
     assert make_scheduler(spec).__class__.__name__ == "MultiObjectiveASHA"
