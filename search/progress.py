@@ -84,12 +84,15 @@ def front_table(front: Sequence[Mapping[str, Any]]) -> str:
     if not front:
         return "Pareto front: empty (no trial finished within the budget)"
     rounds = any(p.get("prune_round") for p in front)
-    head = f"{'nonzero_params':>14}  {'val_acc':>7}  {'test_acc':>8}  {'trial':>5}"
+    # val_acc +- its standard error: front neighbours closer than about two of these are
+    # ranked by the validation split's noise, not told apart.
+    head = f"{'nonzero_params':>14}  {'val_acc':>7} {'+-se':>6}  {'test_acc':>8}  {'trial':>5}"
     head += f"  {'round':>5}" if rounds else ""
     lines = [f"Pareto front ({len(front)}):", head + "  arch"]
     for p in front:
         trial = f"{p['trial_key']}{'*' if p.get('initial') else ''}"
         row = (f"{_fmt(p.get('nonzero_params'), ',d'):>14}  {_fmt(p.get('val_accuracy'), '.4f'):>7}"
+               f" {_fmt(p.get('val_accuracy_se'), '.4f'):>6}"
                f"  {_fmt(p.get('test_accuracy'), '.4f'):>8}  {trial:>5}")
         row += f"  {p.get('prune_round', 0):>5}" if rounds else ""
         lines.append(row + f"  {p['arch']}")
@@ -128,6 +131,7 @@ def summary(*, run_dir: str, recorder: Recorder, rejected: int, complete: bool,
              "nonzero_params": _json_number(p.get("nonzero_params")),
              "macs": _json_number(p.get("macs")),
              "val_accuracy": _json_number(p.get("val_accuracy")),
+             "val_accuracy_se": _json_number(p.get("val_accuracy_se")),
              "test_accuracy": _json_number(p.get("test_accuracy")),
              "arch": p["arch"], "model": p.get("model")}
             for p in recorder.front

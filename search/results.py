@@ -57,17 +57,18 @@ INITIAL_KEY = "meta/initial"  # set on a trial of search.initial: the entry's la
 SCREENED_KEY = "meta/screened_params"
 TERMINATED, EARLY_STOPPED, ERROR = "TERMINATED", "EARLY_STOPPED", "ERROR"
 # Report keys kept in records and points (the trainable reports more; Ray adds bookkeeping).
-METRIC_KEYS = ("val_accuracy", "val_loss", "test_accuracy", "test_loss", "train_loss",
-               "nonzero_params", "macs", "nonzero_macs", "epoch", "prune_round", "fidelity",
-               "train_seconds")
+# val_accuracy_se: the binomial standard error of val_accuracy (what the split can tell apart).
+METRIC_KEYS = ("val_accuracy", "val_accuracy_se", "val_loss", "test_accuracy", "test_loss",
+               "train_loss", "nonzero_params", "macs", "nonzero_macs", "epoch", "prune_round",
+               "fidelity", "train_seconds")
 RESULT_COLUMNS = ("trial_key", "trial_id", "status", "error", "arch", "nonzero_params", "macs",
-                  "val_accuracy", "val_loss", "test_accuracy", "train_seconds", "epochs",
-                  "prune_round", "fidelity", "initial")
+                  "val_accuracy", "val_accuracy_se", "val_loss", "test_accuracy", "train_seconds",
+                  "epochs", "prune_round", "fidelity", "initial")
 POINT_COLUMNS = ("trial_key", "trial_id", "prune_round", "epoch", "nonzero_params", "macs",
-                 "val_accuracy", "val_loss", "test_accuracy", "eligible", "on_front", "model",
-                 "arch")
+                 "val_accuracy", "val_accuracy_se", "val_loss", "test_accuracy", "eligible",
+                 "on_front", "model", "arch")
 PARETO_COLUMNS = ("trial_key", "trial_id", "prune_round", "nonzero_params", "macs",
-                  "val_accuracy", "test_accuracy", "model", "arch", "initial")
+                  "val_accuracy", "val_accuracy_se", "test_accuracy", "model", "arch", "initial")
 
 
 def trial_key(trial: Trial) -> str:
@@ -294,7 +295,8 @@ class Recorder(Callback):
             model = f"{self.run.trials.name}/{key}/{_round_model(r)}"
         return {"prune_round": r, "epoch": rep.get("epoch"),
                 "nonzero_params": rep.get("nonzero_params"), "macs": rep.get("macs"),
-                "val_accuracy": rep.get("val_accuracy"), "val_loss": rep.get("val_loss"),
+                "val_accuracy": rep.get("val_accuracy"),
+                "val_accuracy_se": rep.get("val_accuracy_se"), "val_loss": rep.get("val_loss"),
                 "test_accuracy": rep.get("test_accuracy"), "model": model}
 
     def _save(self, trial: Trial, key: str, *, status: str, error: str | None,

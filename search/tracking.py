@@ -653,8 +653,8 @@ class SearchTracker:
             rows.append({
                 "trial_key": key,
                 "pareto_rank": int(rec["pareto_rank"]),
-                **{c: rec[c] for c in ("val_accuracy", "test_accuracy", "nonzero_params", "macs",
-                                       *self.objectives) if c in rec},
+                **{c: rec[c] for c in ("val_accuracy", "val_accuracy_se", "test_accuracy",
+                                       "nonzero_params", "macs", *self.objectives) if c in rec},
                 "arch": self._names.get(key) or str(rec.get("arch", key)),
                 "run_id": run_id,
                 "url": run_url(self.ui_url, self.experiment_id, run_id) if run_id else "",
@@ -886,8 +886,8 @@ def front_from_store(tracking_uri: str, experiment: str | None = None) -> dict[s
         "run_id": r.info.run_id,
         "trial_key": r.data.tags.get(TAG_TRIAL_KEY),
         "arch": r.info.run_name,
-        **{k: r.data.metrics.get(k) for k in ("val_accuracy", "test_accuracy", "nonzero_params",
-                                               "macs")},
+        **{k: r.data.metrics.get(k) for k in ("val_accuracy", "val_accuracy_se", "test_accuracy",
+                                               "nonzero_params", "macs")},
         "status": r.info.status,
         "url": run_url(base, eid, r.info.run_id),
     } for r in runs]
@@ -901,9 +901,11 @@ def format_front(report: Mapping[str, Any]) -> str:
     """The `sparse-search pareto` table."""
     lines = [f"search {report['search']} ({report['status']}), parent run {report['parent_run_id']}",
              f"{len(report['front'])} on the Pareto front; runs: {report['runs_url']}",
-             f"{'val_acc':>8} {'test_acc':>8} {'params':>10} {'macs':>12}  {'run_id':32}  arch"]
+             f"{'val_acc':>8} {'+-se':>6} {'test_acc':>8} {'params':>10} {'macs':>12}  "
+             f"{'run_id':32}  arch"]
     for f in report["front"]:
-        lines.append(f"{_num(f['val_accuracy'], '.4f'):>8} {_num(f['test_accuracy'], '.4f'):>8} "
+        se = _num(f.get("val_accuracy_se"), ".4f")
+        lines.append(f"{_num(f['val_accuracy'], '.4f'):>8} {se:>6} {_num(f['test_accuracy'], '.4f'):>8} "
                      f"{_num(f['nonzero_params'], ',.0f'):>10} {_num(f['macs'], ',.0f'):>12}  "
                      f"{f['run_id']:32}  {f['arch']}")
     return "\n".join(lines)

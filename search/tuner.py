@@ -498,8 +498,8 @@ def trial_name(trial: Trial) -> str:
 def _tracker_rows(recorder: Recorder) -> Any:
     import pandas as pd
 
-    cols = ["trial_key", "val_accuracy", "val_loss", "test_accuracy", "nonzero_params", "macs",
-            "arch", "prune_round"]
+    cols = ["trial_key", "val_accuracy", "val_accuracy_se", "val_loss", "test_accuracy",
+            "nonzero_params", "macs", "arch", "prune_round"]
     return pd.DataFrame([{c: p.get(c, math.nan) for c in cols} for p in recorder.df_rows()],
                         columns=cols)
 

@@ -57,6 +57,10 @@ def test_run_json_front_table_and_mlflow(tmp_path):
                           "test_accuracy", "arch"}
         row = rows[p["trial_key"]]
         assert (row["trial_id"], int(row["nonzero_params"])) == (p["trial_id"], p["nonzero_params"])
+        # +- its standard error on the validation split, in the JSON, results.csv and the table
+        assert 0 <= p["val_accuracy_se"] < 0.5
+        assert float(row["val_accuracy_se"]) == p["val_accuracy_se"]
+        assert f"{p['val_accuracy']:.4f} {p['val_accuracy_se']:>6.4f}" in done.stdout
         assert p["arch"] in done.stdout  # listed in the table too
     # MLflow: one finished parent, one finished child per trial, keyed like results.csv.
     client = MlflowClient(f"sqlite:///{db}")
@@ -70,6 +74,14 @@ def test_run_json_front_table_and_mlflow(tmp_path):
     front_tags = {c.data.tags["sparse_search.trial_key"] for c in children
                   if c.data.tags.get("on_front") == "true"}
     assert front_tags == {p["trial_key"] for p in summary["front"]}
+    logged = client.download_artifacts(parents[0].info.run_id, "pareto.csv", str(tmp_path))
+    with open(logged) as f:
+        se = {r["trial_key"]: float(r["val_accuracy_se"]) for r in csv.DictReader(f)}
+    assert se == {p["trial_key"]: p["val_accuracy_se"] for p in summary["front"]}
+    shown = _cli("pareto", "--tracking-uri", f"sqlite:///{db}", cwd=tmp_path)  # from the store
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    assert all(f"{p['val_accuracy']:.4f} {p['val_accuracy_se']:>6.4f}" in shown.stdout
+               for p in summary["front"])
 
 
 def test_dry_run_samples_without_training(tmp_path):

@@ -7,9 +7,10 @@ directory holding ``state.pt`` (model, optimizer, RNG, progress, rewind snapshot
 resume exactly), ``model.pt`` (a plain state_dict with pruning folded in: it loads into
 ``build_model(arch)``) and ``arch.yaml``. A restarted trial resumes from the latest checkpoint.
 
-Metrics per epoch: val_accuracy, val_loss, train_loss, train_accuracy, nonzero_params, macs,
-nonzero_macs, epoch, fidelity, prune_round, lr, epoch_seconds, train_seconds, done (True only
-on the last report, which adds test_accuracy and test_loss).
+Metrics per epoch: val_accuracy, val_accuracy_se (its binomial standard error), val_loss,
+train_loss, train_accuracy, nonzero_params, macs, nonzero_macs, epoch, fidelity, prune_round, lr,
+epoch_seconds, train_seconds, done (True only on the last report, which adds test_accuracy and
+test_loss).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from trainables.train import (
     TrainConfigError,
     TrainingDiverged,
     _Batcher,
+    accuracy_se,
     fit,
     fold_pruning,
     lr_factor,
@@ -127,6 +128,13 @@ def test_crop_is_a_zero_padded_shifted_window_and_flip_mirrors() -> None:
 
 
 # ---------------------------------------------------------------------------- fit
+def test_accuracy_se_is_the_binomial_standard_error() -> None:
+    assert accuracy_se(0.976, 6000) == pytest.approx(0.0019759, abs=1e-7)
+    assert accuracy_se(0.5, 100) == pytest.approx(0.05)
+    assert accuracy_se(1.0, 500) == 0.0 and accuracy_se(0.0, 500) == 0.0
+    assert math.isnan(accuracy_se(0.9, 0)) and math.isnan(accuracy_se(math.nan, 10))
+
+
 def test_fit_learns_and_reports_every_epoch(digits: Splits) -> None:
     reports, _, on_epoch = _record()
     result = fit(_model(), digits, FAST.replace(epochs=4), on_epoch=on_epoch)
@@ -136,6 +144,8 @@ def test_fit_learns_and_reports_every_epoch(digits: Splits) -> None:
     assert "test_accuracy" in reports[-1] and "test_accuracy" not in reports[0]
     assert result.metrics == reports[-1]
     assert result.metrics["val_accuracy"] > 0.8 and result.metrics["test_accuracy"] > 0.8
+    n_val = len(digits.y_val)
+    assert all(r["val_accuracy_se"] == accuracy_se(r["val_accuracy"], n_val) for r in reports)
     assert reports[-1]["train_loss"] < reports[0]["train_loss"]
     assert result.metrics["nonzero_params"] < sum(p.numel() for p in _model().parameters())
     assert result.summary()["epochs"] == 4
