@@ -254,7 +254,6 @@ def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-@torch.inference_mode()
 def accuracy_se(accuracy: float, n: int) -> float:
     """Binomial standard error of an accuracy measured on ``n`` images: sqrt(a (1 - a) / n).
 
@@ -265,6 +264,7 @@ def accuracy_se(accuracy: float, n: int) -> float:
     return math.sqrt(max(accuracy * (1.0 - accuracy), 0.0) / n)
 
 
+@torch.inference_mode()
 def evaluate(
     model: nn.Module,
     x: Tensor,
