@@ -10,6 +10,9 @@ Layout (``--storage DIR``, default ``./runs``)::
       points.csv         every completed pruning round of every trial (when rounds give several)
       pareto.csv         the front over eligible points
       trials/<key>/      result.json, arch.yaml, model.pt (state_dict), layers.json
+      outcome.json       how the last driver of this run dir ended: ``complete`` (every trial
+                         the spec asked for finished), ``stopped_by``, ``ended_at``; absent
+                         while the first driver runs or after it died (SIGKILL)
 
 ``<key>`` is the trial key: the Optuna trial number, the same before and after a resume.
 Every file is replaced atomically (write a sibling, then ``os.replace``): a driver killed at
@@ -40,6 +43,7 @@ RESULT_JSON = "result.json"
 ARCH_YAML = "arch.yaml"
 MODEL_FILE = "model.pt"
 LAYERS_JSON = "layers.json"
+OUTCOME_FILE = "outcome.json"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -80,6 +84,10 @@ class RunDir:
 
     def trial(self, key: str) -> Path:
         return self.trials / key
+
+    @property
+    def outcome(self) -> Path:
+        return self.path / OUTCOME_FILE
 
     @classmethod
     def create(cls, storage: str | Path, name: str, *, now: dt.datetime | None = None) -> RunDir:
@@ -129,6 +137,23 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_outcome(run_dir: str | Path, *, complete: bool, stopped_by: str | None) -> None:
+    """Record how this driver ended (``sync`` reads it: a complete search's parent run is
+    FINISHED, not KILLED, even when MLflow missed the end)."""
+    write_json(Path(run_dir) / OUTCOME_FILE, {
+        "complete": bool(complete), "stopped_by": stopped_by,
+        "ended_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+
+
+def read_outcome(run_dir: str | Path) -> dict[str, Any] | None:
+    """outcome.json as a dict, or None when absent or unreadable (the driver died)."""
+    try:
+        data = json.loads((Path(run_dir) / OUTCOME_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def write_json(path: Path, obj: Any) -> None:
