@@ -7,13 +7,19 @@ test. Formats:
 
 - ``digits``: scikit-learn's embedded 8x8 digits (no files; 0-16 scaled to 0-255), test carved
   with a constant seed (20 %);
-- ``mnist`` / ``fashion-mnist`` / ``cifar10`` / ``cifar100``: a Keras-layout ``.npz`` (keys
-  ``x_train, y_train, x_test, y_test``; images ``(N, H, W)`` or ``(N, H, W, C)``) or torchvision's
-  on-disk layout under a root dir (``MNIST/raw/*-idx?-ubyte``, ``cifar-10-batches-py/``, ...);
+- ``mnist`` / ``fashion-mnist`` / ``cifar10`` / ``cifar100``: by name (``path=None``) from the
+  dataset cache (:mod:`trainables.data_cache`: ``<cache>/<name>.npz``, fetched with torchvision
+  on first use; ``sparse-search data import`` fills it offline), or from ``path``: a Keras-layout
+  ``.npz`` (keys ``x_train, y_train, x_test, y_test``; images ``(N, H, W)`` or ``(N, H, W, C)``)
+  or torchvision's on-disk layout under a root dir (``MNIST/raw/*-idx?-ubyte``,
+  ``cifar-10-batches-py/``, ...);
 - ``imagefolder``: ``<root>/train/<class>/*.jpg`` and ``<root>/test/<class>/*.jpg`` (the Intel
   scenes layout), resized to ``image_size`` and decoded once.
 
-Nothing is cached across calls: loading MNIST from an npz takes well under a second.
+:func:`probe_dataset` checks that the data is there and has the right shape from headers alone
+(milliseconds, no pixels read); :func:`fixed_shape` gives (input shape, classes) known without
+any data. Nothing is cached in memory across calls: loading MNIST from an npz takes well under
+a second.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import dataclasses
 import os
 import pickle
 import warnings
+import zipfile
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
@@ -32,7 +39,7 @@ from urllib.error import URLError
 import numpy as np
 import torch
 
-from trainables import flat
+from trainables import data_cache, flat
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder")
 FLAT_PREFIX = "data"
@@ -77,13 +84,18 @@ class DataConfig:
     """Which dataset, where it lives and how it is split. Flat keys ``data/<field>``."""
 
     name: str = "digits"  # digits | mnist | fashion-mnist | cifar10 | cifar100 | imagefolder
-    path: str | None = None  # an .npz file, a torchvision root dir or an image-folder root; None for digits
+    # An .npz file, a torchvision root dir or an image-folder root. None: digits (embedded) or,
+    # for the four fixed datasets, <cache>/<name>.npz (fetched on first use). imagefolder needs it.
+    path: str | None = None
     val_fraction: float = 0.1  # share of the (subset of) TRAIN held out for validation, stratified
     subset: int | None = None  # images drawn from TRAIN for train+val (stratified); None: all
     test_subset: int | None = None  # images drawn from TEST (stratified); None: all
     image_size: int | None = None  # imagefolder only (required there): resize to image_size^2 pixels
     seed: int = 0  # seeds the val carve and the subsets (not the digits test carve)
-    download: bool = False  # let torchvision fetch mnist/fashion-mnist/cifar into `path`
+    download: bool = False  # with a path: let torchvision fetch mnist/fashion-mnist/cifar into it
+    # imagefolder: the class count a dry run uses when the folder is absent; checked against the
+    # folder's class folders when it is present. Fixed datasets: must equal theirs when set.
+    num_classes: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -93,11 +105,9 @@ class DataConfig:
             raise DataError(f"data.name={self.name!r} is invalid: expected one of {', '.join(DATASETS)}")
         if self.path is not None and not isinstance(self.path, str):
             raise DataError(f"data.path={self.path!r} is invalid: expected a path string or null")
-        if self.name != "digits" and self.path is None:
-            raise DataError(
-                f"data.path=None is invalid for data.name={self.name!r}: expected an .npz file, "
-                "a torchvision root dir (with download to fetch it) or an image-folder root"
-            )
+        if self.name == "imagefolder" and self.path is None:
+            raise DataError("data.path=None is invalid for data.name='imagefolder': expected an "
+                            "image-folder root (train/<class>/*.jpg, test/<class>/*.jpg)")
         vf = self.val_fraction
         if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0.0 < vf < 1.0:
             raise DataError(f"data.val_fraction={vf!r} is invalid: expected a number in (0, 1)")
@@ -108,6 +118,13 @@ class DataConfig:
         if self.name == "imagefolder" and self.image_size is None:
             raise DataError("data.image_size=None is invalid for imagefolder: expected the side "
                             "in pixels every image is resized to (e.g. 64)")
+        k = self.num_classes
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 2):
+            raise DataError(f"data.num_classes={k!r} is invalid: expected an integer >= 2 or null")
+        known = _fixed_classes(self.name)
+        if k is not None and known is not None and k != known:
+            raise DataError(f"data.num_classes={k!r} is invalid for data.name={self.name!r}: "
+                            f"expected {known} (or null)")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise DataError(f"data.seed={self.seed!r} is invalid: expected an integer >= 0")
         if not isinstance(self.download, bool):
@@ -169,6 +186,12 @@ def _rebuild_splits(state: dict[str, Any]) -> Splits:
     return Splits(**{**state, **tensors})
 
 
+def _fixed_classes(name: str) -> int | None:
+    if name == "digits":
+        return len(_MNIST_NAMES)
+    return len(_KNOWN[name][1]) if name in _KNOWN else None
+
+
 # ---------------------------------------------------------------------------- entry point
 def load_dataset(cfg: DataConfig) -> Splits:
     """Load, validate, split (stratified val from TRAIN) and subset one dataset."""
@@ -180,16 +203,14 @@ def load_dataset(cfg: DataConfig) -> Splits:
         where = "sklearn digits"
     elif cfg.name == "imagefolder":
         x_tr, y_tr, x_te, y_te, names = _load_imagefolder(Path(cfg.path), int(cfg.image_size or 0))
+        _check_num_classes(cfg, Path(cfg.path), len(names))
         where = cfg.path
     else:
         x_tr, y_tr, x_te, y_te, names = _load_fixed(cfg)
-        where = cfg.path
+        where = str(_fixed_path(cfg))
     k = len(names)
     for split, yy in (("train", y_tr), ("test", y_te)):
-        if len(yy) and (yy.min() < 0 or yy.max() >= k):
-            bad = int(yy.min()) if yy.min() < 0 else int(yy.max())
-            raise DataError(f"{where}: {split} label {bad} is out of range: expected 0..{k - 1} "
-                            f"for {cfg.name} ({k} classes)")
+        _check_label_range(yy, where, split, cfg.name, k)
 
     pool = np.arange(len(y_tr))
     if cfg.subset is not None:
@@ -212,6 +233,159 @@ def load_dataset(cfg: DataConfig) -> Splits:
         x_test=t(x_te[test_idx]), y_test=t(y_te[test_idx]),
         num_classes=k, class_names=tuple(names), mean=mean, std=std,
     )
+
+
+def _check_label_range(y: np.ndarray, where: str | Path, split: str, name: str, k: int) -> None:
+    if len(y) and (y.min() < 0 or y.max() >= k):
+        bad = int(y.min()) if y.min() < 0 else int(y.max())
+        raise DataError(f"{where}: {split} label {bad} is out of range: expected 0..{k - 1} "
+                        f"for {name} ({k} classes)")
+
+
+def _check_num_classes(cfg: DataConfig, root: Path, found: int) -> None:
+    if cfg.num_classes is not None and cfg.num_classes != found:
+        raise DataError(f"{root / 'train'}: found {found} class folders but "
+                        f"data.num_classes={cfg.num_classes}: expected them to agree")
+
+
+# ---------------------------------------------------------------------------- without loading
+def fixed_shape(cfg: DataConfig) -> tuple[tuple[int, int, int], int] | None:
+    """``((C, H, W), num_classes)`` known without any data, or None (imagefolder without
+    ``num_classes``). For the fixed datasets this is the canonical shape (a custom ``path`` may
+    hold other sizes; :func:`probe_dataset` reads what it holds)."""
+    if cfg.name == "digits":
+        return (1, 8, 8), len(_MNIST_NAMES)
+    if cfg.name in data_cache.SHAPES:
+        return data_cache.SHAPES[cfg.name], len(_KNOWN[cfg.name][1])
+    if cfg.name == "imagefolder" and cfg.num_classes is not None and cfg.image_size is not None:
+        return (3, cfg.image_size, cfg.image_size), cfg.num_classes
+    return None
+
+
+def probe_dataset(cfg: DataConfig) -> tuple[tuple[int, int, int], int]:
+    """``((C, H, W), num_classes)`` after checking the data is present, readable and of the
+    right shape, from headers alone (an npz's .npy headers and its labels, idx headers, one
+    image of a folder): milliseconds even for CIFAR-10. Raises the DataError
+    :func:`load_dataset` would raise. A named dataset missing from the cache is fetched first
+    (offline: the fetch's DataError, in well under 5 s).
+
+    Not seen without loading: corrupt pixel payloads, CIFAR pickles' contents beyond their
+    header byte, images of a folder other than the first.
+    """
+    if cfg.name == "digits":
+        return (1, 8, 8), len(_MNIST_NAMES)
+    if cfg.name == "imagefolder":
+        root = Path(cfg.path)
+        listing, classes = _list_imagefolder(root)
+        for split in ("train", "test"):
+            first = next((p for ps in listing[split].values() for p in ps), None)
+            if first is None:
+                raise DataError(f"{root / split}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+        size = int(cfg.image_size or 0)
+        _decode(next(p for ps in listing["train"].values() for p in ps), size)
+        _check_num_classes(cfg, root, len(classes))
+        return (3, size, size), len(classes)
+    channels, names = _KNOWN[cfg.name]
+    path = _fixed_path(cfg)
+    if path.suffix == ".npz":
+        shape = _probe_npz(path, cfg.name, channels, len(names))
+    elif cfg.name in ("mnist", "fashion-mnist"):
+        shape = _probe_idx(path, cfg)
+    else:
+        shape = _probe_cifar(path, cfg)
+    return shape, len(names)
+
+
+def _probe_npz(path: Path, name: str, channels: int, k: int) -> tuple[int, int, int]:
+    if not path.is_file():
+        raise DataError(_no_npz(path, name))
+    try:
+        headers = data_cache.read_npz_headers(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: not a readable .npz file ({e})") from None
+    _check_keys(path, list(headers))
+    shape: tuple[int, int, int] = (0, 0, 0)
+    for split in ("train", "test"):
+        xs, xdt = headers[f"x_{split}"]
+        ys, ydt = headers[f"y_{split}"]
+        n, shape = _check_image_header(xs, xdt, path, f"x_{split}", channels)
+        m = _check_label_header(ys, ydt, path, f"y_{split}")
+        if n != m:
+            raise DataError(f"{path}: x_{split} has {n} images but y_{split} has {m} "
+                            "labels: expected the same number")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                y = z[f"y_{split}"]  # labels only: N bytes to 8N, never the pixels
+        except (OSError, ValueError, EOFError) as e:
+            raise DataError(f"{path}: not a readable .npz file ({e})") from None
+        _check_label_range(_to_labels(y, path, f"y_{split}"), path, split, name, k)
+    return shape
+
+
+def _probe_idx(root: Path, cfg: DataConfig) -> tuple[int, int, int]:
+    from torchvision.datasets import MNIST, FashionMNIST
+
+    cls = MNIST if cfg.name == "mnist" else FashionMNIST
+    raw = root / cls.__name__ / "raw"
+    files = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+             "t10k-labels-idx1-ubyte")
+    if not all((raw / f).is_file() for f in files):
+        if cfg.download:  # what load_dataset would do: download (and read) it
+            arrays = _read_torchvision_mnist(root, cfg.name, True)
+            return (1, *arrays["x_train"].shape[1:])
+        if not root.is_dir():
+            raise DataError(f"{root}: no such directory: expected an .npz file or a torchvision "
+                            f"root holding {cls.__name__}/raw/*-idx?-ubyte (or set download)")
+        raise DataError(f"{root}: {cfg.name} not found: expected {raw} to hold "
+                        f"{', '.join(files[:3])} and {files[3]} (or set download)")
+    shape: tuple[int, int, int] = (1, 0, 0)
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        n, h, w = _idx_header(raw / f"{prefix}-images-idx3-ubyte", 2051, 3, root, cfg.name)
+        (m,) = _idx_header(raw / f"{prefix}-labels-idx1-ubyte", 2049, 1, root, cfg.name)
+        if n != m:
+            raise DataError(f"{root}: x_{split} has {n} images but y_{split} has {m} "
+                            "labels: expected the same number")
+        shape = (1, h, w)
+    return shape
+
+
+def _idx_header(path: Path, magic: int, ndim: int, root: Path, name: str) -> tuple[int, ...]:
+    """The dims of an idx file, after checking its magic number and that its size matches."""
+    with open(path, "rb") as fh:
+        head = fh.read(4 + 4 * ndim)
+    found = int.from_bytes(head[:4], "big") if len(head) >= 4 else None
+    if len(head) < 4 + 4 * ndim or found != magic:
+        raise DataError(f"{root}: corrupt {name} idx file ({path.name}: magic number {found}, "
+                        f"expected {magic})")
+    dims = tuple(int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    expected = 4 + 4 * ndim + int(np.prod(dims))
+    if path.stat().st_size != expected:
+        raise DataError(f"{root}: corrupt {name} idx file ({path.name}: {path.stat().st_size} "
+                        f"bytes, expected {expected} for dims {dims})")
+    return dims
+
+
+def _probe_cifar(root: Path, cfg: DataConfig) -> tuple[int, int, int]:
+    folder = root / ("cifar-10-batches-py" if cfg.name == "cifar10" else "cifar-100-python")
+    if not folder.is_dir():
+        if cfg.download:  # what load_dataset would do: download (and read) it
+            arrays, _ = _read_cifar_pickles(root, cfg.name, True)
+            return (3, *arrays["x_train"].shape[1:3])
+        raise DataError(f"{root}: {cfg.name} not found: expected an .npz file or a torchvision "
+                        f"root holding {folder.name}/ (or set download)")
+    files = ([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"] if cfg.name == "cifar10"
+             else ["train", "test"])
+    for f in files:
+        path = folder / f
+        if not path.is_file():
+            raise DataError(f"{path}: no such file: expected a CIFAR python-pickle batch")
+        with open(path, "rb") as fh:
+            head = fh.read(1)
+        # Pickle protocol >= 2 opens with the PROTO opcode; a batch holds >= one 3x32x32 image.
+        if head != b"\x80" or path.stat().st_size < 3 * 32 * 32:
+            raise DataError(f"{path}: not a CIFAR pickle batch ({path.stat().st_size} bytes, "
+                            f"starting {head!r}: expected a pickled dict of >= 3072-byte rows)")
+    return 3, 32, 32
 
 
 # ---------------------------------------------------------------------------- splitting
@@ -268,13 +442,24 @@ def _load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(x), bunch.target.astype(np.int64)
 
 
+def _fixed_path(cfg: DataConfig) -> Path:
+    """``cfg.path``, or the cache file of ``cfg.name`` (fetched first when absent)."""
+    if cfg.path is not None:
+        return Path(cfg.path)
+    return data_cache.ensure(cfg.name)
+
+
+def _no_npz(path: Path, name: str) -> str:
+    return (f"{path}: no such file: expected a Keras-layout .npz for {name} "
+            "(keys x_train, y_train, x_test, y_test)")
+
+
 def _load_fixed(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[str, ...]]:
     channels, names = _KNOWN[cfg.name]
-    path = Path(cfg.path)
+    path = _fixed_path(cfg)
     if path.suffix == ".npz":
         if not path.is_file():
-            raise DataError(f"{path}: no such file: expected a Keras-layout .npz for {cfg.name} "
-                            "(keys x_train, y_train, x_test, y_test)")
+            raise DataError(_no_npz(path, cfg.name))
         arrays = _read_npz(path)
         if "class_names" in arrays and len(arrays["class_names"]) == len(names):
             names = tuple(str(n) for n in arrays["class_names"])
@@ -296,10 +481,7 @@ def _load_fixed(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in z.files]
-            if missing:
-                raise DataError(f"{path}: missing keys {missing}: expected x_train, y_train, "
-                                f"x_test, y_test (found {sorted(z.files)})")
+            _check_keys(path, z.files)
             return {k: z[k] for k in z.files}
     except DataError:
         raise
@@ -307,27 +489,51 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         raise DataError(f"{path}: not a readable .npz file ({e})") from None
 
 
-def _to_nchw(x: np.ndarray, path: Path, key: str, channels: int) -> np.ndarray:
-    if x.dtype != np.uint8:
-        raise DataError(f"{path}: {key} has dtype {x.dtype}: expected uint8 images (0-255)")
-    if x.ndim == 3:
-        x = x[:, None]
-    elif x.ndim == 4 and x.shape[-1] == channels:
-        x = x.transpose(0, 3, 1, 2)
+def _check_keys(path: Path, found: list[str]) -> None:
+    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in found]
+    if missing:
+        raise DataError(f"{path}: missing keys {missing}: expected x_train, y_train, "
+                        f"x_test, y_test (found {sorted(found)})")
+
+
+def _check_image_header(
+    shape: tuple[int, ...], dtype: np.dtype, path: Path, key: str, channels: int
+) -> tuple[int, tuple[int, int, int]]:
+    """(N, (C, H, W)) of a Keras-layout image array of this shape and dtype, or DataError."""
+    if dtype != np.uint8:
+        raise DataError(f"{path}: {key} has dtype {dtype}: expected uint8 images (0-255)")
+    if len(shape) == 3:
+        n, c, h, w = shape[0], 1, shape[1], shape[2]
+    elif len(shape) == 4 and shape[-1] == channels:
+        n, h, w, c = shape
     else:
-        raise DataError(f"{path}: {key} has shape {x.shape}: expected (N, H, W) or "
+        raise DataError(f"{path}: {key} has shape {tuple(shape)}: expected (N, H, W) or "
                         f"(N, H, W, {channels})")
-    if x.shape[1] != channels:
-        raise DataError(f"{path}: {key} has {x.shape[1]} channel(s): expected {channels}")
+    if c != channels:
+        raise DataError(f"{path}: {key} has {c} channel(s): expected {channels}")
+    return n, (c, h, w)
+
+
+def _check_label_header(shape: tuple[int, ...], dtype: np.dtype, path: Path, key: str) -> int:
+    """N of a label array of this shape and dtype ((N,) or Keras CIFAR's (N, 1)), or DataError."""
+    if len(shape) == 2 and shape[1] == 1:
+        shape = shape[:1]
+    if len(shape) != 1 or not np.issubdtype(dtype, np.integer):
+        raise DataError(f"{path}: {key} has shape {tuple(shape)} and dtype {dtype}: expected "
+                        "(N,) integer class labels")
+    return shape[0]
+
+
+def _to_nchw(x: np.ndarray, path: Path, key: str, channels: int) -> np.ndarray:
+    _check_image_header(x.shape, x.dtype, path, key, channels)
+    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
     return np.ascontiguousarray(x)
 
 
 def _to_labels(y: np.ndarray, path: Path, key: str) -> np.ndarray:
-    if y.ndim == 2 and y.shape[1] == 1:  # Keras CIFAR stores labels as (N, 1)
+    _check_label_header(y.shape, y.dtype, path, key)
+    if y.ndim == 2:  # Keras CIFAR stores labels as (N, 1)
         y = y[:, 0]
-    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-        raise DataError(f"{path}: {key} has shape {y.shape} and dtype {y.dtype}: expected "
-                        "(N,) integer class labels")
     return y.astype(np.int64)
 
 
@@ -426,9 +632,8 @@ def _unpickle(path: Path) -> dict[str, Any]:
     return d
 
 
-def _load_imagefolder(
-    root: Path, size: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[str, ...]]:
+def _list_imagefolder(root: Path) -> tuple[dict[str, dict[str, list[Path]]], tuple[str, ...]]:
+    """{split: {class: sorted image paths}} and the (sorted) train class names, checked."""
     if not root.is_dir():
         raise DataError(f"{root}: no such directory: expected train/<class>/*.jpg and "
                         "test/<class>/*.jpg under it")
@@ -448,6 +653,13 @@ def _load_imagefolder(
     if extra:
         raise DataError(f"{root / 'test'}: class folder(s) {extra} are not in train/: expected "
                         f"a subset of {list(classes)}")
+    return listing, classes
+
+
+def _load_imagefolder(
+    root: Path, size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[str, ...]]:
+    listing, classes = _list_imagefolder(root)
     out = []
     for split in ("train", "test"):
         files = [(p, classes.index(c)) for c, ps in listing[split].items() for p in ps]

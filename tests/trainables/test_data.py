@@ -262,7 +262,8 @@ def test_offline_download_is_a_data_error(tmp_path: Path, monkeypatch: pytest.Mo
     ("kwargs", "match"),
     [
         ({"name": "svhn"}, r"data\.name='svhn' is invalid: expected one of digits"),
-        ({"name": "mnist"}, r"data\.path=None is invalid for data\.name='mnist'"),
+        ({"name": "imagefolder", "image_size": 8}, r"data\.path=None is invalid for data\.name='imagefolder'"),
+        ({"name": "mnist", "num_classes": 12}, r"data\.num_classes=12 is invalid for data\.name='mnist': expected 10"),
         ({"val_fraction": 1.0}, r"data\.val_fraction=1\.0 is invalid"),
         ({"subset": 1}, r"data\.subset=1 is invalid"),
         ({"name": "imagefolder", "path": "x"}, r"data\.image_size=None is invalid for imagefolder"),
