@@ -7,7 +7,9 @@ MLflow logs its flat form, and its canonical string names runs and deduplicates 
 Conventions (so published Keras tables can be matched):
 - a *separable* conv is a depthwise kxk conv **without bias** followed by a pointwise 1x1 conv
   **with bias** (Keras ``SeparableConv2D``);
-- every conv is followed by BatchNorm (when ``batch_norm``) and the activation;
+- every conv is followed by BatchNorm (when ``batch_norm``) and the activation, unless a stage
+  asks for the pre-activation order (``order: pre``, BN -> act -> conv: the DenseNet/SparseNet
+  papers' composite layer);
 - "params" in the search means *nonzero trainable* parameters after masks.
 
 Round trip: ``ArchConfig.from_flat(a.to_flat()) == a`` and ``from_dict(to_dict())`` likewise.
@@ -33,6 +35,9 @@ POOLINGS = ("gap", "gmp", "maxpool", "flatten", "pool_flatten")
 PADDINGS = ("same", "valid")
 ACTIVATIONS = ("relu", "relu6", "silu", "hardswish", "gelu")
 BACKBONES = ("resnet18", "densenet121")
+ORDERS = ("post", "pre")
+TRANSITIONS = ("auto", "always", "never")
+MAX_BOTTLENECK = 16
 # Stages of each torchvision backbone that can be unfrozen (002 trains "layer3" / "denseblock3").
 BACKBONE_STAGES: dict[str, tuple[str, ...]] = {
     "resnet18": ("none", "layer1", "layer2", "layer3", "layer4", "all"),
@@ -82,6 +87,9 @@ class StemConfig:
     stride: int = 1  # 2 halves the resolution (004's Model 1 uses stride 2 everywhere)
     conv: str = "standard"  # standard | separable (separable on 1-3 input channels rarely pays)
     bias: bool = True  # conv bias (Keras default True; redundant but counted when BN follows)
+    # BN -> act after the conv (the default, as every network measured so far); false: a bare
+    # conv, for pre-activation stages that start each layer with BN -> act (DenseNet's first conv)
+    bn_act: bool = True
 
     def validate(self, path: str = "stem") -> None:
         _check_int(f"{path}.width", self.width, 1)
@@ -91,6 +99,7 @@ class StemConfig:
         _check_int(f"{path}.stride", self.stride, 1, 4)
         _check_choice(f"{path}.conv", self.conv, CONV_TYPES)
         _check_bool(f"{path}.bias", self.bias)
+        _check_bool(f"{path}.bn_act", self.bn_act)
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,11 @@ class StageConfig:
     layer adds) for densenet/sparsenet. ``layers`` is the number of convs for plain, of basic
     blocks (two convs + skip) for residual, and of conv layers inside the block for
     densenet/sparsenet.
+
+    The last four fields give the published forms; their defaults are the forms every front
+    measured so far used, so those results (and their run names) stay valid:
+    ``order``, ``transition`` and ``bottleneck`` apply to densenet/sparsenet stages only,
+    ``shortcut_bn`` to residual stages only.
     """
 
     block: str = "plain"  # plain | residual | densenet | sparsenet
@@ -112,6 +126,19 @@ class StageConfig:
     compression: float = 1.0  # densenet/sparsenet: a 1x1 transition to floor(c*channels) when < 1
     bias: bool = True  # conv bias
     padding: str = "same"  # same keeps HxW at stride 1; valid shrinks by kernel-1 (003's MNIST nets)
+    # densenet/sparsenet layer and transition: post = conv -> BN -> act (default, the fronts so
+    # far); pre = BN -> act -> conv on the concatenated input (the DenseNet/SparseNet papers)
+    order: str = "post"
+    # densenet/sparsenet: the 1x1 transition conv (to floor(compression * channels)) after the
+    # block. auto = only when compression < 1 (default); always = also at 1.0 (the papers: every
+    # block but the last; the 2x2 average pool is the next stage's downsample: avgpool); never
+    transition: str = "auto"
+    # densenet/sparsenet: 0 = none (default); b > 0 = a 1x1 conv to b * growth channels before
+    # each layer's kxk conv (the papers' BC variants: 4, i.e. 4k channels)
+    bottleneck: int = 0
+    # residual: BN after the 1x1 projection shortcut (default; torchvision); false = a bare 1x1
+    # conv (Keras ResNet v1 as in MLPerf Tiny's ResNet-8)
+    shortcut_bn: bool = True
 
     def validate(self, path: str = "stage") -> None:
         _check_choice(f"{path}.block", self.block, BLOCK_TYPES)
@@ -125,11 +152,29 @@ class StageConfig:
         _check_float(f"{path}.compression", self.compression, 0.0, 1.0, lo_open=True)
         _check_bool(f"{path}.bias", self.bias)
         _check_choice(f"{path}.padding", self.padding, PADDINGS)
+        _check_choice(f"{path}.order", self.order, ORDERS)
+        _check_choice(f"{path}.transition", self.transition, TRANSITIONS)
+        _check_int(f"{path}.bottleneck", self.bottleneck, 0, MAX_BOTTLENECK)
+        _check_bool(f"{path}.shortcut_bn", self.shortcut_bn)
         aggregating = self.block in ("densenet", "sparsenet")
-        if not aggregating and self.compression != 1.0:
+        if not aggregating:
+            for name, default in (("compression", 1.0), ("order", "post"), ("transition", "auto"),
+                                  ("bottleneck", 0)):
+                value = getattr(self, name)
+                if value != default:
+                    raise ArchError(
+                        f"{path}.{name}={value!r} is invalid: {name} applies only to "
+                        f"densenet/sparsenet blocks, this stage is {self.block!r} (use {default!r})"
+                    )
+        if self.block != "residual" and not self.shortcut_bn:
             raise ArchError(
-                f"{path}.compression={self.compression!r} is invalid: compression applies only "
-                f"to densenet/sparsenet blocks, this stage is {self.block!r} (use 1.0)"
+                f"{path}.shortcut_bn=False is invalid: shortcut_bn applies only to residual "
+                f"blocks, this stage is {self.block!r} (use True)"
+            )
+        if self.transition == "never" and self.compression != 1.0:
+            raise ArchError(
+                f"{path}.compression={self.compression!r} is invalid with transition='never': "
+                "compression is the transition's; expected 1.0 (or transition auto/always)"
             )
         if aggregating and self.downsample == "stride":
             raise ArchError(
@@ -194,6 +239,9 @@ class ArchConfig:
     head_dropout: float = 0.0  # dropout before each head linear layer after the first
     backbone: BackboneConfig | None = None  # transfer learning; then stem/stages must be empty
     mask_seed: int = 0  # seeds the random masks of sparse head layers
+    # BN (when batch_norm) -> act after the last stage, before pooling: pre-activation nets end
+    # with it (the DenseNet/SparseNet papers). Default false, as every front measured so far.
+    final_bn_act: bool = False
 
     MAX_HEAD_LAYERS: ClassVar[int] = 4
 
@@ -225,6 +273,7 @@ class ArchConfig:
         _check_float("head_dropout", self.head_dropout, 0.0, 1.0)
         _check(self.head_dropout < 1.0, "head_dropout", self.head_dropout, "a number in [0, 1)")
         _check_int("mask_seed", self.mask_seed, 0)
+        _check_bool("final_bn_act", self.final_bn_act)
         if self.backbone is not None:
             _check(isinstance(self.backbone, BackboneConfig), "backbone", self.backbone,
                    "a BackboneConfig")
@@ -238,6 +287,8 @@ class ArchConfig:
                    "3 for a torchvision backbone")
             _check(self.batch_norm, "batch_norm", self.batch_norm,
                    "true with a torchvision backbone (its BatchNorm layers are part of it)")
+            _check(not self.final_bn_act, "final_bn_act", self.final_bn_act,
+                   "false with a torchvision backbone (its trunk ends as torchvision builds it)")
             # densenet121's trunk pools 5 times with kernel 2 after a stride-4 stem: < 29 px
             # reaches 0x0 (resnet18 pads every pooling, so any size works).
             min_side = 29 if self.backbone.name == "densenet121" else 1
@@ -425,6 +476,7 @@ class ArchConfig:
             tok = f"s{st.width}" + (f"/{st.stride}" if st.stride != 1 else "")
             tok += (f"k{st.kernel}" if st.kernel != 3 else "") + ("sep" if st.conv == "separable" else "")
             tok += "" if st.bias else "nb"
+            tok += "" if st.bn_act else "raw"
             parts.append(tok)
         stage_toks = []
         for s in self.stages:
@@ -434,6 +486,11 @@ class ArchConfig:
             tok += f"c{s.compression:g}" if s.compression != 1.0 else ""
             tok += "" if s.bias else "nb"
             tok += "v" if s.padding == "valid" else ""
+            # The published forms (absent at their defaults: older names stay as they were).
+            tok += "pre" if s.order == "pre" else ""
+            tok += f"b{s.bottleneck}" if s.bottleneck else ""
+            tok += {"auto": "", "always": "tr", "never": "notr"}[s.transition]
+            tok += "" if s.shortcut_bn else "nosbn"
             if self.conv_kind == "mix":
                 tok += "+sep" if s.conv == "separable" else "+std"
             stage_toks.append(tok)
@@ -456,6 +513,8 @@ class ArchConfig:
             opts.append(f"hd{self.head_dropout:g}")
         if any(h.sparse for h in self.head):
             opts.append(f"r{self.mask_seed}")
+        if self.final_bn_act:
+            opts.append("fbn")
         if opts:
             parts.append(",".join(opts))
         in_tok = f"in{self.in_channels}x{self.input_size[0]}x{self.input_size[1]}c{self.num_classes}"
@@ -465,11 +524,23 @@ class ArchConfig:
 
     def key(self) -> str:
         """A 12-hex-digit stable id of the full config (dedup key, artifact names)."""
-        blob = json.dumps(self.to_flat(), sort_keys=True, default=str).encode()
+        # Fields added after keys were first recorded are left out at their defaults, so a
+        # config that does not use them keeps the key it always had.
+        flat = {k: v for k, v in self.to_flat().items()
+                if not (k.rsplit("/", 1)[-1] in _LATE_DEFAULTS
+                        and _LATE_DEFAULTS[k.rsplit("/", 1)[-1]] == v)}
+        blob = json.dumps(flat, sort_keys=True, default=str).encode()
         return hashlib.sha1(blob).hexdigest()[:12]
 
     def __str__(self) -> str:
         return self.canonical()
+
+
+# Fields added after run names and keys were first recorded, with their defaults (see key()).
+_LATE_DEFAULTS: dict[str, Any] = {
+    "bn_act": True, "order": "post", "transition": "auto", "bottleneck": 0, "shortcut_bn": True,
+    "final_bn_act": False,
+}
 
 
 def _known(cls: type, d: Any, path: str) -> dict[str, Any]:

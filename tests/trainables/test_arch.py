@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,10 @@ from trainables.arch import (
     BLOCK_TYPES,
     CONV_TYPES,
     DOWNSAMPLES,
+    ORDERS,
     PADDINGS,
     POOLINGS,
+    TRANSITIONS,
     ArchConfig,
     ArchError,
     HeadLayer,
@@ -30,7 +33,7 @@ def stage_dicts(draw: st.DrawFn) -> dict:
     """A stage that passes StageConfig.validate (the whole net may still shrink to 0x0)."""
     block = draw(st.sampled_from(BLOCK_TYPES))
     agg = block in ("densenet", "sparsenet")
-    return {
+    d = {
         "block": block, "conv": draw(st.sampled_from(CONV_TYPES)),
         "width": draw(st.integers(1, 256)), "layers": draw(st.integers(1, 12)),
         "kernel": draw(st.integers(1, 7)),
@@ -38,12 +41,20 @@ def stage_dicts(draw: st.DrawFn) -> dict:
         "compression": draw(st.sampled_from([1.0, 0.5, 0.25])) if agg else 1.0,
         "bias": draw(st.booleans()),
         "padding": draw(st.sampled_from(PADDINGS)) if block == "plain" else "same",
+        # the published forms (aggregating / residual stages only)
+        "order": draw(st.sampled_from(ORDERS)) if agg else "post",
+        "transition": draw(st.sampled_from(TRANSITIONS)) if agg else "auto",
+        "bottleneck": draw(st.sampled_from([0, 0, 2, 4])) if agg else 0,
+        "shortcut_bn": draw(st.booleans()) if block == "residual" else True,
     }
+    if d["transition"] == "never":
+        d["compression"] = 1.0  # compression is the transition's
+    return d
 
 
 stem_dicts = st.fixed_dictionaries({
     "width": st.integers(1, 128), "kernel": st.integers(1, 7), "stride": st.integers(1, 4),
-    "conv": st.sampled_from(CONV_TYPES), "bias": st.booleans(),
+    "conv": st.sampled_from(CONV_TYPES), "bias": st.booleans(), "bn_act": st.booleans(),
 })
 backbone_dicts = st.sampled_from(sorted(BACKBONE_STAGES)).flatmap(lambda name: st.fixed_dictionaries({
     "name": st.just(name), "trainable": st.sampled_from(BACKBONE_STAGES[name]),
@@ -67,7 +78,8 @@ def arch_dicts(draw: st.DrawFn) -> dict:
     if draw(st.booleans()):
         d |= {"in_channels": 3, "stem": None, "stages": [], "backbone": draw(backbone_dicts)}
     else:
-        d |= {"stem": draw(st.none() | stem_dicts), "stages": draw(st.lists(stage_dicts(), max_size=3))}
+        d |= {"stem": draw(st.none() | stem_dicts), "stages": draw(st.lists(stage_dicts(), max_size=3)),
+              "final_bn_act": draw(st.booleans())}
     return d
 
 
@@ -145,6 +157,35 @@ def test_canonical_examples() -> None:
     assert arch.replace(mask_seed=1).canonical() != arch.canonical()
 
 
+def test_canonical_names_the_published_forms() -> None:
+    dense = StageConfig(block="densenet", width=12, layers=16, bias=False, order="pre", bottleneck=4,
+                        compression=0.5, transition="always")
+    arch = ArchConfig(stem=StemConfig(width=24, bias=False, bn_act=False),
+                      stages=(dense, dataclasses.replace(dense, transition="never", compression=1.0)),
+                      final_bn_act=True)
+    assert arch.canonical() == "std|s24nbraw|dense16x12c0.5nbpreb4tr,dense16x12nbpreb4notr|gap|fbn"
+    res = StageConfig(block="residual", width=32, downsample="stride", shortcut_bn=False)
+    assert ArchConfig(stages=(res,)).canonical() == "std|s32|res1x32/snosbn|gap"
+
+
+def test_old_names_and_keys_are_unchanged() -> None:
+    """Configs that leave the published-form fields at their defaults keep their run names and
+    dedup keys (the values recorded before those fields existed)."""
+    archs = Path(__file__).resolve().parents[2] / "spaces" / "archs"
+    assert ArchConfig().key() == "297a3f951f59"
+    assert ArchConfig.load(archs / "sparsenet_cifar.yaml").key() == "4dc3b2d6c6ba"
+    assert ArchConfig.load(archs / "cnn704k.yaml").key() == "fcf24d713400"
+    assert ArchConfig().canonical() == "std|s32|plain1x32|gap"
+    # a flat dict recorded before the fields existed still loads, with the defaults
+    old = {k: v for k, v in ArchConfig().to_flat().items()
+           if k.rsplit("/", 1)[-1] not in {"bn_act", "order", "transition", "bottleneck", "shortcut_bn",
+                                           "final_bn_act"}}
+    assert ArchConfig.from_flat(old) == ArchConfig()
+    # and a non-default value changes both
+    pre = ArchConfig(final_bn_act=True)
+    assert pre.key() != ArchConfig().key() and pre.canonical() != ArchConfig().canonical()
+
+
 # (nested dict given to from_dict, the message it must raise: field path and value)
 BAD = [
     ({"in_channels": 0}, "in_channels=0 is invalid"),
@@ -177,6 +218,21 @@ BAD = [
     ({"stem": None, "stages": [], "backbone": {"name": "vgg"}}, "backbone.name='vgg' is invalid"),
     ({"stem": None, "stages": [], "backbone": {"trainable": "layer9"}}, "backbone.trainable='layer9' is invalid"),
     ({"backbone": {"name": "resnet18"}}, "backbone='resnet18' replaces stem and stages"),
+    ({"stages": [{"block": "densenet", "order": "bn-first"}]}, "stages[0].order='bn-first' is invalid"),
+    ({"stages": [{"order": "pre"}]}, "stages[0].order='pre' is invalid: order applies only to densenet"),
+    ({"stages": [{"block": "sparsenet", "transition": "yes"}]}, "stages[0].transition='yes' is invalid"),
+    ({"stages": [{"block": "residual", "transition": "always"}]}, "stages[0].transition='always' is invalid"),
+    ({"stages": [{"block": "densenet", "bottleneck": -1}]}, "stages[0].bottleneck=-1 is invalid"),
+    ({"stages": [{"block": "densenet", "bottleneck": 17}]}, "stages[0].bottleneck=17 is invalid"),
+    ({"stages": [{"block": "plain", "bottleneck": 4}]}, "stages[0].bottleneck=4 is invalid"),
+    ({"stages": [{"block": "densenet", "transition": "never", "compression": 0.5}]},
+     "stages[0].compression=0.5 is invalid with transition='never'"),
+    ({"stages": [{"block": "densenet", "shortcut_bn": False}]}, "stages[0].shortcut_bn=False is invalid"),
+    ({"stages": [{"block": "residual", "shortcut_bn": "no"}]}, "stages[0].shortcut_bn='no' is invalid"),
+    ({"stem": {"bn_act": 1}}, "stem.bn_act=1 is invalid"),
+    ({"final_bn_act": "yes"}, "final_bn_act='yes' is invalid"),
+    ({"stem": None, "stages": [], "backbone": {"name": "resnet18"}, "final_bn_act": True},
+     "final_bn_act=True is invalid"),
     ({"colour": "red"}, "colour is not a known field"),
 ]
 

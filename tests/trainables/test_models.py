@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -21,13 +22,14 @@ from trainables.models.plain import BasicBlock
 from trainables.models.sparsenet import AggregationBlock, dense_fetch, sparse_fetch
 
 
-def small_arch(block: str, conv: str, **kw) -> ArchConfig:
+def small_arch(block: str, conv: str, stage_kw: dict | None = None, **kw) -> ArchConfig:
     """Two stages of ``block`` (the second downsampling) on a 3x12x10 input, with a sparse head."""
     down = "stride" if block in ("plain", "residual") else "maxpool"
+    sk = stage_kw or {}
     stages = (
-        StageConfig(block=block, conv=conv, width=4, layers=2),
+        StageConfig(block=block, conv=conv, width=4, layers=2, **sk),
         StageConfig(block=block, conv=conv, width=6, layers=3, downsample=down,
-                    compression=0.5 if block in ("densenet", "sparsenet") else 1.0),
+                    **({"compression": 0.5 if block in ("densenet", "sparsenet") else 1.0} | sk)),
     )
     base = {"input_size": (12, 10), "num_classes": 5, "stem": StemConfig(width=5), "stages": stages,
             "head": (HeadLayer(8, density=0.5), HeadLayer(6)), "head_batch_norm": True}
@@ -36,8 +38,39 @@ def small_arch(block: str, conv: str, **kw) -> ArchConfig:
 
 @pytest.mark.parametrize(("block", "conv"), list(itertools.product(BLOCK_TYPES, ("standard", "separable"))))
 def test_every_family_runs_and_gets_gradients(block: str, conv: str) -> None:
+    _runs_and_gets_gradients(small_arch(block, conv, dropout=0.1, head_dropout=0.1), conv)
+
+
+# The published forms (stage fields, arch fields), on every family they apply to.
+PUBLISHED_FORMS = [
+    *[(b, {"order": "pre"}, {}) for b in ("densenet", "sparsenet")],
+    *[(b, {"bottleneck": 4}, {}) for b in ("densenet", "sparsenet")],
+    *[(b, {"transition": "always"}, {}) for b in ("densenet", "sparsenet")],
+    *[(b, {"order": "pre", "bottleneck": 4, "transition": "always", "bias": False},
+       {"final_bn_act": True, "stem": StemConfig(width=5, bias=False, bn_act=False)})
+      for b in ("densenet", "sparsenet")],
+    ("sparsenet", {"order": "pre", "bottleneck": 2}, {"batch_norm": False, "final_bn_act": True}),
+    ("densenet", {"transition": "never", "compression": 1.0}, {}),
+    ("residual", {"shortcut_bn": False}, {}),
+    ("residual", {"shortcut_bn": False, "bias": False}, {"final_bn_act": True}),
+    ("plain", {}, {"final_bn_act": True}),
+]
+
+
+def _form_id(form: tuple) -> str:
+    block, sk, kw = form
+    return "-".join([block, *(f"{k}={v}" for k, v in sk.items()), *(k for k in kw)])
+
+
+@pytest.mark.parametrize("conv", ["standard", "separable"])
+@pytest.mark.parametrize("form", PUBLISHED_FORMS, ids=_form_id)
+def test_published_forms_run_and_get_gradients(form: tuple, conv: str) -> None:
+    block, sk, kw = form
+    _runs_and_gets_gradients(small_arch(block, conv, sk, **({"dropout": 0.1} | kw)), conv)
+
+
+def _runs_and_gets_gradients(arch: ArchConfig, conv: str) -> None:
     torch.manual_seed(0)
-    arch = small_arch(block, conv, dropout=0.1, head_dropout=0.1)
     model = build_model(arch)
     out = model(torch.randn(2, 3, 12, 10))
     assert out.shape == (2, 5)
@@ -51,6 +84,55 @@ def test_every_family_runs_and_gets_gradients(block: str, conv: str) -> None:
             assert p.grad.abs().sum() > 0, name
     convs = [m for m in model.stages.modules() if isinstance(m, SeparableConv2d)]
     assert bool(convs) == (conv == "separable")
+
+
+def test_pre_activation_layer_bottleneck_and_transition() -> None:
+    # x0: 6 channels, growth 4, bottleneck 4 (16 channels), transition at compression 1.0
+    stage = StageConfig(block="densenet", width=4, layers=2, order="pre", bottleneck=4, transition="always",
+                        bias=False)
+    arch = ArchConfig(stem=StemConfig(width=6, bias=False, bn_act=False), stages=(stage,), input_size=(8, 8),
+                      final_bn_act=True)
+    model = build_model(arch)
+    assert list(model.stem._modules) == ["conv"]  # a bare conv: the first layer starts with BN -> act
+    block, transition = model.stages[0].blocks
+    first = block.layers[0]
+    assert list(first._modules) == ["reduce", "conv"]
+    assert list(first.reduce._modules) == ["bn", "act", "conv"]  # BN -> act -> conv
+    assert first.reduce.bn.num_features == 6 and first.reduce.conv.out_channels == 16
+    assert first.reduce.conv.kernel_size == (1, 1) and first.conv.conv.kernel_size == (3, 3)
+    assert first.conv.bn.num_features == 16 and first.conv.conv.out_channels == 4
+    assert block.layers[1].reduce.conv.in_channels == 10
+    assert list(transition._modules) == ["bn", "act", "conv"]
+    assert transition.conv.in_channels == transition.conv.out_channels == 14
+    assert all(m.bias is None for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert list(model.pool._modules) == ["final", "pool", "flatten"]
+    assert model.pool.final.bn.num_features == 14
+    assert model(torch.zeros(2, 3, 8, 8)).shape == (2, 10)
+
+
+@pytest.mark.parametrize(("transition", "compression", "has_transition"), [
+    ("auto", 1.0, False), ("auto", 0.5, True), ("always", 1.0, True), ("always", 0.5, True), ("never", 1.0, False),
+])
+def test_transition_choices(transition: str, compression: float, has_transition: bool) -> None:
+    stage = StageConfig(block="sparsenet", width=3, layers=4, transition=transition, compression=compression)
+    model = build_model(ArchConfig(stem=StemConfig(width=5), stages=(stage,), input_size=(6, 6)))
+    parts = list(model.stages[0].blocks)
+    assert len(parts) == (2 if has_transition else 1)
+    # the sparse block's output: x4, x3, x1 (3 channels each), 9 in all; the transition reads it
+    out = math.floor(compression * 9) if has_transition else 9
+    if has_transition:
+        assert parts[1].conv.in_channels == 9
+    assert model.classifier.in_features == out
+
+
+def test_residual_projection_without_batch_norm() -> None:
+    stages = (StageConfig(block="residual", width=4), StageConfig(block="residual", width=8, downsample="stride",
+                                                                   shortcut_bn=False))
+    model = build_model(ArchConfig(stem=StemConfig(width=4), stages=stages, input_size=(8, 8)))
+    (block,) = model.stages[1].blocks
+    assert list(block.shortcut._modules) == ["conv"]
+    assert block.shortcut.conv.bias is not None  # bias: true (Keras' default)
+    assert hasattr(block.conv2, "bn")  # only the shortcut loses its BN
 
 
 def test_registry_has_every_block_and_refuses_duplicates() -> None:

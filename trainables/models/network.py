@@ -55,7 +55,7 @@ def register_stage(block: str) -> Callable[[StageBuilder], StageBuilder]:
 
 
 class ConvBnAct(nn.Sequential):
-    """conv -> BatchNorm2d (when the arch has batch_norm) -> activation (unless ``act=False``)."""
+    """conv -> BatchNorm2d (when the arch has batch_norm and ``bn``) -> activation (unless ``act=False``)."""
 
     def __init__(
         self,
@@ -69,15 +69,62 @@ class ConvBnAct(nn.Sequential):
         bias: bool = True,
         padding: str = "same",
         act: bool = True,
+        bn: bool = True,
     ) -> None:
         parts: OrderedDict[str, nn.Module] = OrderedDict(
             conv=create_conv2d(in_ch, out_ch, kernel, stride=stride, conv=conv, bias=bias, padding=padding)
         )
-        if arch.batch_norm:
+        if arch.batch_norm and bn:
             parts["bn"] = nn.BatchNorm2d(out_ch)
         if act:
             parts["act"] = create_activation(arch.activation)
         super().__init__(parts)
+
+
+class BnActConv(nn.Sequential):
+    """Pre-activation: BatchNorm2d over the input (when the arch has batch_norm) -> activation -> conv.
+
+    The DenseNet/SparseNet papers' composite layer (and their transitions): the BN normalises the
+    ``in_ch`` channels a layer reads, so it counts 2 * in_ch parameters (+ 2 * in_ch buffers).
+    """
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel: int,
+        *,
+        arch: ArchConfig,
+        stride: int = 1,
+        conv: str = "standard",
+        bias: bool = True,
+        padding: str = "same",
+    ) -> None:
+        parts: OrderedDict[str, nn.Module] = OrderedDict()
+        if arch.batch_norm:
+            parts["bn"] = nn.BatchNorm2d(in_ch)
+        parts["act"] = create_activation(arch.activation)
+        parts["conv"] = create_conv2d(in_ch, out_ch, kernel, stride=stride, conv=conv, bias=bias,
+                                      padding=padding)
+        super().__init__(parts)
+
+
+def conv_unit(order: str, in_ch: int, out_ch: int, kernel: int, *, arch: ArchConfig, **kw: object) -> nn.Sequential:
+    """One conv with its BN and activation: :class:`ConvBnAct` ("post") or :class:`BnActConv` ("pre")."""
+    if order == "pre":
+        return BnActConv(in_ch, out_ch, kernel, arch=arch, **kw)  # type: ignore[arg-type]
+    if order != "post":
+        raise ValueError(f"order={order!r} is invalid: expected post or pre")
+    return ConvBnAct(in_ch, out_ch, kernel, arch=arch, **kw)  # type: ignore[arg-type]
+
+
+def bn_act(channels: int, *, arch: ArchConfig) -> nn.Sequential:
+    """BatchNorm2d (when the arch has batch_norm) -> activation: a pre-activation net's last step."""
+    parts: OrderedDict[str, nn.Module] = OrderedDict()
+    if arch.batch_norm:
+        parts["bn"] = nn.BatchNorm2d(channels)
+    parts["act"] = create_activation(arch.activation)
+    return nn.Sequential(parts)
 
 
 def conv_map(fm: FeatureMap, out_ch: int, kernel: int, *, stride: int = 1, padding: str = "same") -> FeatureMap:
@@ -185,7 +232,7 @@ def build_network(arch: ArchConfig) -> Network:
         st = arch.stem
         try:
             stem = ConvBnAct(fm.channels, st.width, st.kernel, arch=arch, stride=st.stride,
-                             conv=st.conv, bias=st.bias)
+                             conv=st.conv, bias=st.bias, bn=st.bn_act, act=st.bn_act)
         except ValueError as e:  # a config ArchConfig accepts but no conv can build
             raise ArchError(f"stem: {e}") from None
         fm = conv_map(fm, st.width, st.kernel, stride=st.stride)
@@ -197,5 +244,8 @@ def build_network(arch: ArchConfig) -> Network:
             raise ArchError(f"stages[{i}]: {e}") from None
         stages.append(module)
     pool, features = build_pool(arch.pooling, fm)
+    if arch.final_bn_act:
+        # BN -> act on the last stage's output, first thing in ``pool`` (the papers' last step)
+        pool = nn.Sequential(OrderedDict([("final", bn_act(fm.channels, arch=arch)), *pool.named_children()]))
     head, classifier = build_head(arch, features)
     return Network(stem=stem, stages=nn.Sequential(*stages), pool=pool, head=head, classifier=classifier)

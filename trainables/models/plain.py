@@ -3,7 +3,8 @@
 plain:    ``layers`` x [conv -> BN -> act]; the first conv has stride 2 when downsampling by stride.
 residual: ``layers`` basic blocks, each conv -> BN -> act -> conv -> BN, plus the skip, then act
           (torchvision's BasicBlock order). The skip is the identity, or a 1x1 conv (stride 2
-          when the block downsamples) + BN when the channels or the size change.
+          when the block downsamples) + BN when the channels or the size change; with
+          ``shortcut_bn: false`` that 1x1 conv has no BN (Keras ResNet v1, MLPerf Tiny's ResNet-8).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class BasicBlock(nn.Module):
         self.shortcut: nn.Module = nn.Identity()
         if in_ch != out_ch or stride != 1:
             # A 1x1 projection: separable would only add a 1x1 depthwise scale, so always standard.
-            self.shortcut = ConvBnAct(in_ch, out_ch, 1, stride=stride, act=False, arch=arch, bias=stage.bias)
+            self.shortcut = ConvBnAct(in_ch, out_ch, 1, stride=stride, act=False, arch=arch, bias=stage.bias,
+                                      bn=stage.shortcut_bn)
         self.act = create_activation(arch.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

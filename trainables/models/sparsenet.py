@@ -13,18 +13,30 @@ The block output is the same aggregate taken at position L+1: densenet concatena
 sparsenet concatenates x[L], x[L-1], x[L-3], ... (offsets 1, 2, 4, ... <= L+1 from L+1), as the
 authors' code does (``expFetch`` applied after the last layer). With ``compression`` < 1 a
 1x1 transition conv -> BN -> act to floor(compression * channels) follows the block.
+
+The papers' forms, as options (defaults: the forms above, which every front so far measured):
+
+- ``order: pre``: each layer (and the transition) is BN -> act -> conv on its concatenated
+  input, the DenseNet paper's composite function H_l (Huang et al. 2017, sec. 3);
+- ``bottleneck: b``: each layer is 1x1 conv to b * growth channels, then the kxk conv to growth
+  (DenseNet-B: b = 4), each with its own BN and act in the stage's order;
+- ``transition: always``: the 1x1 transition also at compression 1.0 (the papers put one after
+  every block but the last; its 2x2 average pool is the next stage's ``downsample: avgpool``);
+  ``never``: no transition. The transition reads the block's aggregated output (for sparsenet
+  the fetched subset, as ``add_transition`` does in the SparseNet authors' code).
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from trainables.arch import ArchConfig, StageConfig
-from trainables.models.network import ConvBnAct, FeatureMap, register_stage
+from trainables.models.network import FeatureMap, conv_unit, register_stage
 
 # fetch(position) -> indices into x (x0 = block input) concatenated as input at that position.
 Fetch = Callable[[int], tuple[int, ...]]
@@ -61,19 +73,26 @@ def _build_aggregation(
 ) -> tuple[nn.Sequential, FeatureMap]:
     # "same" padding only (ArchConfig refuses "valid" here): every x[j] keeps the block's HxW.
     channels = [in_map.channels] + [stage.width] * stage.layers  # of x0, x1, ..., xL
-    layers = [
-        ConvBnAct(sum(channels[j] for j in fetch(p)), stage.width, stage.kernel, arch=arch,
-                  conv=stage.conv, bias=stage.bias)
-        for p in range(1, stage.layers + 1)
-    ]
+    layers = [_layer(stage, arch, sum(channels[j] for j in fetch(p))) for p in range(1, stage.layers + 1)]
     block = AggregationBlock(layers, fetch)
     out_ch = sum(channels[j] for j in block.inputs[-1])
     parts: list[nn.Module] = [block]
-    if stage.compression < 1.0:
+    if stage.transition == "always" or (stage.transition == "auto" and stage.compression < 1.0):
         reduced = max(1, math.floor(stage.compression * out_ch))
-        parts.append(ConvBnAct(out_ch, reduced, 1, arch=arch, bias=stage.bias))
+        parts.append(conv_unit(stage.order, out_ch, reduced, 1, arch=arch, bias=stage.bias))
         out_ch = reduced
     return nn.Sequential(*parts), FeatureMap(out_ch, in_map.height, in_map.width)
+
+
+def _layer(stage: StageConfig, arch: ArchConfig, in_ch: int) -> nn.Module:
+    """One layer: [1x1 bottleneck to bottleneck * growth] -> kxk conv to growth, in the stage's order."""
+    conv = conv_unit(stage.order, in_ch if not stage.bottleneck else stage.bottleneck * stage.width,
+                     stage.width, stage.kernel, arch=arch, conv=stage.conv, bias=stage.bias)
+    if not stage.bottleneck:
+        return conv
+    # The 1x1 is standard: a separable 1x1 would only add a per-channel scale.
+    reduce = conv_unit(stage.order, in_ch, stage.bottleneck * stage.width, 1, arch=arch, bias=stage.bias)
+    return nn.Sequential(OrderedDict(reduce=reduce, conv=conv))
 
 
 @register_stage("densenet")
