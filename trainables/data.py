@@ -550,6 +550,11 @@ def _read_torchvision_mnist(root: Path, name: str, download: bool) -> dict[str, 
     if not download and not root.is_dir():
         raise DataError(f"{root}: no such directory: expected an .npz file or a torchvision root "
                         f"holding {cls.__name__}/raw/*-idx?-ubyte (or set download)")
+    raw = root / cls.__name__ / "raw"
+    for f, magic, ndim in (("train-images-idx3-ubyte", 2051, 3), ("train-labels-idx1-ubyte", 2049, 1),
+                           ("t10k-images-idx3-ubyte", 2051, 3), ("t10k-labels-idx1-ubyte", 2049, 1)):
+        if (raw / f).is_file():  # a truncated file is corrupt, not "not found"
+            _idx_header(raw / f, magic, ndim, root, name)
     out = {}
     for split, train in (("train", True), ("test", False)):
         try:
