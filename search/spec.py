@@ -261,6 +261,7 @@ class StemSpace:
     stride: Any = 1
     conv: Any = "standard"
     bias: Any = True
+    bn_act: Any = True  # false: a bare conv (pre-activation stages start with BN -> act)
 
 
 @dataclass(frozen=True)
@@ -275,6 +276,11 @@ class StagesSpace:
     compression: Any = 1.0  # densenet/sparsenet only: 1x1 transition to this share of channels
     bias: Any = True
     padding: Any = "same"  # same | valid (plain stages only; the others keep same)
+    # The published forms; defaults = the forms every front so far was measured with.
+    order: Any = "post"  # densenet/sparsenet: post (conv -> BN -> act) | pre (BN -> act -> conv)
+    transition: Any = "auto"  # densenet/sparsenet: auto (when compression < 1) | always | never
+    bottleneck: Any = 0  # densenet/sparsenet: 0 | b (1x1 conv to b * growth first; BC: 4)
+    shortcut_bn: Any = True  # residual: BN on the 1x1 projection shortcut (false: Keras ResNet v1)
 
 
 @dataclass(frozen=True)
@@ -299,6 +305,7 @@ class ArchSpace:
     head_batch_norm: Any = False
     head_dropout: Any = 0.0
     mask_seed: Any = 0
+    final_bn_act: Any = False  # BN -> act before pooling (pre-activation nets end so)
 
 
 @dataclass(frozen=True)
@@ -800,7 +807,9 @@ def _stem_check(name: str) -> Callable[[Any], str | None]:
 
 
 def _stage_check(name: str) -> Callable[[Any], str | None]:
-    base = {"block": "densenet"} if name == "compression" else {}
+    # Fields that apply to one kind of block are checked on a stage of that kind.
+    base = ({"block": "densenet"} if name in ("compression", "order", "transition", "bottleneck")
+            else {"block": "residual"} if name == "shortcut_bn" else {})
     return _arch_check(lambda v: StageConfig(**{**base, name: v}).validate())
 
 
@@ -847,6 +856,7 @@ _NET_FIELDS: dict[str, Callable[[Any], str | None]] = {
     "head_batch_norm": _net_check("head_batch_norm"),
     "head_dropout": _net_check("head_dropout"),
     "mask_seed": _net_check("mask_seed"),
+    "final_bn_act": _net_check("final_bn_act"),
 }
 # The field each space key stands for, so its kind (int/float/categorical) comes from the real
 # ArchConfig annotations; keys not listed are categorical.
@@ -946,6 +956,26 @@ def _check_space(r: _Reader, s: ArchSpace) -> None:
         if "plain" not in blocks and pads == {"valid"}:
             r.invalid(f"space.stages.padding{sfx}", "valid",
                       "same: only plain stages can shrink (skips and concatenations need HxW kept)")
+        # The published forms apply to one kind of block: a value no possible block uses is a
+        # mistake in the file, not something to ignore.
+        for name, default, kinds in (("order", "post", AGGREGATING_BLOCKS),
+                                     ("transition", "auto", AGGREGATING_BLOCKS),
+                                     ("bottleneck", 0, AGGREGATING_BLOCKS),
+                                     ("shortcut_bn", True, ("residual",))):
+            dim = getattr(s.stages, name)
+            sfx = f"[{i}]" if isinstance(dim, tuple) else ""
+            values = possible_values(stage_value(dim, i))
+            if not blocks & set(kinds) and default not in values:
+                r.invalid(f"space.stages.{name}{sfx}", _plain(stage_value(dim, i)),
+                          f"{default!r}: {name} applies only to {'/'.join(kinds)} stages, and "
+                          f"space.block allows {', '.join(sorted(blocks))}")
+        trans = set(possible_values(stage_value(s.stages.transition, i)))
+        comps = possible_values(stage_value(s.stages.compression, i))
+        if blocks & set(AGGREGATING_BLOCKS) and trans == {"never"} and 1.0 not in comps:
+            sfx = f"[{i}]" if isinstance(s.stages.compression, tuple) else ""
+            r.invalid(f"space.stages.compression{sfx}", _plain(stage_value(s.stages.compression, i)),
+                      "1.0 as a possible value: space.stages.transition is never, and compression "
+                      "is the transition's")
 
 
 # ---------------------------------------------------------------------- train section
