@@ -1,18 +1,21 @@
 """`sparse-search` command line (typer).
 
-Every command turns bad input into one clear message and exit code 2 (no traceback):
-raise :class:`search.errors.UserError` (or an ``ArchError``/``SpecError``) and ``main`` does
-the rest. Commands stay thin: the work lives in the modules they call.
+Exit codes, for every command: 0 success; 1 a search, trial set or job that failed; 2 bad
+input (one ``error: ...`` line naming the file, field and value: raise
+:class:`search.errors.UserError` or an ``ArchError``/``SpecError``/``DataError``, and
+:func:`run_cli` does the rest); 130 interrupted (Ctrl-C or SIGTERM: one line naming the
+``resume`` command). Commands stay thin: the work lives in the modules they call.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
 
-from search.errors import run_cli
+from search.cli_data import data_app
 
 app = typer.Typer(
     add_completion=False,
@@ -20,6 +23,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Find the best small CNN for every parameter budget (Ray Tune + Optuna + MLflow).",
 )
+app.add_typer(data_app, name="data")
 
 
 @app.command()
@@ -209,6 +213,51 @@ def submit(
     if status is not None:
         typer.echo(f"job {job_id}: {status}")
         raise typer.Exit(0 if status == "SUCCEEDED" else 1)
+
+
+def _usage_error_types() -> tuple[type[BaseException], ...]:
+    """Click's usage errors (unknown command or option, bad value): click's own classes and,
+    from typer 0.22 on, those of the click copy typer ships (which click's do not catch)."""
+    import click
+
+    types: list[type[BaseException]] = [click.exceptions.ClickException]
+    vendored = getattr(typer, "TyperException", None)
+    if isinstance(vendored, type) and issubclass(vendored, Exception):
+        types.append(vendored)
+    return tuple(types)
+
+
+def run_cli(cli: typer.Typer) -> None:
+    """Run the typer app and exit with a code that tells the truth (see the module docstring).
+
+    ``standalone_mode=False`` makes click *return* a ``typer.Exit``'s code instead of exiting:
+    that return value is the exit code.
+    """
+    from search.errors import user_error_types
+    from search.interrupt import sigterm_as_sigint
+
+    sigterm_as_sigint()  # until Ray starts (the search puts it back after ray.init)
+    try:
+        code = cli(standalone_mode=False)
+    except typer.Exit as e:  # raised outside click's main (older typer)
+        code = e.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        from search.interrupt import Interrupted
+
+        if isinstance(e, Interrupted):
+            print(str(e), file=sys.stderr)
+            sys.exit(130)
+        if isinstance(e, _usage_error_types()) and hasattr(e, "show"):
+            e.show()  # "Usage: ... Error: No such command 'dry-run'." as click prints it
+            sys.exit(2)
+        if isinstance(e, user_error_types()):
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        raise
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def main() -> None:

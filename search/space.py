@@ -206,6 +206,8 @@ class SearchSpace:
             n = _suggest(trial, "num_stages", s.num_stages)
             kw["stages"] = tuple(self._suggest_stage(trial, i, block, conv) for i in range(n))
             kw["batch_norm"] = _suggest(trial, "batch_norm", s.batch_norm)
+        if kw.get("stages"):
+            kw["final_bn_act"] = _suggest(trial, "final_bn_act", s.final_bn_act)
         for name in ("activation", "dropout", "pooling"):
             kw[name] = _suggest(trial, name, getattr(s, name))
         widths = _suggest(trial, "head", s.head)
@@ -236,6 +238,13 @@ class SearchSpace:
             kw["downsample"] = _suggest(trial, p + "downsample", stage_value(st.downsample, i))
         for name in ("layers", "kernel", "bias"):
             kw[name] = _suggest(trial, p + name, stage_value(getattr(st, name), i))
+        if dense:  # the published forms (defaults: today's)
+            for name in ("order", "transition", "bottleneck"):
+                kw[name] = _suggest(trial, p + name, stage_value(getattr(st, name), i))
+            if kw["transition"] == "never":
+                kw["compression"] = 1.0  # compression is the transition's
+        elif block == "residual":
+            kw["shortcut_bn"] = _suggest(trial, p + "shortcut_bn", stage_value(st.shortcut_bn, i))
         if block == "plain":
             kw["padding"] = _suggest(trial, p + "padding", stage_value(st.padding, i))
         else:
@@ -687,7 +696,10 @@ class Proposer:
                 self._retry_initial(trial)
             streak.append(proposal)
             if len(streak) >= self.max_rejects:
-                raise SpecError(self._too_many_rejects(streak))
+                message = self._too_many_rejects(streak)
+                if all(p.feasible for p in streak):  # only repeats: every config was handed out
+                    raise SpaceExhausted(message)
+                raise SpecError(message)
 
     def _queue_band(self) -> None:
         """With ``fill_budget.bands`` > 1 and nothing queued (initial points go first): queue
@@ -788,6 +800,11 @@ class Proposer:
         return "; ".join(parts)
 
 
+class SpaceExhausted(SpecError):
+    """Every proposal of a long streak repeated a config already handed out: the space holds
+    no more distinct configs (a dry run lists what it found; a search stops asking)."""
+
+
 CONFIG_KEY = "config_key"  # Optuna user attr: the proposal's config_key, set when handed out
 INITIAL = "initial"  # Optuna user attr of an enqueued search.initial point: its label
 INITIAL_TRY = "initial_try"  # ... and which attempt at it (its open values were over budget)
@@ -810,6 +827,8 @@ class DryRun:
     proposals: tuple[Proposal, ...]  # the feasible ones, in order
     rejected: int  # infeasible proposals skipped on the way
     ms_per_screen: float  # wall time per proposal (suggest + build + count), milliseconds
+    asked: int = 0  # how many feasible configs were asked for
+    exhausted: bool = False  # the space holds fewer distinct configs than asked: all are listed
 
     @property
     def feasible_fraction(self) -> float:
@@ -832,7 +851,12 @@ class DryRun:
             "",
             "first proposals:",
         ]
-        lines += [f"  {p.screened_params:>10,}  {p.arch}" for p in self.proposals[:10]]
+        if self.exhausted:
+            lines[-1] = (f"the space holds only {len(self.proposals)} distinct configs (asked for "
+                         f"{self.asked}); all of them:")
+            lines += [f"  {p.screened_params:>10,}  {p.arch}" for p in self.proposals]
+        else:
+            lines += [f"  {p.screened_params:>10,}  {p.arch}" for p in self.proposals[:10]]
         return "\n".join(lines)
 
 
@@ -846,10 +870,17 @@ def dry_run(
     proposer = Proposer(space, sampler=spec.search.sampler, seed=spec.search.seed,
                         max_rejects=spec.search.max_rejects)
     start = time.perf_counter()
-    proposals = tuple(proposer.ask()[1] for _ in range(n))
+    found: list[Proposal] = []
+    exhausted = False
+    try:
+        while len(found) < n:
+            found.append(proposer.ask()[1])
+    except SpaceExhausted:
+        exhausted = True
     elapsed = time.perf_counter() - start
-    return DryRun(proposals, proposer.rejected,
-                  1000 * elapsed / (len(proposals) + proposer.rejected + proposer.duplicates))
+    asked = len(found) + proposer.rejected + proposer.duplicates
+    return DryRun(tuple(found), proposer.rejected, 1000 * elapsed / max(1, asked), asked=n,
+                  exhausted=exhausted)
 
 
 def text_histogram(values: Sequence[float], *, bins: int = 8, width: int = 40) -> str:

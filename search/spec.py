@@ -19,7 +19,8 @@ optional except ``data``; omitted values take the defaults shown here::
       fill_budget: null               # or {fraction: 0.9} / {fraction: {float: [0.3, 1.0]}, bands: 4}
       time_budget: null               # or 45m, 2h, 3600: no trial starts that would end later
       initial: []                     # trained first: arch files, {arch: ..., train/lr: ...}, params
-    resources: {cpu: 1, gpu: 0}       # per trial; fractions allowed (gpu: 0.25)
+    resources: {cpu: 1, gpu: 0}       # per trial; fractions allowed (gpu: 0.25); or auto (planned
+                                      # from the cluster: GPUs where present, else the CPUs)
     train:                            # trainables.train.TrainConfig fields, fixed or searched
       epochs: 10
       lr: {float: [0.001, 0.1], log: true}
@@ -248,8 +249,16 @@ class SearchSettings:
 
 @dataclass(frozen=True)
 class Resources:
-    cpu: float = 1.0  # CPU cores per trial (fractions allowed)
-    gpu: float = 0.0  # GPUs per trial (0.25 packs four trials on one GPU)
+    """Per-trial resources. ``auto``: planned at start from what the cluster has (see
+    :mod:`search.resources`): GPU trials at ``gpu`` per trial (and up to ``cpu`` CPUs) where a
+    node has GPUs, CPU-only trials sharing the CPUs otherwise. YAML: ``resources: auto`` or
+    ``{auto: true, cpu: 4, gpu: 0.25}``."""
+
+    cpu: float = 1.0  # CPU cores per trial (fractions allowed); with auto: the most per GPU trial
+    gpu: float = 0.0  # GPUs per trial (0.25 packs four trials on one GPU); with auto: the share
+    # of one trial where GPUs exist (> 0)
+    custom: dict[str, float] = field(default_factory=dict)  # Ray custom resources per trial
+    auto: bool = False  # plan cpu/gpu from the cluster at start (the shipped headline spaces)
 
 
 @dataclass(frozen=True)
@@ -389,9 +398,14 @@ def load_spec(path: str | Path, **overrides: Any) -> SearchSpec:
     :func:`parse_spec`) replace the file's values."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise SpecError(f"{p}: cannot read the search spec ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{p}: not a UTF-8 text file (byte {e.object[e.start]:#04x} at offset "
+                        f"{e.start}): expected a YAML search spec") from None
+    if "\x00" in text:
+        raise SpecError(f"{p}: holds NUL bytes (a binary file?): expected a YAML search spec")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -672,11 +686,25 @@ def _arch_file(r: _Reader, path: str, name: str) -> ArchConfig:
 
 
 def _resources(r: _Reader, d: Any) -> Resources:
+    if d == "auto":  # a whole GPU and up to 4 CPUs per trial where GPUs exist
+        return Resources(cpu=4.0, gpu=1.0, auto=True)
+    if isinstance(d, str):
+        r.invalid("resources", d, "auto, or a mapping of cpu, gpu, custom, auto")
     res = r.dataclass(Resources, d, "resources", {
         "cpu": _number_check(0, lo_open=True),
         "gpu": _number_check(0, lo_open=False),
+        "custom": _custom_check,
+        "auto": _bool_check,
     })
-    return Resources(cpu=float(res.cpu), gpu=float(res.gpu))
+    custom = {str(k): float(v) for k, v in (res.custom or {}).items()}
+    return Resources(cpu=float(res.cpu), gpu=float(res.gpu), custom=custom, auto=res.auto)
+
+
+def _custom_check(v: Any) -> str | None:
+    ok = isinstance(v, Mapping) and all(
+        isinstance(k, str) and k and k not in ("CPU", "GPU", "cpu", "gpu") and _is_number(x)
+        and x > 0 for k, x in v.items())
+    return None if ok else "a mapping of Ray custom resource name -> amount > 0 (not CPU/GPU)"
 
 
 def _objectives(r: _Reader, d: Any) -> tuple[Objective, ...]:

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 from ray.tune import Callback
 
 from search.errors import UserError
+from search.interrupt import Interrupted
 from search.rundir import EXPERIMENT_NAME, RunDir, write_atomic
 
 if TYPE_CHECKING:
@@ -133,6 +134,16 @@ class SearchOutcome:
     summary: dict[str, Any]
     front_table: str
     mlflow_note: str | None = None  # where to read the search in MLflow (None: --no-mlflow)
+    tracking_error: str | None = None  # MLflow tracking failed (the search went on without it)
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What :func:`preflight` found: everything a search needs, before anything is created."""
+
+    tracking_uri: str | None  # a checked MLflow store, or None (no tracking)
+    plan: Any  # search.resources.TrialPlan
+    attached: bool  # this process attached to ``--address`` (detach when done)
 
 
 # ---------------------------------------------------------------------- Ray
@@ -233,16 +244,61 @@ def run_search(
     progress: bool = True,
     progress_interval_s: float = 30.0,
 ) -> SearchOutcome:
-    """Run ``spec`` in a new run dir under ``storage_dir``; returns when every trial ended."""
+    """Run ``spec`` in a new run dir under ``storage_dir``; returns when every trial ended.
+
+    Everything is checked first (:func:`preflight`: data, tracking store, resources): a failed
+    check raises a UserError and leaves no run dir, MLflow run or Ray runtime behind.
+    """
     if spec.data.path is not None and not Path(spec.data.path).is_absolute():
         # spec.yaml must still find the data when `resume` runs from another directory.
         spec = dataclasses.replace(
             spec, data=spec.data.replace(path=str(Path(spec.data.path).resolve())))
-    uri = checked_tracking_uri(tracking_uri) if mlflow else None  # before any folder is made
-    run = RunDir.create(storage_dir, spec.name)
-    write_atomic(run.spec, spec.to_yaml())
-    return _search(spec, run, resuming=False, address=address, tracking_uri=uri,
+    checked = preflight(spec, address=address, tracking_uri=tracking_uri, mlflow=mlflow)
+    try:
+        run = RunDir.create(storage_dir, spec.name)
+        write_atomic(run.spec, spec.to_yaml())
+    except BaseException:
+        _detach(checked)
+        raise
+    return _search(spec, run, resuming=False, checked=checked, address=address,
                    progress=progress, progress_interval_s=progress_interval_s)
+
+
+def preflight(spec: SearchSpec, *, address: str | None, tracking_uri: str | None,
+              mlflow: bool) -> Checked:
+    """Check the data (present, readable, its shape: no pixels read), the tracking store and
+    the per-trial resources against the cluster, in that order, before anything is created.
+
+    A local search reads this machine's CPUs and GPUs without starting Ray; with ``--address``
+    this attaches to the cluster (cheap) and reads its nodes.
+    """
+    from search import resources
+    from trainables.data import probe_dataset
+
+    probe_dataset(spec.data)
+    uri = checked_tracking_uri(tracking_uri) if mlflow else None
+    address = cluster_address(address)
+    attached = False
+    if address is None:
+        cluster = resources.local_cluster()
+    else:
+        attached = init_ray(address)
+        cluster = resources.ray_cluster(address)
+    checked = Checked(tracking_uri=uri, plan=None, attached=attached)
+    try:
+        plan = resources.plan(spec.resources, cluster, max_concurrent=spec.search.max_concurrent,
+                              source=spec.source)
+    except BaseException:
+        _detach(checked)
+        raise
+    return dataclasses.replace(checked, plan=plan)
+
+
+def _detach(checked: Checked) -> None:
+    if checked.attached:
+        import ray
+
+        ray.shutdown()
 
 
 def resume_search(
@@ -267,38 +323,57 @@ def resume_search(
     if tracking_uri is None:
         tracking_uri = read_state(run.path).get("tracking_uri")
         mlflow = mlflow and tracking_uri is not None
-    uri = checked_tracking_uri(tracking_uri) if mlflow else None
-    return _search(spec, run, resuming=True, address=address, tracking_uri=uri,
+    checked = preflight(spec, address=address, tracking_uri=tracking_uri, mlflow=mlflow)
+    return _search(spec, run, resuming=True, checked=checked, address=address,
                    progress=progress, progress_interval_s=progress_interval_s)
 
 
-def _search(spec: SearchSpec, run: RunDir, *, resuming: bool, address: str | None,
-            tracking_uri: str | None, progress: bool, progress_interval_s: float) -> SearchOutcome:
-    """``tracking_uri``: a checked MLflow store, or None for no tracking."""
+def _search(spec: SearchSpec, run: RunDir, *, resuming: bool, checked: Checked,
+            address: str | None, progress: bool, progress_interval_s: float) -> SearchOutcome:
+    """Train the search in ``run`` with what :func:`preflight` checked."""
+    import sys
     import time
     from concurrent.futures import ThreadPoolExecutor
+
+    from search.interrupt import sigterm_as_sigint
+    from search.rundir import write_outcome
 
     started_at = time.monotonic()  # the time budget counts Ray's start and the data loading
 
     from search.background import Background
     from trainables.data import load_dataset
 
+    print(checked.plan.line, file=sys.stderr, flush=True)
     # Ray's start-up is mostly other processes: meanwhile this one loads the dataset, and the
     # background thread imports MLflow and opens (or migrates) its store: seconds, which may
     # run on while the first trials train; calls queued meanwhile wait.
     background = Background()
-    tracker = _tracker(spec, run, tracking_uri) if tracking_uri is not None else None
+    uri = checked.tracking_uri
+    tracker = _tracker(spec, run, uri) if uri is not None else None
     if tracker is not None:
         background.submit(tracker.start, resume=resuming)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparse-search-data") as pool:
-        splits = pool.submit(load_dataset, spec.data)
-        started = init_ray(address)
-        splits.exception()  # wait for it (an unreadable dataset raises its DataError below)
+    started = checked.attached
     try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparse-search-data") as pool:
+            splits = pool.submit(load_dataset, spec.data)
+            started = init_ray(address) or started
+            # ray.init replaces the SIGTERM handler with one that exits at once: put back ours
+            # (SIGTERM stops Tune like Ctrl-C: trials saved, the run resumable).
+            sigterm_as_sigint()
+            splits.exception()  # wait for it (an unreadable dataset raises its DataError below)
         outcome = _fit(spec, run, splits.result(), resuming=resuming, tracker=tracker,
                        background=background, progress=progress, started_at=started_at,
-                       progress_interval_s=progress_interval_s)
+                       progress_interval_s=progress_interval_s, plan=checked.plan)
+    except KeyboardInterrupt:
+        # A second Ctrl-C (Tune stops cleanly on the first), or one during start-up.
+        resumable = (run.experiment / "tuner.pkl").exists()
+        write_outcome(run.path, complete=False, stopped_by="interrupted")
+        if tracker is not None:
+            background.drain()
+            tracker.finish("KILLED", reason=str(Interrupted(run.path, resumable=resumable)))
+        raise Interrupted(run.path, resumable=resumable) from None
     except BaseException as e:
+        write_outcome(run.path, complete=False, stopped_by=f"error: {type(e).__name__}")
         if tracker is not None:
             background.drain()
             tracker.finish("FAILED", reason=f"{type(e).__name__}: {e}")
@@ -308,16 +383,51 @@ def _search(spec: SearchSpec, run: RunDir, *, resuming: bool, address: str | Non
             import ray
 
             ray.shutdown()
+    write_outcome(run.path, complete=outcome.complete,
+                  stopped_by=outcome.summary.get("stopped_by") if outcome.complete else
+                  "interrupted")
     if tracker is not None:
         tracker.finish("FINISHED" if outcome.complete else "KILLED",
                        reason=None if outcome.complete else
                        f"interrupted: continue with `sparse-search resume {run.path}`")
+        failure = getattr(tracker, "failure", None) or (
+            f"MLflow tracking at {tracker.tracking_uri} went offline" if tracker.offline else None)
         local = not tracker.tracking_uri.startswith(("http://", "https://"))
         note = f"mlflow: {tracker.runs_url or tracker.tracking_uri}"
         if local:
             note += f" (start the UI with `sparse-search ui --backend-store-uri {tracker.tracking_uri}`)"
-        outcome = dataclasses.replace(outcome, mlflow_note=note)
+        outcome = dataclasses.replace(outcome, mlflow_note=None if failure else note,
+                                      tracking_error=failure)
     return outcome
+
+
+class _PendingOnce(logging.Filter):
+    """Ray's "No trial is running ... within the last 60 sec" warning, every minute, with
+    advice about ScalingConfig: replaced by one line of ours (once per search)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.plan: Any = None
+        self.said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import sys
+
+        from search.resources import pending_line
+
+        if not self.said:
+            self.said = True
+            print(pending_line(self.plan), file=sys.stderr, flush=True)
+        return False
+
+
+def _pending_once(plan: Any) -> None:
+    logger = logging.getLogger("ray.tune.execution.insufficient_resources_manager")
+    f = next((f for f in logger.filters if isinstance(f, _PendingOnce)), None)
+    if f is None:
+        f = _PendingOnce()
+        logger.addFilter(f)
+    f.plan, f.said = plan, False
 
 
 def checked_tracking_uri(tracking_uri: str | None) -> str:
@@ -344,7 +454,7 @@ def _tracker(spec: SearchSpec, run: RunDir, tracking_uri: str) -> Any:
 
 def _fit(spec: SearchSpec, run: RunDir, splits: Any, *, resuming: bool, tracker: Any,
          background: Any, progress: bool, progress_interval_s: float,
-         started_at: float | None = None) -> SearchOutcome:
+         started_at: float | None = None, plan: Any = None) -> SearchOutcome:
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
@@ -385,9 +495,11 @@ def _fit(spec: SearchSpec, run: RunDir, splits: Any, *, resuming: bool, tracker:
                                background)
         callbacks += [InBackground([front.tracking], background), front]
     search_alg = ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent)
-    res = spec.resources
+    bundle = plan.bundle() if plan is not None else {
+        "CPU": spec.resources.cpu, "GPU": spec.resources.gpu, **spec.resources.custom}
     trainable = tune.with_resources(tune.with_parameters(train_trial, splits=splits),
-                                    {"cpu": res.cpu, "gpu": res.gpu})
+                                    tune.PlacementGroupFactory([bundle]))
+    _pending_once(plan)
     with scoped_env(TUNE_ENV):
         _tune(spec, run, resuming=resuming, trainable=trainable, search_alg=search_alg,
               callbacks=callbacks)
@@ -537,7 +649,9 @@ class FrontToTracker(Callback):
 
 # ---------------------------------------------------------------------- CLI output
 def report(outcome: SearchOutcome, *, as_json: bool, echo: Any = print) -> int:
-    """Print the front (and the --json line last); the exit code (130: interrupted)."""
+    """Print the front (and the --json line last); the exit code: 0 a complete search, 130
+    interrupted (resumable), 1 every trial failed or MLflow tracking failed (the results are
+    in the run dir; ``sync`` uploads them)."""
     import json
     import sys
 
@@ -545,12 +659,23 @@ def report(outcome: SearchOutcome, *, as_json: bool, echo: Any = print) -> int:
     echo(f"run dir: {outcome.run_dir}")
     if outcome.mlflow_note:
         echo(outcome.mlflow_note)
+    code = 0
+    s = outcome.summary
     if not outcome.complete:
         print(f"interrupted: continue with `sparse-search resume {outcome.run_dir}`",
               file=sys.stderr)
+        code = 130
+    elif s.get("failed") and s.get("failed") == s.get("trials"):
+        print(f"error: every trial failed ({s['failed']}): see the error column of "
+              f"{outcome.run_dir / 'results.csv'}", file=sys.stderr)
+        code = 1
+    if outcome.tracking_error:
+        print(f"error: {outcome.tracking_error}; the results are in {outcome.run_dir}: upload "
+              f"them with `sparse-search sync {outcome.run_dir}`", file=sys.stderr)
+        code = code or 1
     if as_json:
         echo(json.dumps(outcome.summary))
-    return 0 if outcome.complete else 130
+    return code
 
 
 def dry_run_report(spec: SearchSpec, n: int, *, as_json: bool, echo: Any = print) -> None:
@@ -558,15 +683,17 @@ def dry_run_report(spec: SearchSpec, n: int, *, as_json: bool, echo: Any = print
     import json
 
     from search.space import dry_run
-    from trainables.data import load_dataset
+    from trainables.data import fixed_shape, probe_dataset
 
-    splits = load_dataset(spec.data)
-    result = dry_run(spec, n, input_shape=splits.input_shape, num_classes=splits.num_classes)
+    # Fixed-shape datasets need no data at all; others are probed (no pixels read).
+    shape = fixed_shape(spec.data) or probe_dataset(spec.data)
+    result = dry_run(spec, n, input_shape=shape[0], num_classes=shape[1])
     if not as_json:
         echo(result.text())
         return
     echo(json.dumps({
         "feasible": len(result.proposals), "rejected": result.rejected,
+        "asked": result.asked, "exhausted": result.exhausted,
         "feasible_fraction": result.feasible_fraction, "ms_per_screen": result.ms_per_screen,
         "proposals": [{"nonzero_params": p.screened_params,
                        "macs": p.accounting.macs if p.accounting else None,

@@ -293,9 +293,9 @@ def test_missing_file(tmp_path):
 
 
 def test_spec_error_is_a_cli_user_error():
-    from search.errors import _user_error_types
+    from search.errors import user_error_types
 
-    assert SpecError in _user_error_types()
+    assert SpecError in user_error_types()
 
 
 # ---------------------------------------------------------------------- fuzz
