@@ -30,6 +30,7 @@ What lands where:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import html
 import json
@@ -39,10 +40,11 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -152,6 +154,10 @@ def check_reachable(uri: str, *, timeout: float = 5.0) -> None:
         parent = Path(uri.removeprefix("sqlite:///")).parent
         if not parent.is_dir():
             raise UserError(f"tracking URI {uri}: folder {parent} does not exist")
+        db = sqlite_path(uri)
+        if db is not None:
+            with store_lock(uri):  # not while a search of ours migrates it (a transient copy)
+                check_not_half_migrated(db)
 
 
 def ui_base(tracking_uri: str) -> str:
@@ -168,22 +174,169 @@ def run_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
 
 
 def client_for(tracking_uri: str) -> MlflowClient:
+    """An MlflowClient with its store open; a local sqlite store is created or migrated under
+    :func:`store_lock`, and a half-migrated one is a UserError (:func:`check_not_half_migrated`)."""
     quiet_mlflow()
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri)
+    db = sqlite_path(tracking_uri)
+    with store_lock(tracking_uri):
+        if db is not None:
+            check_not_half_migrated(db)
+        client = MlflowClient(tracking_uri)
+        # MlflowClient opens the store (creating and migrating a new sqlite file) in __init__
+        # today; touching it again is a cached lookup, and keeps the open inside the lock if a
+        # later MLflow defers it.
+        client._tracking_client.store  # noqa: B018
+    return client
+
+
+# ---------------------------------------------------------------------- local sqlite stores
+# MLflow 3.17's SqlAlchemyStore creates and migrates a new database in its constructor with no
+# lock (`_all_tables_exist` then `_initialize_tables`: create_all + alembic upgrade; only its
+# jobs and workspace stores use `_safe_initialize_tables`' lock). Measured here (2 cores), 4
+# processes opening one fresh sqlite:///mlflow.db at the same moment: bare MlflowClient, 24 of
+# 32 opens failed in 8 rounds ("duplicate column name: step", "table runs already exists");
+# the tracker of a16e413, 9 of 12 starts in 3 rounds; under this lock, 0 of 24 in 6 rounds
+# (tests/search/test_tracking_store.py). Alembic's sqlite "batch" migrations (create
+# _alembic_tmp_<table>, copy, drop, rename; each DDL statement commits alone) can also die
+# half-way and leave the store unopenable. Writes once the store exists are MLflow's: each of
+# its sessions sets `PRAGMA busy_timeout = 20000` (20 s of waiting on a locked database).
+STORE_LOCK_TIMEOUT_S = 300.0  # a fresh store migrates in ~2-10 s on a loaded 2-core machine
+_STORE_GUARD = threading.RLock()  # threads of one process queue here before the file lock
+_STORE_HELD: dict[Path, tuple[int, int]] = {}  # lock file -> (fd, depth) held by this process
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for other stores and in-memory ones)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    if not path or path == ":memory:":
+        return None
+    return Path(path).absolute()
+
+
+@contextlib.contextmanager
+def store_lock(uri: str, *, timeout: float = STORE_LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Exclusive ``fcntl.flock`` on ``<db file>.lock`` for a local sqlite store; no-op for others.
+
+    Serializes what must not run twice at once across processes: creating and migrating the
+    store (opening it), and looking up / creating an experiment. Re-entrant within a process.
+    A folder where the lock file cannot be created (read-only) is used unlocked.
+    """
+    db = sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    import fcntl
+
+    path = db.with_name(db.name + ".lock")
+    with _STORE_GUARD:
+        fd, depth = _STORE_HELD.get(path, (-1, 0))
+        if depth == 0:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError:
+                yield
+                return
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        os.close(fd)
+                        raise UserError(
+                            f"another process has held {path} for over {timeout:.0f} s (it "
+                            f"creates or migrates {db}): is it stuck? (`fuser {path}` names it)"
+                        ) from None
+                    time.sleep(0.05)
+        _STORE_HELD[path] = (fd, depth + 1)
+        try:
+            yield
+        finally:
+            fd, depth = _STORE_HELD.pop(path)
+            if depth > 1:
+                _STORE_HELD[path] = (fd, depth - 1)
+            else:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+
+
+def check_not_half_migrated(db: Path) -> None:
+    """UserError naming the ``_alembic_tmp_*`` tables an interrupted migration left in ``db``.
+
+    Alembic migrates a sqlite table by copying it into ``_alembic_tmp_<table>`` and renaming
+    the copy; a migration killed (or raced) in between leaves the copy, and every later open
+    then fails with "table _alembic_tmp_<table> already exists". The message gives the repair.
+    """
+    if not db.is_file():
+        return
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    except sqlite3.Error:
+        return  # not ours to diagnose: MLflow's open will say what is wrong
+    try:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        left = sorted(t for t in tables if t.startswith("_alembic_tmp_"))
+        if not left:
+            return
+
+        def rows(table: str) -> int:
+            return con.execute(f'SELECT COUNT(*) FROM "{table}"').fetchone()[0]
+
+        steps = []
+        for tmp in left:
+            table = tmp.removeprefix("_alembic_tmp_")
+            if table in tables and rows(table) >= rows(tmp):
+                steps.append(f"DROP TABLE {tmp};")  # the original is intact: drop the copy
+            elif table in tables:
+                steps.append(f"DROP TABLE {table}; ALTER TABLE {tmp} RENAME TO {table};")
+            else:  # the original was dropped before the copy was renamed
+                steps.append(f"ALTER TABLE {tmp} RENAME TO {table};")
+    except sqlite3.Error:
+        return
+    finally:
+        con.close()
+    raise UserError(
+        f"tracking store {db} is half-migrated: an interrupted schema migration left "
+        f"{', '.join(left)} (two processes created the store at once, with a sparse-search "
+        f"older than its store lock, or one was killed while migrating). Repair: stop every "
+        f"process using it, back it up (cp {db} {db}.bak), then run "
+        f"`sqlite3 {db} \"{' '.join(steps)}\"` and `mlflow db upgrade sqlite:///{db}`; "
+        "or, if its history is not worth keeping, move it away and start again"
+    )
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:
-    """The id of experiment ``name``, created (or restored from deletion) as a classic one."""
-    exp = client.get_experiment_by_name(name)
-    if exp is None:
-        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
-    if exp.lifecycle_stage == "deleted":
-        client.restore_experiment(exp.experiment_id)
-    if EXPERIMENT_KIND_TAG not in exp.tags:
-        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-    return exp.experiment_id
+    """The id of experiment ``name``, created (or restored from deletion) as a classic one.
+
+    On a local sqlite store the look-up and creation run under :func:`store_lock`; against a
+    server, a process that loses the race to create it ("already exists") looks it up again.
+    """
+    from mlflow.exceptions import MlflowException
+
+    with store_lock(client.tracking_uri):
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            try:
+                return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                exp = client.get_experiment_by_name(name)
+                if exp is None:
+                    raise
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        return exp.experiment_id
 
 
 def search_all(client: MlflowClient, experiment_ids: list[str], filter_string: str) -> list[Run]:
@@ -266,7 +419,7 @@ def _tracked(method: Callable[..., T]) -> Callable[..., T | None]:
         except Exception as e:
             if self.strict:
                 raise
-            self._go_offline(method.__name__, e)
+            self._go_offline(method.__name__.lstrip("_"), e)
             return None
 
     return wrapper
@@ -278,6 +431,13 @@ class SearchTracker:
     ``objectives`` maps metric -> "max"/"min" (the spec's objectives) for the Pareto ranks;
     ``max_params_ref`` is the hypervolume's parameter reference (the budget; None: 1e7).
     ``strict`` makes tracking errors raise instead of turning the tracker offline (sync).
+
+    ``failure`` is None while tracking works; after the first failed MLflow call (the store
+    could not be opened or migrated at ``start``, the server went away...) it is one line,
+    "MLflow tracking at <uri> failed in <call> (<error>)", and the tracker is ``offline``. The
+    search goes on; its driver reads ``failure`` at the end to print ``error: ...`` and exit
+    non-zero, since the MLflow record of the search is incomplete until ``sparse-search sync``.
+    The failure is also printed to stderr at once, one line, whether logging is set up or not.
     """
 
     def __init__(
@@ -310,6 +470,7 @@ class SearchTracker:
         self.strict = strict
         self.client: MlflowClient | None = None
         self.offline = False
+        self.failure: str | None = None  # why tracking stopped (see the class docstring)
         self.finished = False
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
@@ -337,9 +498,23 @@ class SearchTracker:
         }
 
     def start(self, *, resume: bool = False) -> SearchTracker:
-        """Create the parent run, or on ``resume`` re-attach to this run dir's parent."""
-        self.client = client_for(self.tracking_uri)
-        self._start(resume)
+        """Create the parent run, or on ``resume`` re-attach to this run dir's parent.
+
+        A store that cannot be opened leaves the tracker offline with ``failure`` set (strict:
+        raises)."""
+        try:
+            self.client = client_for(self.tracking_uri)
+        except Exception as e:
+            if self.strict:
+                raise
+            self._go_offline("start", e)
+        else:
+            self._start(resume)
+        if self.parent_run_id is None and not (self.run_dir / STATE_FILE).exists():
+            # Never reached MLflow: the state file still tells `sync` which store and
+            # experiment this search meant (a resume's file, with its parent, is left alone).
+            with contextlib.suppress(OSError):
+                self._write_state()
         if self.parent_run_id is not None:
             _LIVE[str(self.run_dir)] = self
             atexit.register(self._at_exit)
@@ -433,11 +608,20 @@ class SearchTracker:
 
     def _go_offline(self, where: str, error: Exception) -> None:
         self.offline = True
-        log.warning(
-            "MLflow tracking at %s failed in %s (%s: %s); tracking is off for the rest of this "
-            "search. Results stay in %s: upload them later with `sparse-search sync %s`",
-            self.tracking_uri, where, type(error).__name__, error, self.run_dir, self.run_dir,
-        )
+        if self.failure is not None:
+            return
+        text = " ".join(str(error).split())  # one line: SQL errors span several
+        if len(text) > 300:
+            text = text[:297] + "..."
+        self.failure = f"MLflow tracking at {self.tracking_uri} failed in {where} " \
+                       f"({type(error).__name__}: {text})"
+        message = (f"{self.failure}; tracking is off for the rest of this search. Results stay "
+                   f"in {self.run_dir}: upload them later with `sparse-search sync {self.run_dir}`")
+        # The CLI configures no logging: the line goes to stderr itself. A configured logger
+        # gets the record too (without handlers, logging's last resort would print it twice).
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+        if log.hasHandlers():
+            log.warning(message)
 
     def _at_exit(self) -> None:
         if not self.finished:
@@ -735,9 +919,10 @@ def sync_run_dir(run_dir: str | Path, tracking_uri: str | None = None) -> dict[s
 
     Creates the parent/children MLflow never got, logs final metrics, artifacts and front
     models that did not arrive (the tracker went offline, the driver was killed), closes runs
-    a killed driver left RUNNING (trials as KILLED unless results.csv says how they ended, the
-    search as KILLED) and refreshes the Pareto tags and plots. The URI defaults to the one the
-    search used (run_dir/mlflow.json). Returns counts: trials, created, finalized, closed.
+    a killed driver left RUNNING (trials as KILLED unless results.csv says how they ended; the
+    search as outcome.json says, see :func:`sync_end`) and refreshes the Pareto tags and plots.
+    The URI and experiment default to the ones the search used (run_dir/mlflow.json, else the
+    experiment is spec.yaml's ``name``). Returns counts: trials, created, finalized, closed.
 
     Reads results.csv (trial_key, status, error, flat ``arch/``/``train/`` config, metric
     columns), ``trials/<key>/result.json`` (final metrics under ``metrics``), ``arch.yaml``,
@@ -755,8 +940,12 @@ def sync_run_dir(run_dir: str | Path, tracking_uri: str | None = None) -> dict[s
     spec_path = run_dir / "spec.yaml"
     spec_text = spec_path.read_text() if spec_path.is_file() else ""
     spec_dict = yaml.safe_load(spec_text) or {}
+    if not isinstance(spec_dict, dict):
+        spec_dict = {}
+    # The experiment the search itself used (the spec's name, see search/tuner.py _tracker).
+    experiment = state.get("experiment") or spec_dict.get("name") or DEFAULT_EXPERIMENT
     tracker = SearchTracker(
-        uri, state.get("experiment") or DEFAULT_EXPERIMENT, run_dir=run_dir,
+        uri, str(experiment), run_dir=run_dir,
         spec_dict=spec_dict, spec_yaml_text=spec_text,
         search_name=state.get("search_name") or str(spec_dict.get("name") or run_dir.name),
         objectives=state.get("objectives") or spec_dict.get("objectives"),
@@ -777,10 +966,41 @@ def sync_run_dir(run_dir: str | Path, tracking_uri: str | None = None) -> dict[s
         tracker.update_front(df, front_keys, step=finished,
                              counters={"trials_finished": finished, "trials_failed": failed},
                              final=True, log_metrics=last is None or last < finished)
-    was = tracker.parent_status_at_start
-    tracker.finish(was if was in TERMINAL else "KILLED",
-                   reason=None if was in TERMINAL else "the search driver stopped; closed by sync")
+    from search.rundir import read_outcome
+
+    status, reason = sync_end(read_outcome(run_dir), tracker.parent_status_at_start, run_dir)
+    tracker.finish(status, reason=reason)
+    if status == "FINISHED":  # a stale reason from a KILLED close (the server went away)
+        parent = tracker.client.get_run(tracker.parent_run_id)
+        if TAG_FAILURE in parent.data.tags:
+            tracker.client.delete_tag(tracker.parent_run_id, TAG_FAILURE)
     return counts
+
+
+def sync_end(outcome: Mapping[str, Any] | None, parent_status: str | None,
+             run_dir: str | Path) -> tuple[str, str | None]:
+    """(status, failure reason) that ``sync`` gives the parent run; reason None: keep its tag.
+
+    ``outcome`` is the run dir's outcome.json (``search.rundir.read_outcome``), written by the
+    driver at its end; it wins over ``parent_status`` (the parent's status before sync): a
+    complete search is FINISHED even when MLflow has it KILLED (its server went away before
+    the end, and the driver's exit hook or an earlier sync closed it so). An incomplete one
+    is KILLED (interrupted: resumable), or FAILED when the driver stopped on an error. Without
+    outcome.json the driver died (KILLED), unless the parent was already closed (a driver
+    older than outcome.json closed it: that status stands).
+    """
+    if outcome is not None:
+        if outcome.get("complete") is True:
+            return "FINISHED", None
+        stopped = str(outcome.get("stopped_by") or "interrupted")
+        if stopped.startswith("error"):
+            return "FAILED", None if parent_status == "FAILED" else (
+                f"the search driver stopped on an {stopped}; closed by sync")
+        return "KILLED", None if parent_status == "KILLED" else (
+            f"interrupted: continue with `sparse-search resume {run_dir}`")
+    if parent_status in TERMINAL:
+        return parent_status, None
+    return "KILLED", "the search driver stopped before the search ended (no outcome.json); closed by sync"
 
 
 def close_recorded_trials(tracker: SearchTracker, run_dir: Path, df: pd.DataFrame) -> dict[str, int]:
@@ -952,6 +1172,10 @@ def serve_ui(*, port: int, backend_store_uri: str, artifact_root: str,
     import socket
 
     with socket.socket() as s:
+        # SO_REUSEADDR as uvicorn binds: connections of a server just stopped linger in
+        # TIME_WAIT on the port for ~60 s and would fail a plain bind; Linux still refuses
+        # this bind while any socket listens there, which is what the check is for.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError as e:
