@@ -321,7 +321,9 @@ def test_local_sqlite_store_and_pareto_command(monkeypatch, tmp_path, capsys):
     from search.cli import main
 
     monkeypatch.setattr(sys, "argv", ["sparse-search", "pareto", "--json"])
-    main()
+    with pytest.raises(SystemExit) as exit_:  # main() exits with the command's code (7f94876)
+        main()
+    assert exit_.value.code == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["parent_run_id"] == tracker.parent_run_id
     monkeypatch.setattr(sys, "argv", ["sparse-search", "pareto", "--experiment", "nope"])
