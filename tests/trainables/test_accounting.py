@@ -198,10 +198,15 @@ def test_to_dict_and_table() -> None:
         "macs": 12035328, "nonzero_macs": 12035328, "total_params": 704842}
     assert d["layers"][0] == {"name": "stem.conv", "type": "Convolution", "params": 896, "trainable": 896,
                               "nonzero": 896, "macs": 221184, "nonzero_macs": 221184,
-                              "output_shape": [16, 16, 32]}
+                              "output_shape": [16, 16, 32],
+                              # int8: 864 weights + 32 fp32 scales + 32 int32 biases (BN folded);
+                              # fp32: 4 * (864 + 32); SRAM: the 3x32x32 input + the 32x16x16 output
+                              "flash_bytes": 1120, "flash_bytes_fp32": 3584, "weight_format": "dense",
+                              "sram_bytes": 11264}
     lines = acc.table().splitlines()
     assert len(lines) == 1 + 1 + 19 + 1 + 1 + 1
-    assert lines[-2].split() == ["Total", "-", "704,842", "703,114", "703,114", "12,035,328", "(10,)"]
+    assert lines[-2].split() == ["Total", "-", "704,842", "703,114", "703,114", "12,035,328", "(10,)",
+                                 f"{acc.flash_bytes:,}", "-", f"{acc.sram_bytes:,}"]
     assert "BN buffers 1,728" in lines[-1]
     # fixed width: every row's type starts under "Type", its MACs end under the end of "MACs"
     type_at, macs_end = lines[0].index("Type"), lines[0].index("MACs") + len("MACs")
