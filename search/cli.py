@@ -159,10 +159,15 @@ def run(
 
         dry_run_report(spec, dry_run_n or 20, as_json=as_json, echo=typer.echo)
         return
+    from search.preflight import absolute_data_path, preflight
+
+    # Checked before Ray is even imported: a missing file answers in seconds, leaving nothing.
+    spec = absolute_data_path(spec)
+    checked = preflight(spec, address=address, tracking_uri=tracking_uri, mlflow=not no_mlflow)
     from search.tuner import report, run_search
 
     outcome = run_search(spec, storage_dir=storage, address=address, tracking_uri=tracking_uri,
-                         mlflow=not no_mlflow)
+                         mlflow=not no_mlflow, checked=checked)
     raise typer.Exit(report(outcome, as_json=as_json, echo=typer.echo))
 
 

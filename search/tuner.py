@@ -49,6 +49,14 @@ from ray.tune import Callback
 
 from search.errors import UserError
 from search.interrupt import Interrupted
+from search.preflight import (  # noqa: F401 (re-exported)
+    Checked,
+    _detach,
+    absolute_data_path,
+    checked_tracking_uri,
+    cluster_address,
+    preflight,
+)
 from search.rundir import EXPERIMENT_NAME, RunDir, write_atomic
 
 if TYPE_CHECKING:
@@ -92,12 +100,13 @@ _NOISY_LOGGERS = (
 
 class _DropIncomplete(logging.Filter):
     """Ray's end-of-run notes that sparse-search says better: "Trials did not complete" (failed
-    trials are in results.csv) and "Resume experiment with: Tuner.restore(...)" (the CLI
-    prints ``sparse-search resume RUN_DIR``)."""
+    trials are in results.csv), "Resume experiment with: Tuner.restore(...)" and "Stop signal
+    received ... Press CTRL+C to skip" (the CLI prints ``sparse-search resume RUN_DIR``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(("Trials did not complete",
-                                               "Experiment has been interrupted"))
+                                               "Experiment has been interrupted",
+                                               "Stop signal received"))
 
 
 class _DropStaleCheckpoint(logging.Filter):
@@ -137,21 +146,7 @@ class SearchOutcome:
     tracking_error: str | None = None  # MLflow tracking failed (the search went on without it)
 
 
-@dataclass(frozen=True)
-class Checked:
-    """What :func:`preflight` found: everything a search needs, before anything is created."""
-
-    tracking_uri: str | None  # a checked MLflow store, or None (no tracking)
-    plan: Any  # search.resources.TrialPlan
-    attached: bool  # this process attached to ``--address`` (detach when done)
-
-
 # ---------------------------------------------------------------------- Ray
-def cluster_address(address: str | None) -> str | None:
-    """--address, else $RAY_ADDRESS, else None (start a local Ray)."""
-    return address or os.environ.get("RAY_ADDRESS") or None
-
-
 @contextlib.contextmanager
 def scoped_env(values: dict[str, str]) -> Iterator[None]:
     """Set the variables not already set, for the duration of the block only."""
@@ -243,17 +238,16 @@ def run_search(
     mlflow: bool = True,
     progress: bool = True,
     progress_interval_s: float = 30.0,
+    checked: Checked | None = None,
 ) -> SearchOutcome:
     """Run ``spec`` in a new run dir under ``storage_dir``; returns when every trial ended.
 
     Everything is checked first (:func:`preflight`: data, tracking store, resources): a failed
     check raises a UserError and leaves no run dir, MLflow run or Ray runtime behind.
     """
-    if spec.data.path is not None and not Path(spec.data.path).is_absolute():
-        # spec.yaml must still find the data when `resume` runs from another directory.
-        spec = dataclasses.replace(
-            spec, data=spec.data.replace(path=str(Path(spec.data.path).resolve())))
-    checked = preflight(spec, address=address, tracking_uri=tracking_uri, mlflow=mlflow)
+    spec = absolute_data_path(spec)
+    if checked is None:
+        checked = preflight(spec, address=address, tracking_uri=tracking_uri, mlflow=mlflow)
     try:
         run = RunDir.create(storage_dir, spec.name)
         write_atomic(run.spec, spec.to_yaml())
@@ -262,43 +256,6 @@ def run_search(
         raise
     return _search(spec, run, resuming=False, checked=checked, address=address,
                    progress=progress, progress_interval_s=progress_interval_s)
-
-
-def preflight(spec: SearchSpec, *, address: str | None, tracking_uri: str | None,
-              mlflow: bool) -> Checked:
-    """Check the data (present, readable, its shape: no pixels read), the tracking store and
-    the per-trial resources against the cluster, in that order, before anything is created.
-
-    A local search reads this machine's CPUs and GPUs without starting Ray; with ``--address``
-    this attaches to the cluster (cheap) and reads its nodes.
-    """
-    from search import resources
-    from trainables.data import probe_dataset
-
-    probe_dataset(spec.data)
-    uri = checked_tracking_uri(tracking_uri) if mlflow else None
-    address = cluster_address(address)
-    attached = False
-    if address is None:
-        cluster = resources.local_cluster()
-    else:
-        attached = init_ray(address)
-        cluster = resources.ray_cluster(address)
-    checked = Checked(tracking_uri=uri, plan=None, attached=attached)
-    try:
-        plan = resources.plan(spec.resources, cluster, max_concurrent=spec.search.max_concurrent,
-                              source=spec.source)
-    except BaseException:
-        _detach(checked)
-        raise
-    return dataclasses.replace(checked, plan=plan)
-
-
-def _detach(checked: Checked) -> None:
-    if checked.attached:
-        import ray
-
-        ray.shutdown()
 
 
 def resume_search(
@@ -428,16 +385,6 @@ def _pending_once(plan: Any) -> None:
         f = _PendingOnce()
         logger.addFilter(f)
     f.plan, f.said = plan, False
-
-
-def checked_tracking_uri(tracking_uri: str | None) -> str:
-    """--tracking-uri, else $MLFLOW_TRACKING_URI, else ./mlflow.db; a UserError when that
-    store cannot be used (checked before anything trains)."""
-    from search.tracking import check_reachable, resolve_tracking_uri
-
-    uri = resolve_tracking_uri(tracking_uri)
-    check_reachable(uri)
-    return uri
 
 
 def _tracker(spec: SearchSpec, run: RunDir, tracking_uri: str) -> Any:

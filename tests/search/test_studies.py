@@ -70,18 +70,16 @@ def test_every_study_loads_and_dry_runs_within_budget(path):
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
-def test_cpu_defaults_data_paths_from_the_repo_root(path):
+def test_cpu_defaults_and_datasets_by_name(path):
     spec = load_spec(path)
     # CPU-affordable defaults: no GPU asked for, a data subset or a small exported folder.
     assert spec.resources.gpu == 0
     if spec.data.name == "imagefolder":
         assert spec.data.path == "/tmp/cifar10-folder" and spec.data.image_size == 32
     else:
-        # Relative to the working directory: run from the repo root, it is ../shared/datasets.
-        assert spec.data.path == f"../shared/datasets/{spec.data.name}.npz"
+        # Named, not located: the dataset cache (or --data-path); no development-machine path.
+        assert spec.data.path is None
         assert spec.data.subset is not None and spec.data.subset <= 12000
-        resolved = (ROOT / spec.data.path).resolve()
-        assert resolved == ROOT.parent / "shared" / "datasets" / f"{spec.data.name}.npz"
 
 
 def test_sparsenet_vs_densenet_seed_proposes_both_wirings_at_one_shape():
