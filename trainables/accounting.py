@@ -208,6 +208,15 @@ def count_module(model: nn.Module, input_shape: tuple[int, int, int]) -> Account
     return _account(model, rows, *_trace_flop_counter(model, rows, input_shape))
 
 
+def bn_folding(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[nn.Module, nn.Module]:
+    """Which BatchNorm folds into which conv/linear (the pairs flash counts as folded): a BN whose
+    input is a conv's or linear's output that nothing else reads. One shape-only pass."""
+    rows = _row_modules(model)
+    _, _, flow = _trace_shapes(model, rows, input_shape)
+    assert flow is not None
+    return _Deployment(model, rows, flow).folded
+
+
 # A trace: the row modules' one-sample output shapes in execution order (first call), the
 # MACs each leaf module did, and the dataflow of the forward (None: not recorded).
 Trace = tuple[dict[nn.Module, tuple[int, ...]], dict[nn.Module, int], "_Flow | None"]
