@@ -1,0 +1,171 @@
+"""Latency measured, not modelled: an architecture's untrained network timed with ONNX Runtime.
+
+:func:`measure_latency` builds ``arch`` (seeded, untrained: latency does not depend on the
+weights' values), exports it to ONNX (:func:`trainables.quantize.export_onnx`; ``int8``
+quantizes it first with random calibration data, as :func:`trainables.quantize.quantize_file`
+does for trained models) and times ONNX Runtime on this CPU: batch 1, ``intra_op_num_threads``
+= 1, ``warmup`` untimed runs, then ``repeats`` samples of ``number`` back-to-back runs each
+(``number`` chosen so one sample lasts >= ``min_sample_s``, since one run of a small net takes
+tens of microseconds). It reports the median per-run time over the samples and their
+coefficient of variation (stdev / mean).
+
+Results are cached per (architecture key, precision, threads, CPU model, onnxruntime version)
+as one JSON file in ``cache_dir`` (default ``$XDG_CACHE_HOME/sparse-search/latency``, else
+``~/.cache/sparse-search/latency``): a cached figure is only reused on the same kind of machine,
+and every record says which CPU (``/proc/cpuinfo``'s model name) and runtime measured it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainables.arch import ArchConfig
+
+__all__ = ["Latency", "cpu_model", "default_cache_dir", "measure_latency", "time_onnx"]
+
+PRECISIONS = ("fp32", "int8")
+
+
+@dataclass(frozen=True)
+class Latency:
+    """One latency measurement (a cache file's content)."""
+
+    arch_key: str  # ArchConfig.key()
+    arch: str  # ArchConfig.canonical()
+    precision: str  # fp32 | int8
+    median_ms: float  # median over samples of the mean time of one batch-1 run
+    cv: float  # coefficient of variation of the samples (stdev / mean)
+    repeats: int  # samples
+    number: int  # runs per sample
+    warmup: int  # untimed runs first
+    threads: int  # intra_op_num_threads
+    cpu: str  # /proc/cpuinfo model name (platform.processor() elsewhere)
+    onnxruntime: str  # onnxruntime.__version__
+    measured_at: str  # UTC, ISO 8601
+    cached: bool = False  # True when read from the cache, not measured now
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else platform.processor()."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "sparse-search" / "latency"
+
+
+def time_onnx(path: str | Path, input_shape: tuple[int, int, int], *, threads: int = 1,
+              warmup: int = 20, repeats: int = 30, min_sample_s: float = 0.01,
+              seed: int = 0) -> tuple[float, float, int]:
+    """(median ms per run, CV, runs per sample) of the ONNX model at ``path`` at batch 1."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    feed = {"images": np.random.default_rng(seed).standard_normal((1, *input_shape), dtype=np.float32)}
+    run = sess.run
+    for _ in range(max(1, warmup)):
+        run(None, feed)
+    number, elapsed = 1, 0.0
+    while True:  # calibrate: runs per sample so that a sample lasts >= min_sample_s
+        t = time.perf_counter()
+        for _ in range(number):
+            run(None, feed)
+        elapsed = time.perf_counter() - t
+        if elapsed >= min_sample_s or number >= 1 << 16:
+            break
+        number *= 2
+    samples = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(number):
+            run(None, feed)
+        samples.append((time.perf_counter() - t) / number * 1000)
+    mean = statistics.fmean(samples)
+    cv = statistics.stdev(samples) / mean if len(samples) > 1 and mean > 0 else 0.0
+    return statistics.median(samples), cv, number
+
+
+def _cache_file(cache_dir: Path, arch: ArchConfig, precision: str, threads: int, cpu: str, ort_version: str) -> Path:
+    tag = hashlib.sha256(f"{arch.key()}|{precision}|{threads}|{cpu}|{ort_version}".encode()).hexdigest()[:16]
+    return cache_dir / f"{arch.key()}-{precision}-{tag}.json"
+
+
+def measure_latency(
+    arch: ArchConfig,
+    *,
+    precision: str = "fp32",
+    threads: int = 1,
+    warmup: int = 20,
+    repeats: int = 30,
+    min_sample_s: float = 0.01,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    seed: int = 0,
+) -> Latency:
+    """The batch-1 ONNX Runtime latency of ``arch`` on this CPU, from the cache when there."""
+    import onnxruntime as ort
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"{precision=} is invalid: expected one of {', '.join(PRECISIONS)}")
+    if not (isinstance(repeats, int) and repeats >= 2):
+        raise ValueError(f"{repeats=} must be an integer >= 2")
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cpu = cpu_model()
+    path = _cache_file(cache, arch, precision, threads, cpu, ort.__version__)
+    if use_cache and path.is_file():
+        try:
+            return Latency(**{**json.loads(path.read_text()), "cached": True})
+        except (ValueError, TypeError):
+            pass  # a corrupt or older record: measure again
+    from trainables.models import build_model
+    from trainables.quantize import deploy_model, export_onnx, quantize_file
+
+    shape = (arch.in_channels, *arch.input_size)
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory(prefix="sparse-search-latency-") as tmp:
+        model = deploy_model(build_model(arch).eval(), shape)
+        onnx_path = export_onnx(model, shape, Path(tmp) / "fp32.onnx")
+        if precision == "int8":
+            rng = np.random.default_rng(seed)
+            calib = [rng.standard_normal((8, *shape), dtype=np.float32) for _ in range(4)]
+            onnx_path = quantize_file(onnx_path, Path(tmp) / "int8.onnx", calib)
+        median, cv, number = time_onnx(onnx_path, shape, threads=threads, warmup=warmup,
+                                       repeats=repeats, min_sample_s=min_sample_s, seed=seed)
+    result = Latency(arch_key=arch.key(), arch=arch.canonical(), precision=precision,
+                     median_ms=median, cv=cv, repeats=repeats, number=number, warmup=warmup,
+                     threads=threads, cpu=cpu, onnxruntime=ort.__version__,
+                     measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    if use_cache:
+        cache.mkdir(parents=True, exist_ok=True)
+        record = {k: v for k, v in result.to_dict().items() if k != "cached"}
+        tmp_path = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp_path.write_text(json.dumps(record, indent=1))
+        tmp_path.replace(path)  # atomic: parallel trials never read half a file
+    return result
