@@ -1,14 +1,21 @@
-"""Export a trial's model from MLflow: state_dict, TorchScript or ONNX.
+"""Export a trial's model from MLflow: state_dict, TorchScript, ONNX or int8 ONNX.
 
 The tracker uploads ``model.pt`` (a state_dict) and ``arch.yaml`` to the child run of every
 Pareto-front member; the network is rebuilt from the ArchConfig with
 ``trainables.models.build_model`` and the weights loaded with ``torch.load(weights_only=True)``
 (tensors only: a downloaded file never runs code). A pruned state_dict (``*_orig`` and
 ``*_mask`` keys) is folded into plain weights with the zeros baked in.
+
+``onnx-int8`` post-training quantizes the model (``trainables.quantize.quantize_int8``: BN
+folded, per-channel static int8, QOperator) with calibration images from the dataset the
+search recorded (the parent run's ``spec_resolved.yaml`` ``data:`` section, or ``data=``),
+writes ``<out>`` (int8), ``<out stem>.fp32.onnx`` beside it and ``<out>.json`` (the int8 and fp32
+test accuracies, the calibration size, the file's weight bytes).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import warnings
 from pathlib import Path
@@ -20,8 +27,10 @@ if TYPE_CHECKING:
     from torch import nn
 
     from trainables.arch import ArchConfig
+    from trainables.data import DataConfig
+    from trainables.quantize import Int8Result
 
-FORMATS = ("state_dict", "torchscript", "onnx")
+FORMATS = ("state_dict", "torchscript", "onnx", "onnx-int8")
 
 
 def load_run_model(run_id: str, tracking_uri: str) -> tuple[nn.Module, ArchConfig]:
@@ -52,6 +61,55 @@ def load_run_model(run_id: str, tracking_uri: str) -> tuple[nn.Module, ArchConfi
     return model, arch
 
 
+def recorded_data(run_id: str, tracking_uri: str) -> DataConfig:
+    """The DataConfig of the search a child run belongs to (its parent's spec_resolved.yaml)."""
+    import yaml
+
+    from search.tracking import TAG_PARENT, client_for
+    from trainables.data import DataConfig, DataError
+
+    client = client_for(tracking_uri)
+    parent = client.get_run(run_id).data.tags.get(TAG_PARENT)
+    hint = "pass the dataset explicitly (export_run(..., data=DataConfig(...)))"
+    if parent is None:
+        raise UserError(f"run {run_id} has no parent search run to read its dataset from: {hint}")
+    names = {f.path for f in client.list_artifacts(parent)}
+    if "spec_resolved.yaml" not in names:
+        raise UserError(f"search run {parent} has no spec_resolved.yaml artifact: {hint}")
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = yaml.safe_load(Path(client.download_artifacts(parent, "spec_resolved.yaml", tmp)).read_text())
+    data = spec.get("data") if isinstance(spec, dict) else None
+    if not isinstance(data, dict) or "name" not in data:
+        raise UserError(f"search run {parent}'s spec_resolved.yaml has no data section: {hint}")
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    try:
+        return DataConfig(**{k: v for k, v in data.items() if k in known})
+    except DataError as e:
+        raise UserError(f"search run {parent}'s recorded data is invalid: {e}") from None
+
+
+def export_int8(model: nn.Module, arch: ArchConfig, data: DataConfig, out: str | Path, *,
+                calibration: int = 256) -> Int8Result:
+    """Quantize ``model`` to int8 ONNX at ``out`` with ``calibration`` training images of ``data``;
+    also writes ``<out>.json`` (the :class:`~trainables.quantize.Int8Result`)."""
+    import json
+
+    from trainables.arch import ArchError
+    from trainables.data import load_dataset
+    from trainables.quantize import quantize_int8
+    from trainables.trial import check_compatible
+
+    splits = load_dataset(data)
+    try:
+        check_compatible(arch, splits)
+    except ArchError as e:
+        raise UserError(str(e)) from None
+    out = Path(out)
+    result = quantize_int8(model, splits, out, calibration=calibration)
+    Path(f"{out}.json").write_text(json.dumps(result.to_dict(), indent=1))
+    return result
+
+
 def rebuild(arch: ArchConfig, weights: str | Path) -> nn.Module:
     """``build_model(arch)`` with the state_dict at ``weights`` (pruning masks folded in)."""
     import torch
@@ -71,9 +129,13 @@ def rebuild(arch: ArchConfig, weights: str | Path) -> nn.Module:
 
 
 def export_model(model: nn.Module, arch: ArchConfig, fmt: str, out: str | Path) -> Path:
-    """Write ``model`` as ``fmt``; TorchScript and ONNX take inputs (N, C, H, W), any N."""
+    """Write ``model`` as ``fmt``; TorchScript and ONNX take inputs (N, C, H, W), any N.
+
+    ``onnx-int8`` needs calibration data: use :func:`export_int8`."""
     import torch
 
+    if fmt == "onnx-int8":
+        raise UserError("--format onnx-int8 needs calibration data: use export_int8 or export_run")
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is invalid: expected one of {', '.join(FORMATS)}")
     out = Path(out)
@@ -96,9 +158,14 @@ def export_model(model: nn.Module, arch: ArchConfig, fmt: str, out: str | Path) 
     return out
 
 
-def export_run(run_id: str, *, fmt: str, out: str | Path, tracking_uri: str) -> Path:
-    """`sparse-search export`: download, rebuild, write."""
+def export_run(run_id: str, *, fmt: str, out: str | Path, tracking_uri: str,
+               data: DataConfig | None = None, calibration: int = 256) -> Path:
+    """`sparse-search export`: download, rebuild, write. ``onnx-int8`` calibrates on ``data``
+    (default: the dataset the run's search recorded) and writes ``<out>.json`` beside ``out``."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is invalid: expected one of {', '.join(FORMATS)}")
     model, arch = load_run_model(run_id, tracking_uri)
+    if fmt == "onnx-int8":
+        data = data if data is not None else recorded_data(run_id, tracking_uri)
+        return export_int8(model, arch, data, out, calibration=calibration).path
     return export_model(model, arch, fmt, out)

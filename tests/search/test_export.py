@@ -115,3 +115,61 @@ def test_export_errors_are_user_errors(recorded, tmp_path, monkeypatch, capsys):
     assert exit_.value.code == 2
     assert "--format 'tflite' is invalid" in capsys.readouterr().err
     assert not Path(tmp_path / "m").exists()
+
+
+DIGITS_ARCH = ArchConfig(in_channels=1, input_size=(8, 8), stem=StemConfig(width=6),
+                         stages=(StageConfig(block="residual", width=8),), head=(HeadLayer(16, density=0.5),))
+DIGITS = {"name": "digits", "path": None, "val_fraction": 0.2, "subset": None, "test_subset": None,
+          "image_size": None, "seed": 0, "download": False, "num_classes": None}
+
+
+@pytest.fixture(scope="module")
+def recorded_digits(mlflow_server, tmp_path_factory):
+    """A search on digits (spec_resolved.yaml has its data section), one front member."""
+    from trainables.data import DataConfig, load_dataset
+    from trainables.train import TrainConfig, fit
+
+    run_dir = tmp_path_factory.mktemp("export_int8")
+    torch.manual_seed(0)
+    model = build_model(DIGITS_ARCH)
+    fit(model, load_dataset(DataConfig(**DIGITS)), TrainConfig(epochs=20, threads=1), device="cpu")
+    torch.save(model.state_dict(), run_dir / "weights.pt")
+    tracker = SearchTracker(mlflow_server.url, "export-int8", run_dir=run_dir, spec_dict={"data": DIGITS},
+                            spec_yaml_text="", search_name="export-int8", front_interval_s=0).start()
+    tracker.trial_started("front", DIGITS_ARCH, DIGITS_ARCH.to_flat())
+    tracker.trial_finished("front", {"val_accuracy": 0.9, "nonzero_params": 500},
+                           model_path=run_dir / "weights.pt")
+    tracker.update_front(pd.DataFrame([{"trial_key": "front", "val_accuracy": 0.9, "nonzero_params": 500}]),
+                         step=1, final=True)
+    tracker.finish()
+    return mlflow_server.url, tracker._children["front"]
+
+
+def test_export_onnx_int8_calibrates_on_the_recorded_dataset(recorded_digits, tmp_path):
+    import json
+
+    from trainables.accounting import count
+    from trainables.quantize import onnx_weight_bytes
+
+    uri, run_id = recorded_digits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = export_run(run_id, fmt="onnx-int8", out=tmp_path / "m.int8.onnx", tracking_uri=uri)
+    assert out == tmp_path / "m.int8.onnx" and (tmp_path / "m.int8.fp32.onnx").is_file()
+    report = json.loads((tmp_path / "m.int8.onnx.json").read_text())
+    assert report["split"] == "test" and report["calibration_images"] == 256
+    assert report["accuracy_fp32"] > 0.5 and report["accuracy_drop"] < 0.05
+    assert onnx_weight_bytes(out).weights == report["weight_bytes"] == count(DIGITS_ARCH).flash_bytes_dense
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert "QLinearConv" in ops and "QGemm" in ops
+
+
+def test_export_onnx_int8_without_recorded_data_is_a_user_error(recorded, tmp_path):
+    uri, runs, _ = recorded  # its search recorded no data section (spec_dict={})
+    with pytest.raises(UserError, match="no data section"):
+        export_run(runs["front"], fmt="onnx-int8", out=tmp_path / "m.onnx", tracking_uri=uri)
+    from trainables.data import DataConfig
+
+    with pytest.raises(UserError, match="does not match digits"):  # 12x12 arch, 8x8 digits
+        export_run(runs["front"], fmt="onnx-int8", out=tmp_path / "m.onnx", tracking_uri=uri,
+                   data=DataConfig(name="digits"))
