@@ -155,7 +155,7 @@ def check_reachable(uri: str, *, timeout: float = 5.0) -> None:
         if not parent.is_dir():
             raise UserError(f"tracking URI {uri}: folder {parent} does not exist")
         db = sqlite_path(uri)
-        if db is not None:
+        if db is not None and db.exists():  # a new store: nothing to check, nothing to create
             with store_lock(uri):  # not while a search of ours migrates it (a transient copy)
                 check_not_half_migrated(db)
 
