@@ -223,15 +223,36 @@ def _socket_timeout(seconds: float) -> Iterator[None]:
         socket.setdefaulttimeout(old)
 
 
+def _mirror_unreachable(mirror: str) -> str | None:
+    """Why the mirror's host cannot be reached (refused, no route, no name), or None: a
+    second's socket check that spares importing torchvision (seconds) when it cannot work."""
+    from urllib.parse import urlparse
+
+    u = urlparse(mirror)
+    if not u.hostname:
+        return None
+    port = u.port or (443 if u.scheme == "https" else 80)
+    try:
+        socket.create_connection((u.hostname, port), timeout=1.0).close()
+    except OSError as e:
+        return f"{mirror}: {e.strerror or e}"
+    return None
+
+
 def _download(name: str, raw: Path) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
     from urllib.error import URLError
 
+    mirror = os.environ.get(ENV_MIRROR, "").strip().rstrip("/")
+    why = _mirror_unreachable(mirror) if mirror else None
+    if why is not None:
+        raise _data_error(
+            f"could not fetch {name} into the dataset cache {cache_dir()} ({why}): this "
+            f"machine may be offline or the source unreachable; {_supply_hint(name)}")
     from torchvision.datasets import CIFAR10, CIFAR100, MNIST, FashionMNIST
 
     from trainables.data import _read_cifar_pickles, _read_torchvision_mnist
 
     base = {"mnist": MNIST, "fashion-mnist": FashionMNIST, "cifar10": CIFAR10, "cifar100": CIFAR100}[name]
-    mirror = os.environ.get(ENV_MIRROR, "").strip().rstrip("/")
     is_mnist = name in ("mnist", "fashion-mnist")
     if is_mnist:
         bases = [mirror + "/"] if mirror else list(base.mirrors)
