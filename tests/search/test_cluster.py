@@ -142,6 +142,22 @@ def test_submit_follow_runs_the_search_on_a_loopback_cluster(head, tmp_path):
     assert addrs and all(a.startswith(LOOPBACK) for a in addrs), addrs
 
 
+def test_submit_follow_of_a_failing_job_exits_1(head, tmp_path):
+    """Through the installed console script: the job's search cannot find its data (exit 2 on
+    the cluster), the job ends FAILED, and `submit --follow` says so and exits 1."""
+    url, _sid, _temp = head
+    spec = tmp_path / "failing.yaml"
+    spec.write_text(SPEC.replace("data: {name: digits, val_fraction: 0.2, subset: 300}",
+                                 "data: {name: mnist, path: /nonexistent/mnist.npz}"))
+    cli = str(Path(sys.executable).with_name("sparse-search"))
+    done = subprocess.run([cli, "submit", str(spec), "--address", url, "--follow", "--no-mlflow",
+                           "--storage", str(tmp_path / "runs")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.fullmatch(r"job \S+: FAILED", done.stdout.strip().splitlines()[-1])
+    assert "/nonexistent/mnist.npz: no such file" in done.stdout
+
+
 def test_entrypoint_uses_this_python_locally_and_the_path_remotely():
     local = entrypoint(local=True, python=None, storage="/r", tracking_uri=None, mlflow=False,
                        as_json=True)
