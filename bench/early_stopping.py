@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: MNIST not found at {args.data}: pass --data PATH", file=sys.stderr)
         return 2
 
-    from search.tuner import init_ray
+    from search.ray_runtime import init_ray
 
     seeds, budget_s = size.pop("seeds"), size.pop("budget_s")
     specs = {}

@@ -3,7 +3,7 @@
 Three ways to search the same space (default spaces/studies/tiny-mnist.yaml: tiny CNNs under a
 3,500-param budget) with the same trainable, data, epochs, trials and resources:
 
-- ``sparse-search``: ``search.tuner.run_search`` as ``sparse-search run`` runs it: the Proposer's
+- ``sparse-search``: ``search.driver.run_search`` as ``sparse-search run`` runs it: the Proposer's
   TPE with the budget screen (each proposal is built on the meta device and counted, ~80 ms on
   a 2-core machine; over-budget shapes are told to Optuna as infeasible and never trained),
   Ray Tune underneath;
@@ -161,7 +161,7 @@ def bench_spec(space: Path, *, data: Path, trials: int, subset: int, test_subset
 # ---------------------------------------------------------------------- (a) sparse-search
 def run_sparse_search(spec: Any, storage: Path) -> RunResult:
     """``sparse-search run`` in-process; trial end times are its result.json write times."""
-    from search.tuner import run_search
+    from search.driver import run_search
 
     start = time.time()
     outcome = run_search(spec, storage_dir=storage, mlflow=False, progress=False)
@@ -233,8 +233,8 @@ def run_stock(spec: Any, storage: Path, *, method: str) -> RunResult:
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
+    from search.ray_runtime import TUNE_ENV, scoped_env
     from search.space import SearchSpace
-    from search.tuner import TUNE_ENV, scoped_env
     from trainables.data import load_dataset
 
     timer = FinishTimes()
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from search.errors import UserError
-    from search.tuner import init_ray
+    from search.ray_runtime import init_ray
 
     seeds = size.pop("seeds")
     try:

@@ -155,7 +155,7 @@ def run(
     spec = load_spec(spec_path, num_samples=num_samples, max_params=max_params, seed=seed,
                      data_path=data_path, time_budget=time_budget)
     if dry_run:
-        from search.tuner import dry_run_report
+        from search.driver import dry_run_report
 
         dry_run_report(spec, dry_run_n or 20, as_json=as_json, echo=typer.echo)
         return
@@ -164,7 +164,7 @@ def run(
     # Checked before Ray is even imported: a missing file answers in seconds, leaving nothing.
     spec = absolute_data_path(spec)
     checked = preflight(spec, address=address, tracking_uri=tracking_uri, mlflow=not no_mlflow)
-    from search.tuner import report, run_search
+    from search.driver import report, run_search
 
     outcome = run_search(spec, storage_dir=storage, address=address, tracking_uri=tracking_uri,
                          mlflow=not no_mlflow, checked=checked)
@@ -180,7 +180,7 @@ def resume(
     as_json: bool = typer.Option(False, "--json", help="end stdout with one JSON object: run_dir, counts, front"),
 ) -> None:
     """Continue an interrupted search (driver killed, Ctrl-C): finished trials are kept."""
-    from search.tuner import report, resume_search
+    from search.driver import report, resume_search
 
     outcome = resume_search(run_dir, address=address, tracking_uri=tracking_uri,
                             mlflow=not no_mlflow)

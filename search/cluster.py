@@ -111,9 +111,9 @@ def submit(
     echo: Callable[[str], None] = print,
 ) -> tuple[str, str | None]:
     """Submit the search; returns (job id, final status if ``follow`` else None)."""
+    from search.ray_runtime import QUIET_ENV
     from search.spec import load_spec
     from search.tracking import resolve_tracking_uri
-    from search.tuner import QUIET_ENV
 
     spec = load_spec(spec_path, **overrides)  # a bad spec fails here, not on the cluster
     if spec.data.path is not None and not Path(spec.data.path).is_absolute():

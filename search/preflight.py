@@ -57,7 +57,7 @@ def preflight(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
     if address is None:
         cluster = resources.local_cluster()
     else:
-        from search.tuner import init_ray
+        from search.ray_runtime import init_ray
 
         attached = init_ray(address)
         cluster = resources.ray_cluster(address)

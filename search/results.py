@@ -372,10 +372,12 @@ def error_message(trial: Trial) -> str:
     """
     import cloudpickle
 
+    from search.ray_compat import trial_error_file
+
     exc = None
-    if trial.pickled_error_file and Path(trial.pickled_error_file).is_file():
+    if (error_file := trial_error_file(trial)) is not None:
         try:
-            exc = cloudpickle.loads(Path(trial.pickled_error_file).read_bytes())
+            exc = cloudpickle.loads(error_file.read_bytes())
         except Exception:  # an unpicklable cause: fall back to the text trace
             exc = None
     cause = getattr(exc, "cause", None) or exc

@@ -1,361 +1,47 @@
-"""Run a search on Ray Tune: locally (default) or on a Ray cluster (``address``), and resume it.
+"""Build (or restore) the Ray Tune run of a search and run it to the end.
 
-One search, end to end::
+``fit``: the dataset via the object store, the ProposerSearcher in a ConcurrencyLimiter, ASHA /
+multi-objective ASHA / FIFO, the per-trial placement bundle, reused actors, and the callbacks
+(Recorder first, progress line, MLflow in the background). What keeps the per-trial overhead
+small (2 CPU cores here): actors are reused across trials (a fresh worker costs ~2 s: process
+start + torch import), Ray's per-result CSV/JSON/TensorBoard loggers are off (the Recorder
+keeps what matters), and everything slow in the driver (MLflow calls, per-layer accounting of
+finished models) runs on one background thread (:mod:`search.background`), never inside
+Tune's event loop. The lifecycle around it (checks, run dir, MLflow, exit codes) is
+:mod:`search.driver`.
 
-    spec ──> run dir (spec.yaml) ──> dataset loaded ONCE in the driver, while Ray starts
-         ──> Tuner(train_trial + dataset via the object store, ProposerSearcher in a
-             ConcurrencyLimiter, ASHA or FIFO, cpu/gpu per trial, reused actors)
-         ──> Recorder (trials/<key>/, CSVs) ─> progress line ─> MLflow (background thread)
-         ──> the Pareto front (table on stdout, summary dict returned)
-
-What keeps the per-trial overhead small (2 CPU cores here): actors are reused across trials (a
-fresh worker costs ~2 s: process start + torch import), Ray's per-result CSV/JSON/TensorBoard
-loggers are off (the Recorder keeps what matters), and everything slow in the driver (MLflow
-calls, per-layer accounting of finished models) runs on one background thread
-(:mod:`search.background`), never inside Tune's event loop.
-
-Quiet by default: no Ray banner, dashboard, usage stats, progress tables or trial tracebacks
-(a failed trial is one line on stderr and a row in results.csv). A local Ray binds loopback
-only (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` makes Ray pick 127.0.0.1 as the node address,
-so gcs_server, raylet, workers and agents listen there; ``_node_ip_address="127.0.0.1"``
-alone is rewritten to the machine's outward address) and keeps token auth on. The
-environment settings are scoped to Ray's start and Tune's run (see ``scoped_env``).
-
-On a multi-node cluster, ``storage_dir`` must be a folder every node sees at the same path
-(NFS or similar): trial checkpoints are written there by the workers.
-
-Resume (``resume_search``) after any kind of death of the driver, SIGKILL included: Ray's
-experiment snapshot restores the trials (finished ones are not rerun, unfinished ones continue
-from their last checkpoint; errored ones stay errored: they already used their
-``max_failures`` retries), the Optuna journal restores what the sampler learned, and the
-Recorder's files on disk say which trials finished. A trial that finished after Ray's last
-snapshot reruns its last epochs but is recorded (and told to Optuna) once. See
-:mod:`search.searcher` for how asked-but-unrecorded Optuna trials of the dead driver are closed.
+``FrontToTracker`` is pickled into every run dir's tuner.pkl: it stays importable here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import logging
 import math
-import os
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
-from search.errors import UserError
-from search.interrupt import Interrupted
-from search.preflight import (  # noqa: F401 (re-exported)
-    Checked,
-    _detach,
-    absolute_data_path,
-    checked_tracking_uri,
-    cluster_address,
-    preflight,
+from search import ray_compat
+from search.ray_runtime import (  # noqa: F401 (re-exported: the names callers knew here)
+    LOCAL_ENV,
+    QUIET_ENV,
+    START_ENV,
+    TUNE_ENV,
+    init_ray,
+    quiet_logging,
+    scoped_env,
 )
-from search.rundir import EXPERIMENT_NAME, RunDir, write_atomic
+from search.rundir import EXPERIMENT_NAME, RunDir
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
 
+    from search.driver import SearchOutcome
     from search.results import Recorder
     from search.searcher import ProposerSearcher
     from search.spec import SearchSpec
 
 log = logging.getLogger("sparse_search.tuner")
-
-# Environment defaults for a quiet search (a user's own settings win). Set only while Ray
-# starts (START_ENV: the raylet and workers inherit it) and while Tune runs (TUNE_ENV), then
-# removed again: a notebook or test process that also uses Ray directly keeps its own defaults.
-START_ENV = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "PYTHONWARNINGS": "ignore::DeprecationWarning",  # the workers' torch/ray deprecations
-}
-TUNE_ENV = {
-    # The new output engine prints a configuration box and paths even at verbose=0.
-    "RAY_AIR_NEW_OUTPUT": "0",
-    # The Recorder writes what matters; Ray's per-result CSV/JSON/TBX files cost time per report.
-    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
-    # Failed trials are reported by the Recorder (one line), not with a full traceback each.
-    "TUNE_PRINT_ALL_TRIAL_ERRORS": "0",
-    # num_to_keep forces frequent experiment snapshots (wanted: a resume loses little).
-    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
-}
-QUIET_ENV = {**START_ENV, **TUNE_ENV}  # what a submitted job's driver gets
-# Local clusters only: bind loopback. (Token auth stays on, Ray's default; its "enabled by
-# default" warning is silenced below. Setting RAY_AUTH_MODE here would not do: Ray caches the
-# mode when first imported, and a driver and its gcs_server that disagree cannot talk.)
-LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-_NOISY_LOGGERS = (
-    # Warns that result.json files are missing: the auto loggers are off on purpose.
-    "ray.tune.analysis.experiment_analysis",
-    "ray.tune.impl.tuner_internal",
-    "ray._private.authentication.authentication_token_setup",
-)
-
-
-class _DropIncomplete(logging.Filter):
-    """Ray's end-of-run notes that sparse-search says better: "Trials did not complete" (failed
-    trials are in results.csv), "Resume experiment with: Tuner.restore(...)" and "Stop signal
-    received ... Press CTRL+C to skip" (the CLI prints ``sparse-search resume RUN_DIR``)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(("Trials did not complete",
-                                               "Experiment has been interrupted",
-                                               "Stop signal received"))
-
-
-class _DropStaleCheckpoint(logging.Filter):
-    """After a resume, a trial that the dead driver's last snapshot caught mid-way re-reports;
-    Ray then tries to delete a checkpoint the dead driver had already deleted and logs the
-    FileNotFoundError with a traceback. Nothing is lost: drop exactly that record."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not ("Error handling checkpoint" in str(record.msg)
-                    and isinstance(exc, FileNotFoundError))
-
-
-class _DropSyncRace(logging.Filter):
-    """Ray writes each experiment snapshot into its driver staging dir (temporary files, then
-    renamed) while the previous snapshot's copy to the run dir may still be listing that dir;
-    a temporary file renamed between the listing and the copy makes the copy fail with a
-    FileNotFoundError, logged with a traceback (seen once in a CI rehearsal: ``.<uuid>-tmp-
-    searcher-state-*.pkl``). Nothing is lost: the next snapshot copies again, and the last one
-    is copied after the trials end, when nothing writes. Drop exactly that record."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not (str(record.msg).startswith("Saving experiment state to storage")
-                    and isinstance(exc, FileNotFoundError) and "tmp-" in str(exc))
-
-
-@dataclass(frozen=True)
-class SearchOutcome:
-    """What a finished (or interrupted) search returns; ``summary`` is the --json object."""
-
-    run_dir: Path
-    complete: bool  # every trial the spec asked for finished (False: interrupted, resume it)
-    summary: dict[str, Any]
-    front_table: str
-    mlflow_note: str | None = None  # where to read the search in MLflow (None: --no-mlflow)
-    tracking_error: str | None = None  # MLflow tracking failed (the search went on without it)
-
-
-# ---------------------------------------------------------------------- Ray
-@contextlib.contextmanager
-def scoped_env(values: dict[str, str]) -> Iterator[None]:
-    """Set the variables not already set, for the duration of the block only."""
-    added = [k for k in values if k not in os.environ]
-    os.environ.update({k: values[k] for k in added})
-    try:
-        yield
-    finally:
-        for k in added:
-            os.environ.pop(k, None)
-
-
-def quiet_logging() -> None:
-    """Lower or filter Ray's and Optuna's chatter (process-wide, idempotent)."""
-    for name in _NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    for name, kind in (("ray.tune.tune", _DropIncomplete),
-                       ("ray.tune.execution.tune_controller", _DropStaleCheckpoint),
-                       ("ray.tune.execution.experiment_state", _DropSyncRace)):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, kind) for f in logger.filters):
-            logger.addFilter(kind())
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    _raylet_errors_to_stderr()
-
-
-def _raylet_errors_to_stderr() -> None:
-    """Ray prints the raylet's error messages ("A worker died or was killed ...") on the
-    driver's *stdout* from a thread of its own, which no setting turns off; the search already
-    records the failed trial (a line on stderr, a row in results.csv), and stdout is for the
-    front table and the ``--json`` line. Send those messages to stderr instead (idempotent; a
-    Ray without this private hook is left alone)."""
-    import ray._private.worker as ray_worker
-
-    original = getattr(ray_worker, "print_to_stdstream", None)
-    if original is None or getattr(original, "_sparse_search", False):
-        return
-
-    def to_stderr(data: dict[str, Any], ignore_prefix: bool) -> None:
-        if data.get("pid") == "raylet":
-            data = {**data, "is_err": True}
-        original(data, ignore_prefix)
-
-    to_stderr._sparse_search = True  # type: ignore[attr-defined]
-    ray_worker.print_to_stdstream = to_stderr
-
-
-def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool:
-    """Start a local Ray (loopback only) or attach to ``address``; True if this call did.
-
-    An already initialised Ray (a test fixture, a notebook) is used as is.
-    """
-    address = cluster_address(address)
-    quiet_logging()
-    import ray
-    from ray._private import ray_constants
-
-    if ray.is_initialized():
-        return False
-    if address is not None:
-        with scoped_env(START_ENV):
-            try:
-                ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-            except (ConnectionError, ValueError, RuntimeError) as e:
-                raise UserError(f"--address {address}: cannot attach to the Ray cluster ({e})") from None
-        return True
-    # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, at import; this process may have
-    # imported it already, so set its constant too (the node address is fixed at init).
-    before = ray_constants.ENABLE_RAY_CLUSTER
-    with scoped_env({**START_ENV, **LOCAL_ENV}):
-        ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] != "0"
-        try:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
-                     log_to_driver=False, configure_logging=True)
-        finally:
-            ray_constants.ENABLE_RAY_CLUSTER = before
-    return True
-
-
-# ---------------------------------------------------------------------- the search
-def run_search(
-    spec: SearchSpec,
-    *,
-    storage_dir: str | Path = "runs",
-    address: str | None = None,
-    tracking_uri: str | None = None,
-    mlflow: bool = True,
-    progress: bool = True,
-    progress_interval_s: float = 30.0,
-    checked: Checked | None = None,
-) -> SearchOutcome:
-    """Run ``spec`` in a new run dir under ``storage_dir``; returns when every trial ended.
-
-    Everything is checked first (:func:`preflight`: data, tracking store, resources): a failed
-    check raises a UserError and leaves no run dir, MLflow run or Ray runtime behind.
-    """
-    spec = absolute_data_path(spec)
-    if checked is None:
-        checked = preflight(spec, address=address, tracking_uri=tracking_uri, mlflow=mlflow)
-    try:
-        run = RunDir.create(storage_dir, spec.name)
-        write_atomic(run.spec, spec.to_yaml())
-    except BaseException:
-        _detach(checked)
-        raise
-    return _search(spec, run, resuming=False, checked=checked, address=address,
-                   progress=progress, progress_interval_s=progress_interval_s)
-
-
-def resume_search(
-    run_dir: str | Path,
-    *,
-    address: str | None = None,
-    tracking_uri: str | None = None,
-    mlflow: bool = True,
-    progress: bool = True,
-    progress_interval_s: float = 30.0,
-) -> SearchOutcome:
-    """Continue an interrupted search in ``run_dir`` (its spec.yaml, journal and experiment).
-
-    MLflow: ``tracking_uri``, else the store the run used (run_dir/mlflow.json); a run that
-    was not tracked stays untracked unless a URI is given.
-    """
-    from search.spec import load_spec
-    from search.tracking import read_state
-
-    run = RunDir.open(run_dir)
-    spec = load_spec(run.spec)
-    if tracking_uri is None:
-        tracking_uri = read_state(run.path).get("tracking_uri")
-        mlflow = mlflow and tracking_uri is not None
-    checked = preflight(spec, address=address, tracking_uri=tracking_uri, mlflow=mlflow)
-    return _search(spec, run, resuming=True, checked=checked, address=address,
-                   progress=progress, progress_interval_s=progress_interval_s)
-
-
-def _search(spec: SearchSpec, run: RunDir, *, resuming: bool, checked: Checked,
-            address: str | None, progress: bool, progress_interval_s: float) -> SearchOutcome:
-    """Train the search in ``run`` with what :func:`preflight` checked."""
-    import sys
-    import time
-    from concurrent.futures import ThreadPoolExecutor
-
-    from search.interrupt import sigterm_as_sigint
-    from search.rundir import write_outcome
-
-    started_at = time.monotonic()  # the time budget counts Ray's start and the data loading
-
-    from search.background import Background
-    from trainables.data import load_dataset
-
-    print(checked.plan.line, file=sys.stderr, flush=True)
-    # Ray's start-up is mostly other processes: meanwhile this one loads the dataset, and the
-    # background thread imports MLflow and opens (or migrates) its store: seconds, which may
-    # run on while the first trials train; calls queued meanwhile wait.
-    background = Background()
-    uri = checked.tracking_uri
-    tracker = _tracker(spec, run, uri) if uri is not None else None
-    if tracker is not None:
-        background.submit(tracker.start, resume=resuming)
-    started = checked.attached
-    try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparse-search-data") as pool:
-            splits = pool.submit(load_dataset, spec.data)
-            started = init_ray(address) or started
-            # ray.init replaces the SIGTERM handler with one that exits at once: put back ours
-            # (SIGTERM stops Tune like Ctrl-C: trials saved, the run resumable).
-            sigterm_as_sigint()
-            splits.exception()  # wait for it (an unreadable dataset raises its DataError below)
-        outcome = _fit(spec, run, splits.result(), resuming=resuming, tracker=tracker,
-                       background=background, progress=progress, started_at=started_at,
-                       progress_interval_s=progress_interval_s, plan=checked.plan)
-    except KeyboardInterrupt:
-        # A second Ctrl-C (Tune stops cleanly on the first), or one during start-up.
-        resumable = (run.experiment / "tuner.pkl").exists()
-        write_outcome(run.path, complete=False, stopped_by="interrupted")
-        if tracker is not None:
-            background.drain()
-            tracker.finish("KILLED", reason=str(Interrupted(run.path, resumable=resumable)))
-        raise Interrupted(run.path, resumable=resumable) from None
-    except BaseException as e:
-        write_outcome(run.path, complete=False, stopped_by=f"error: {type(e).__name__}")
-        if tracker is not None:
-            background.drain()
-            tracker.finish("FAILED", reason=f"{type(e).__name__}: {e}")
-        raise
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
-    write_outcome(run.path, complete=outcome.complete,
-                  stopped_by=outcome.summary.get("stopped_by") if outcome.complete else
-                  "interrupted")
-    if tracker is not None:
-        tracker.finish("FINISHED" if outcome.complete else "KILLED",
-                       reason=None if outcome.complete else
-                       f"interrupted: continue with `sparse-search resume {run.path}`")
-        failure = getattr(tracker, "failure", None) or (
-            f"MLflow tracking at {tracker.tracking_uri} went offline" if tracker.offline else None)
-        local = not tracker.tracking_uri.startswith(("http://", "https://"))
-        note = f"mlflow: {tracker.runs_url or tracker.tracking_uri}"
-        if local:
-            note += f" (start the UI with `sparse-search ui --backend-store-uri {tracker.tracking_uri}`)"
-        outcome = dataclasses.replace(outcome, mlflow_note=None if failure else note,
-                                      tracking_error=failure)
-    return outcome
 
 
 class _PendingOnce(logging.Filter):
@@ -379,7 +65,7 @@ class _PendingOnce(logging.Filter):
 
 
 def _pending_once(plan: Any) -> None:
-    logger = logging.getLogger("ray.tune.execution.insufficient_resources_manager")
+    logger = logging.getLogger(ray_compat.INSUFFICIENT_RESOURCES_LOGGER)
     f = next((f for f in logger.filters if isinstance(f, _PendingOnce)), None)
     if f is None:
         f = _PendingOnce()
@@ -387,19 +73,7 @@ def _pending_once(plan: Any) -> None:
     f.plan, f.said = plan, False
 
 
-def _tracker(spec: SearchSpec, run: RunDir, tracking_uri: str) -> Any:
-    """A SearchTracker for this run, not started yet."""
-    from search.tracking import SearchTracker
-
-    return SearchTracker(
-        tracking_uri, spec.name, run_dir=run.path, spec_dict=spec.to_dict(),
-        spec_yaml_text=run.spec.read_text(), search_name=run.path.name,
-        objectives={o.metric: o.mode for o in spec.objectives},
-        max_params_ref=spec.constraints.max_params,
-    )
-
-
-def _fit(spec: SearchSpec, run: RunDir, splits: Any, *, resuming: bool, tracker: Any,
+def fit(spec: SearchSpec, run: RunDir, splits: Any, *, resuming: bool, tracker: Any,
          background: Any, progress: bool, progress_interval_s: float,
          started_at: float | None = None, plan: Any = None) -> SearchOutcome:
     from ray import tune
@@ -455,6 +129,8 @@ def _fit(spec: SearchSpec, run: RunDir, splits: Any, *, resuming: bool, tracker:
     background.drain()
     ended = searcher.stopped_by or ("num_samples" if searcher.exhausted else None)
     complete = searcher.live == 0 and ended is not None
+    from search.driver import SearchOutcome
+
     return SearchOutcome(
         run_dir=run.path, complete=complete,
         summary=summary(run_dir=str(run.path), recorder=recorder, rejected=searcher.rejected,
@@ -472,7 +148,7 @@ def _tune(spec: SearchSpec, run: RunDir, *, resuming: bool, trainable: Any, sear
     if resuming:
         tuner = tune.Tuner.restore(str(run.experiment), trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
-        _replace_restored(tuner, search_alg=search_alg, callbacks=callbacks)
+        ray_compat.replace_restored(tuner, search_alg=search_alg, callbacks=callbacks)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -490,21 +166,6 @@ def _tune(spec: SearchSpec, run: RunDir, *, resuming: bool, trainable: Any, sear
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
         )
     tuner.fit()
-
-
-def _replace_restored(tuner: Any, *, search_alg: Any, callbacks: list[Any]) -> None:
-    """Give a restored Tuner this process's searcher and callbacks.
-
-    ``Tuner.restore`` re-creates both from tuner.pkl, pickled when the search started, and
-    takes no RunConfig: the progress line and the MLflow tracker of *this* resume (its own
-    flags) would be lost. Ray still restores the searcher and callback state into the objects
-    set here (``restore_from_dir``), so nothing the dead driver knew is dropped.
-    """
-    internal = getattr(tuner, "_local_tuner", None)
-    if internal is None or not hasattr(internal, "_tune_config"):
-        raise UserError("resume needs a local Ray Tune driver (Ray Client is not supported)")
-    internal._tune_config.search_alg = search_alg
-    internal._run_config.callbacks = callbacks
 
 
 def make_scheduler(spec: SearchSpec) -> Any:
@@ -593,57 +254,4 @@ class FrontToTracker(Callback):
     def _update(self, rows: Any, front_keys: list[str], **kwargs: Any) -> None:
         self.tracking.tracker.update_front(rows, front_keys, **kwargs)
 
-
-# ---------------------------------------------------------------------- CLI output
-def report(outcome: SearchOutcome, *, as_json: bool, echo: Any = print) -> int:
-    """Print the front (and the --json line last); the exit code: 0 a complete search, 130
-    interrupted (resumable), 1 every trial failed or MLflow tracking failed (the results are
-    in the run dir; ``sync`` uploads them)."""
-    import json
-    import sys
-
-    echo(outcome.front_table)
-    echo(f"run dir: {outcome.run_dir}")
-    if outcome.mlflow_note:
-        echo(outcome.mlflow_note)
-    code = 0
-    s = outcome.summary
-    if not outcome.complete:
-        print(f"interrupted: continue with `sparse-search resume {outcome.run_dir}`",
-              file=sys.stderr)
-        code = 130
-    elif s.get("failed") and s.get("failed") == s.get("trials"):
-        print(f"error: every trial failed ({s['failed']}): see the error column of "
-              f"{outcome.run_dir / 'results.csv'}", file=sys.stderr)
-        code = 1
-    if outcome.tracking_error:
-        print(f"error: {outcome.tracking_error}; the results are in {outcome.run_dir}: upload "
-              f"them with `sparse-search sync {outcome.run_dir}`", file=sys.stderr)
-        code = code or 1
-    if as_json:
-        echo(json.dumps(outcome.summary))
-    return code
-
-
-def dry_run_report(spec: SearchSpec, n: int, *, as_json: bool, echo: Any = print) -> None:
-    """Sample ``n`` feasible configs (nothing trained): histogram text, or one JSON line."""
-    import json
-
-    from search.space import dry_run
-    from trainables.data import fixed_shape, probe_dataset
-
-    # Fixed-shape datasets need no data at all; others are probed (no pixels read).
-    shape = fixed_shape(spec.data) or probe_dataset(spec.data)
-    result = dry_run(spec, n, input_shape=shape[0], num_classes=shape[1])
-    if not as_json:
-        echo(result.text())
-        return
-    echo(json.dumps({
-        "feasible": len(result.proposals), "rejected": result.rejected,
-        "asked": result.asked, "exhausted": result.exhausted,
-        "feasible_fraction": result.feasible_fraction, "ms_per_screen": result.ms_per_screen,
-        "proposals": [{"nonzero_params": p.screened_params,
-                       "macs": p.accounting.macs if p.accounting else None,
-                       "arch": str(p.arch)} for p in result.proposals],
-    }))
 

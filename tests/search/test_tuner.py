@@ -18,12 +18,14 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+from search.driver import resume_search, run_search
+from search.ray_runtime import init_ray
 from search.results import EARLY_STOPPED, ERROR, TERMINATED, pareto_front
 from search.rundir import RunDir
 from search.searcher import ProposerSearcher
 from search.space import SearchSpace, dry_run
 from search.spec import load_spec
-from search.tuner import init_ray, make_scheduler, max_epochs, resume_search, run_search
+from search.tuner import make_scheduler, max_epochs
 from trainables.accounting import count_module
 from trainables.arch import ArchConfig
 from trainables.models import build_model
@@ -328,7 +330,7 @@ def test_initial_points_train_first_and_are_marked_everywhere(local_ray, mlflow_
 def test_raylet_error_messages_go_to_stderr_not_stdout(capsys):
     import ray._private.worker as ray_worker
 
-    from search.tuner import quiet_logging
+    from search.ray_runtime import quiet_logging
 
     quiet_logging()
     quiet_logging()  # idempotent: one wrapper, not two
@@ -348,7 +350,7 @@ def test_raylet_error_messages_go_to_stderr_not_stdout(capsys):
 def test_a_snapshot_copy_racing_a_temporary_file_is_not_reported():
     import logging
 
-    from search.tuner import quiet_logging
+    from search.ray_runtime import quiet_logging
 
     quiet_logging()
     logger = logging.getLogger("ray.tune.execution.experiment_state")
