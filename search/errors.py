@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import sys
 
+from trainables.errors import ConfigError
 
-class UserError(Exception):
+
+class UserError(ConfigError):
     """Bad input from the user (file, field, value, path). The CLI prints it and exits 2."""
 
 

@@ -28,6 +28,8 @@ from typing import Any, ClassVar
 
 import yaml
 
+from trainables.errors import ConfigError
+
 CONV_TYPES = ("standard", "separable")
 BLOCK_TYPES = ("plain", "residual", "densenet", "sparsenet")
 DOWNSAMPLES = ("none", "stride", "maxpool", "avgpool")
@@ -48,7 +50,7 @@ FLAT_PREFIX = "arch"
 _BLOCK_ABBR = {"plain": "plain", "residual": "res", "densenet": "dense", "sparsenet": "sparse"}
 
 
-class ArchError(ValueError):
+class ArchError(ConfigError):
     """An invalid architecture value; the message names the field path and the value."""
 
 

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from trainables import data_cache, flat
+from trainables.errors import ConfigError
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder")
 FLAT_PREFIX = "data"
@@ -75,7 +76,7 @@ _KNOWN: dict[str, tuple[int, tuple[str, ...]]] = {
 }
 
 
-class DataError(ValueError):
+class DataError(ConfigError):
     """A dataset that cannot be loaded; the message names the path and what was expected."""
 
 

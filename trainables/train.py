@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from trainables import flat, pruning
 from trainables.accounting import count_built
 from trainables.data import Splits
+from trainables.errors import ConfigError
 
 FLAT_PREFIX = "train"
 OPTIMIZERS = ("sgd", "adamw", "adam")
@@ -50,7 +51,7 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message says when and with which learning rate."""
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(ConfigError):
     """An invalid training value; the message names the field and the value."""
 
 
