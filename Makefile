@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench install clean browser
+.PHONY: demo test test-fast lint bench install clean browser
 
 # The MLflow UI browser test needs Debian's chromium; install it when missing and we are root.
 browser:
@@ -26,6 +26,11 @@ demo: $(STAMP)
 test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest --durations=10
+
+# No Ray, no browser, nothing slow: the edit-test loop (under a minute here).
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -m "not ray and not slow and not browser" -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

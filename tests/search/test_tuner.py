@@ -19,7 +19,6 @@ import torch
 from optuna.trial import TrialState
 
 from search.driver import resume_search, run_search
-from search.ray_runtime import init_ray
 from search.results import EARLY_STOPPED, ERROR, TERMINATED, pareto_front
 from search.rundir import RunDir
 from search.searcher import ProposerSearcher
@@ -61,14 +60,9 @@ space:
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    if ray.is_initialized():  # someone else's Ray: this module tests the one init_ray starts
-        ray.shutdown()
-    init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
+def local_ray(ray_session):
+    """The session's Ray: started by init_ray, as a search starts it."""
+    return ray_session
 
 
 def _descendants(pid: int) -> set[int]:

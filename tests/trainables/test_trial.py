@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
-import ray
 import torch
 from ray import tune
 
@@ -40,14 +38,9 @@ def digits() -> Splits:
 
 
 @pytest.fixture(scope="module")
-def local_ray() -> Any:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    if started:
-        ray.shutdown()
+def local_ray(ray_session: Any) -> Any:
+    """The session's Ray (tests/conftest.py)."""
+    return ray_session
 
 
 def _space(**train: Any) -> dict[str, Any]:
