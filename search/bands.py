@@ -22,7 +22,7 @@ import math
 import random
 from collections.abc import Iterable, Sequence
 
-from search.spec import FloatRange
+from search.dims import FloatRange
 
 
 def edges(dim: FloatRange, n: int) -> list[float]:

@@ -50,6 +50,10 @@ def preflight(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
     from search import resources
     from trainables.data import probe_dataset
 
+    if spec.search.initial:  # against the space (a SpecError: exit 2), before anything is made
+        from search.space import check_initial
+
+        check_initial(spec)
     probe_dataset(spec.data)
     uri = checked_tracking_uri(tracking_uri) if mlflow else None
     address = cluster_address(address)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
+from search.dims import finite as _finite
 from search.pareto import front_indices
 from search.rundir import (
     ARCH_YAML,
@@ -86,10 +87,6 @@ def _metrics(result: Mapping[str, Any]) -> dict[str, Any]:
 
 def _round_model(r: int) -> str:
     return f"model-round{r}.pt"
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 # ---------------------------------------------------------------------- the front

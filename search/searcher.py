@@ -29,7 +29,6 @@ it; the trials in flight finish. The search then ends complete, ``stopped_by`` s
 from __future__ import annotations
 
 import logging
-import math
 import pickle
 import statistics
 import time
@@ -39,6 +38,7 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
+from search.dims import finite as _finite
 from search.results import INITIAL_KEY, SCREENED_KEY, TRIAL_KEY, is_final
 from search.space import Proposer, SearchSpace
 
@@ -229,6 +229,3 @@ class ProposerSearcher(Searcher):
                      len(orphans), orphans)
         return orphans
 
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

@@ -11,7 +11,15 @@ import pytest
 import torch
 from optuna.trial import FixedTrial, TrialState
 
-from search.space import CONFIG_KEY, DryRun, Proposer, SearchSpace, dry_run, text_histogram
+from search.space import (
+    CONFIG_KEY,
+    DryRun,
+    Proposer,
+    SearchSpace,
+    check_initial,
+    dry_run,
+    text_histogram,
+)
 from search.spec import SpecError, load_spec, parse_spec
 from trainables import pruning
 from trainables.accounting import count, count_module
@@ -426,9 +434,21 @@ def test_initial_points_are_asked_first_and_exactly_as_given(tmp_path):
 ])
 def test_initial_points_outside_the_space_name_the_value(entry, fragment):
     with pytest.raises(SpecError) as info:
-        parse_spec(mnist_data(entry), source="mnist.yaml")
+        check_initial(parse_spec(mnist_data(entry), source="mnist.yaml"))
     assert str(info.value).startswith("mnist.yaml: search.initial[0] (")
     assert fragment in str(info.value), str(info.value)
+
+
+def test_reading_a_spec_checks_no_initial_point_the_search_start_does():
+    # parse_spec builds no network (no search.space import while reading YAML) ...
+    spec = parse_spec(mnist_data({"stem/width": 40}), source="mnist.yaml")
+    # ... the dry run and preflight (both through check_initial) refuse the point
+    with pytest.raises(SpecError, match=r"stem/width=40 is outside the space"):
+        dry_run(spec, 1, input_shape=(1, 28, 28), num_classes=10)
+    from search.preflight import preflight
+
+    with pytest.raises(SpecError, match=r"stem/width=40 is outside the space"):
+        preflight(spec, address=None, tracking_uri=None, mlflow=False)
 
 
 def test_an_initial_network_must_be_one_the_space_builds():
@@ -438,21 +458,21 @@ def test_an_initial_network_must_be_one_the_space_builds():
     net["stages"][0]["kernel"] = 5  # the space fixes kernel 3
     with pytest.raises(SpecError, match=r"the network is outside the space: "
                                         r"arch/stages/0/kernel is 5, the space gives 3"):
-        parse_spec(mnist_data({"arch": net}), source="mnist.yaml")
+        check_initial(parse_spec(mnist_data({"arch": net}), source="mnist.yaml"))
     big = yaml.safe_load(MNIST_5K.read_text())
     big["stages"][3]["width"] = 64
     with pytest.raises(SpecError, match=r"the network is over budget: \+[\d,]+ params over "
                                         r"constraints.max_params"):
-        parse_spec(mnist_data({"arch": big}), source="mnist.yaml")
+        check_initial(parse_spec(mnist_data({"arch": big}), source="mnist.yaml"))
     small = yaml.safe_load(MNIST_5K.read_text())
     for stage in small["stages"]:
         stage["width"] = 8
     small["stem"]["width"] = 4  # 674 params: under the fill's low end (12% of 20,000)
     with pytest.raises(SpecError, match=r"fill_budget would scale it to [\d,]+ params"):
-        parse_spec(mnist_data({"arch": small}), source="mnist.yaml", max_params=20000)
+        check_initial(parse_spec(mnist_data({"arch": small}), source="mnist.yaml", max_params=20000))
     # taking the fill's word for it is allowed
-    parse_spec(mnist_data({"arch": small, "fill_fraction": 0.12}), source="mnist.yaml",
-               max_params=20000)
+    check_initial(parse_spec(mnist_data({"arch": small, "fill_fraction": 0.12}),
+                             source="mnist.yaml", max_params=20000))
     # a network for other data fails when the search meets the data
     spec = parse_spec(mnist_data(str(MNIST_5K)), source="mnist.yaml")
     with pytest.raises(SpecError, match=r"takes 1x28x28 inputs in 10 classes, the data has "

@@ -1,0 +1,121 @@
+"""The layout of search/ and trainables/: no import cycle, no file over 500 lines, and the
+classes Ray pickles into a run directory load from both their new and their old paths."""
+
+from __future__ import annotations
+
+import ast
+import pickle
+from pathlib import Path
+
+import yaml
+
+from search.space import SearchSpace
+from search.spec import Choice, FloatRange, IntRange, SearchSpec, parse_spec
+
+ROOT = Path(__file__).parents[2]
+PACKAGES = ("search", "trainables")
+MNIST_SPACE = ROOT / "spaces" / "mnist.yaml"
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for pkg in PACKAGES:
+        for p in sorted((ROOT / pkg).rglob("*.py")):
+            name = ".".join(p.relative_to(ROOT).with_suffix("").parts)
+            out[name.removesuffix(".__init__")] = p
+    return out
+
+
+def _top_level_imports(path: Path, known: set[str], me: str) -> set[str]:
+    """Modules of ``known`` that ``path`` imports when it is imported: top-level statements
+    only (function bodies run later; ``if TYPE_CHECKING:`` never runs)."""
+    out: set[str] = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)  # a submodule, maybe
+    return {m for m in out if m in known and m != me}
+
+
+def test_no_import_cycle_in_search_or_trainables():
+    mods = _modules()
+    graph = {m: _top_level_imports(p, set(mods), m) for m, p in mods.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    cycles: list[list[str]] = []
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        path.append(m)
+        for d in sorted(graph[m]):
+            if state.get(d) == 1:
+                cycles.append([*path[path.index(d):], d])
+            elif d not in state:
+                visit(d, path)
+        path.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])
+    assert not cycles, " ; ".join(" -> ".join(c) for c in cycles)
+    # reading a spec never reaches the space (no network is built while YAML is read)
+    reach, todo = set(), ["search.spec"]
+    while todo:
+        m = todo.pop()
+        if m not in reach:
+            reach.add(m)
+            todo.extend(graph[m])
+    assert not reach & {"search.space", "search.searchspace", "search.initial", "search.screen"}
+
+
+def test_dims_is_a_leaf():
+    mods = _modules()
+    assert _top_level_imports(mods["search.dims"], set(mods), "search.dims") == set()
+
+
+def test_no_spec_or_space_file_over_500_lines():
+    names = ["spec", "spec_model", "spec_parse", "spec_reader", "spec_arch", "dims", "space",
+             "searchspace", "suggest", "screen", "initial", "proposer", "dry_run", "bands"]
+    sizes = {n: len((ROOT / "search" / f"{n}.py").read_text().splitlines()) for n in names}
+    assert max(sizes.values()) <= 500, sizes
+
+
+def _space() -> SearchSpace:
+    data = yaml.safe_load(MNIST_SPACE.read_text())
+    spec = parse_spec(data, source=str(MNIST_SPACE))
+    return SearchSpace(spec, input_shape=(1, 28, 28), num_classes=10)
+
+
+def test_spec_and_space_pickle_round_trip():
+    space = _space()
+    spec = space.spec
+    dims = [v for v in vars(spec.space).values() if isinstance(v, (Choice, IntRange, FloatRange))]
+    assert dims, "the space searches something"
+    clone = pickle.loads(pickle.dumps(space))
+    assert isinstance(clone, SearchSpace) and clone.spec == spec
+    assert clone.input_shape == space.input_shape and clone.initial == space.initial
+    assert pickle.loads(pickle.dumps(spec)) == spec
+    assert pickle.loads(pickle.dumps(dims)) == dims
+
+
+def test_pickles_naming_the_old_module_paths_still_load():
+    """Run dirs written before the split pickled ``search.spec.<class>`` and
+    ``search.space.SearchSpace``; rewrite a new pickle's class paths to those and load it."""
+    space = _space()
+    blob = pickle.dumps(space, protocol=2)  # protocol 2: module and name as plain strings
+    renames = {
+        b"search.searchspace": b"search.space",
+        b"search.spec_model": b"search.spec",
+        b"search.dims": b"search.spec",
+    }
+    old = blob
+    for new_path, old_path in renames.items():
+        assert new_path in old, new_path
+        old = old.replace(new_path, old_path)
+    for new_path in renames:
+        assert new_path not in old
+    clone = pickle.loads(old)
+    assert type(clone) is SearchSpace and clone.spec == space.spec
+    assert type(clone.spec) is SearchSpec
