@@ -1,4 +1,4 @@
-"""search/tracking.py against a real `mlflow server` (the session fixture ``mlflow_server``).
+"""search/tracking/ against a real `mlflow server` (the session fixture ``mlflow_server``).
 
 The tracker is fed realistic trial results by a loop that calls it the way the tuner does
 (start, per-epoch reports, end, front update); results are read back with MlflowClient and
@@ -502,6 +502,52 @@ def test_callback_records_a_real_ray_tune_run_and_pickles_without_its_client(
     assert by_key["good"].data.metrics["val_accuracy"] == pytest.approx(0.8)
     assert by_key["bad"].info.status == "FAILED"
     assert "diverged: loss is NaN" in by_key["bad"].data.tags[TAG_FAILURE]
+
+
+# TrackingCallback(tracker, recorded=["3"]) as ray.cloudpickle wrote it into tuner.pkl when
+# search/tracking.py was one module (commit 3d4e07d): the class by reference,
+# search.tracking.TrackingCallback, and only the tracker's constructor arguments.
+OLD_CALLBACK_PICKLE = (
+    "gAWVkwEAAAAAAACMD3NlYXJjaC50cmFja2luZ5SMEFRyYWNraW5nQ2FsbGJhY2uUk5QpgZR9lCiMBV9hcmdzlH2U"
+    "KIwMdHJhY2tpbmdfdXJplIwYc3FsaXRlOi8vLy9vbGQvbWxmbG93LmRilIwKZXhwZXJpbWVudJSMA29sZJSMB3J1"
+    "bl9kaXKUjAgvb2xkL3J1bpSMCXNwZWNfZGljdJR9lIwEbmFtZZRoCnOMDnNwZWNfeWFtbF90ZXh0lIwKbmFtZTog"
+    "b2xkCpSMC3NlYXJjaF9uYW1llIwTb2xkLTIwMjQwMTAxLTAwMDAwMJSMCm9iamVjdGl2ZXOUfZQojAx2YWxfYWNj"
+    "dXJhY3mUjANtYXiUjA5ub256ZXJvX3BhcmFtc5SMA21pbpR1jA5tYXhfcGFyYW1zX3JlZpROjBBmcm9udF9pbnRl"
+    "cnZhbF9zlEdAPgAAAAAAAIwGdWlfdXJslIwVaHR0cDovLzEyNy4wLjAuMTo1MDAwlHWMCF90cmFja2VylE6MCV9y"
+    "ZWNvcmRlZJQojAEzlJGUdWIu"
+)
+
+
+def test_a_tuner_pkl_callback_of_the_one_module_tracking_still_loads_and_pickles_the_same():
+    """Old run dirs resume: the callback's pickled class path, search.tracking.TrackingCallback,
+    loads in a fresh interpreter (the class is built on first use), and today's callback pickles
+    to the very same bytes."""
+    import base64
+    import pickletools
+
+    import ray.cloudpickle
+
+    from search.tracking import SearchTracker, TrackingCallback
+
+    old = base64.b64decode(OLD_CALLBACK_PICKLE)
+    tracker = SearchTracker("sqlite:////old/mlflow.db", "old", run_dir="/old/run",
+                            spec_dict={"name": "old"}, spec_yaml_text="name: old\n",
+                            search_name="old-20240101-000000")
+    new = ray.cloudpickle.dumps(TrackingCallback(tracker, recorded=["3"]))
+    assert new == old
+    names = [arg for op, arg, _ in pickletools.genops(new) if op.name == "SHORT_BINUNICODE"]
+    assert names[:2] == ["search.tracking", "TrackingCallback"]  # by reference, not by value
+    loader = (
+        "import base64, pickle, sys\n"
+        f"cb = pickle.loads(base64.b64decode({OLD_CALLBACK_PICKLE!r}))\n"
+        "cls = type(cb)\n"
+        "print(cls.__module__, cls.__qualname__, cb._args['run_dir'], sorted(cb._recorded),\n"
+        "      cb._tracker, cls is sys.modules['search.tracking'].TrackingCallback)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", loader], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[2], check=True)
+    assert out.stdout.split() == ["search.tracking", "TrackingCallback", "/old/run", "['3']",
+                                  "None", "True"]
 
 
 def test_ui_serves_and_prints_the_runs_list(mlflow_server, tmp_path):

@@ -1,0 +1,66 @@
+"""Reading a search's Pareto front back from the store (``sparse-search pareto``).
+
+The tracker tags front members ``on_front=true`` on their child runs; this finds the latest
+search's parent run (:func:`~search.tracking.store.latest_search`) and lists them, with links
+into the MLflow UI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from search.tracking.store import (
+    TAG_ON_FRONT,
+    TAG_PARENT,
+    TAG_TRIAL_KEY,
+    check_reachable,
+    client_for,
+    latest_search,
+    run_url,
+    search_all,
+    ui_base,
+)
+
+
+def front_from_store(tracking_uri: str, experiment: str | None = None) -> dict[str, Any]:
+    """The Pareto front of the latest search (children tagged on_front), sorted by params."""
+    check_reachable(tracking_uri)
+    client = client_for(tracking_uri)
+    parent = latest_search(client, experiment)
+    eid = parent.info.experiment_id
+    runs = search_all(client, [eid], f"tags.`{TAG_PARENT}` = '{parent.info.run_id}' "
+                                     f"and tags.`{TAG_ON_FRONT}` = 'true'")
+    base = ui_base(tracking_uri)
+    front = [{
+        "run_id": r.info.run_id,
+        "trial_key": r.data.tags.get(TAG_TRIAL_KEY),
+        "arch": r.info.run_name,
+        **{k: r.data.metrics.get(k) for k in ("val_accuracy", "val_accuracy_se", "test_accuracy",
+                                               "nonzero_params", "macs")},
+        "status": r.info.status,
+        "url": run_url(base, eid, r.info.run_id),
+    } for r in runs]
+    front.sort(key=lambda f: (f["nonzero_params"] is None, f["nonzero_params"] or 0))
+    return {"search": parent.info.run_name, "parent_run_id": parent.info.run_id,
+            "experiment_id": eid, "status": parent.info.status,
+            "runs_url": run_url(base, eid), "front": front}
+
+
+def format_front(report: Mapping[str, Any]) -> str:
+    """The `sparse-search pareto` table."""
+    lines = [f"search {report['search']} ({report['status']}), parent run {report['parent_run_id']}",
+             f"{len(report['front'])} on the Pareto front; runs: {report['runs_url']}",
+             f"{'val_acc':>8} {'+-se':>6} {'test_acc':>8} {'params':>10} {'macs':>12}  "
+             f"{'run_id':32}  arch"]
+    for f in report["front"]:
+        se = _num(f.get("val_accuracy_se"), ".4f")
+        lines.append(f"{_num(f['val_accuracy'], '.4f'):>8} {se:>6} {_num(f['test_accuracy'], '.4f'):>8} "
+                     f"{_num(f['nonzero_params'], ',.0f'):>10} {_num(f['macs'], ',.0f'):>12}  "
+                     f"{f['run_id']:32}  {f['arch']}")
+    return "\n".join(lines)
+
+
+def _num(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
