@@ -116,6 +116,10 @@ def submit(
     from search.tracking import resolve_tracking_uri
 
     spec = load_spec(spec_path, **overrides)  # a bad spec fails here, not on the cluster
+    if spec.search.initial:
+        from search.space import check_initial
+
+        check_initial(spec)  # so do initial points outside the space
     if spec.data.path is not None and not Path(spec.data.path).is_absolute():
         spec = dataclasses.replace(
             spec, data=spec.data.replace(path=str(Path(spec.data.path).resolve())))

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import yaml
 
 from search.dims import plain
+from search.errors import UserError
 from trainables.arch import ArchConfig
 from trainables.data import DataConfig
 
@@ -66,7 +67,7 @@ BACKBONE_TRAINABLE = ("none", "stage1", "stage2", "stage3", "stage4", "all")
 SECTIONS = ("name", "data", "objectives", "constraints", "search", "resources", "train", "space")
 
 
-class SpecError(ValueError):
+class SpecError(UserError):
     """An invalid search spec; the message names the file, field path, value and what is allowed."""
 
 

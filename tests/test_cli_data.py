@@ -17,7 +17,7 @@ from search.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 # The app as search/cli.py registers it, run the way the console script runs it.
-_MAIN = ("import typer; from search.cli_data import data_app; from search.errors import run_cli; "
+_MAIN = ("import typer; from search.cli_data import data_app; from search.cli import run_cli; "
          "app = typer.Typer(add_completion=False); app.add_typer(data_app, name='data'); run_cli(app)")
 
 

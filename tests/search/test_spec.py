@@ -292,10 +292,16 @@ def test_missing_file(tmp_path):
         load_spec(tmp_path / "nope.yaml")
 
 
-def test_spec_error_is_a_cli_user_error():
-    from search.errors import user_error_types
+def test_every_user_input_error_shares_one_root():
+    from search.errors import UserError, user_error_types
+    from trainables.arch import ArchError
+    from trainables.data import DataError
+    from trainables.errors import ConfigError
+    from trainables.train import TrainConfigError
 
-    assert SpecError in user_error_types()
+    assert user_error_types() == (ConfigError,)
+    for cls in (SpecError, UserError, ArchError, DataError, TrainConfigError):
+        assert issubclass(cls, ConfigError) and issubclass(cls, ValueError), cls
 
 
 # ---------------------------------------------------------------------- fuzz
