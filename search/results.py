@@ -6,6 +6,10 @@ finished) the moment a trial ends, then rewrites results.csv, points.csv and par
 all records. Nothing finished is ever lost to a killed driver, and a resumed search starts
 from the records on disk (a trial recorded once is never recorded again).
 
+On a cluster each record says where the trial ran (``node``: the node id the trainable
+reported) and what its failed attempts were (``retries``, ``retry_error``: one entry per
+attempt Ray retried under ``search.max_failures``, e.g. a node lost mid-trial).
+
 Multi-fidelity honesty:
 - a trial is TERMINATED only when its trainable sent its final report (the only report that
   carries ``test_accuracy``: Ray marks results of scheduler-stopped trials ``done`` too, so
@@ -61,10 +65,14 @@ TERMINATED, EARLY_STOPPED, ERROR = "TERMINATED", "EARLY_STOPPED", "ERROR"
 # val_accuracy_se: the binomial standard error of val_accuracy (what the split can tell apart).
 METRIC_KEYS = ("val_accuracy", "val_accuracy_se", "val_loss", "test_accuracy", "test_loss",
                "train_loss", "nonzero_params", "macs", "nonzero_macs", "epoch", "prune_round",
-               "fidelity", "train_seconds")
+               "fidelity", "train_seconds", "node_id")
+# node: the Ray node id (hex) of the worker that ran the trial's last attempt (the trainable
+# reports it as ``node_id``); retries: attempts that failed and were retried (Ray's
+# ``max_failures``: a lost node, a killed worker); retry_error: ``node: error`` of each.
 RESULT_COLUMNS = ("trial_key", "trial_id", "status", "error", "arch", "nonzero_params", "macs",
                   "val_accuracy", "val_accuracy_se", "val_loss", "test_accuracy", "train_seconds",
-                  "epochs", "prune_round", "fidelity", "initial")
+                  "epochs", "prune_round", "fidelity", "initial", "node", "retries",
+                  "retry_error")
 POINT_COLUMNS = ("trial_key", "trial_id", "prune_round", "epoch", "nonzero_params", "macs",
                  "val_accuracy", "val_accuracy_se", "val_loss", "test_accuracy", "eligible",
                  "on_front", "model", "arch")
@@ -152,6 +160,7 @@ class Recorder(Callback):
         self.records: dict[str, dict[str, Any]] = {}
         self._last: dict[str, dict[str, Any]] = {}  # trial key -> last report (METRIC_KEYS)
         self._points: dict[str, list[dict[str, Any]]] = {}  # trial key -> rounds completed
+        self._failed: dict[str, list[dict[str, Any]]] = {}  # trial key -> failed attempts
         self.points: list[dict[str, Any]] = []
         self.front: list[dict[str, Any]] = []
         self.load()
@@ -197,7 +206,11 @@ class Recorder(Callback):
         rows = [{**r["config"], **r["metrics"], "trial_key": r["trial_key"],
                  "trial_id": r["trial_id"], "status": r["status"], "error": r["error"],
                  "arch": r["arch"], "epochs": r["metrics"].get("epoch"),
-                 "initial": r.get("initial")} for r in recs]
+                 "initial": r.get("initial"), "node": r.get("node") or r["metrics"].get("node_id"),
+                 "retries": len(r.get("failed_attempts", ())),
+                 "retry_error": " | ".join(f"{a.get('node') or '?'}: {a['error']}"
+                                           for a in r.get("failed_attempts", ()))}
+                for r in recs]
         write_atomic(self.run.results_csv, _csv(rows, [*RESULT_COLUMNS, *config_cols]))
         write_atomic(self.run.pareto_csv, _csv(self.front, PARETO_COLUMNS))
         if any(len(r["points"]) > 1 for r in recs):
@@ -249,6 +262,19 @@ class Recorder(Callback):
         except OSError as e:
             log.warning("trial %s: could not keep the round-%d weights (%s)", key, r, e)
 
+    def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial,
+                         **info: Any) -> None:
+        """An attempt failed and Ray retries the trial (``max_failures``): keep why and where.
+
+        Ray wrote the attempt's error file just before calling back."""
+        key = trial_key(trial)
+        node = self._last.get(key, {}).get("node_id")
+        error = error_message(trial)
+        log.warning("trial %s: attempt %d failed on node %s, retrying: %s", key,
+                    len(self._failed.get(key, ())) + 1, (node or "?")[:8], error)
+        self._failed.setdefault(key, []).append({"node": node, "error": error,
+                                                 "at": time.time()})
+
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial,
                           **info: Any) -> None:
         key = trial_key(trial)
@@ -274,13 +300,14 @@ class Recorder(Callback):
         self._save(trial, key, status=ERROR, error=error, metrics=last, points=[], final=False)
 
     def get_state(self) -> dict[str, Any] | None:
-        if not self._last and not self._points:
+        if not self._last and not self._points and not self._failed:
             return None
-        return {"last": self._last, "points": self._points}
+        return {"last": self._last, "points": self._points, "failed": self._failed}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._last = dict(state.get("last", {}))
         self._points = {k: list(v) for k, v in state.get("points", {}).items()}
+        self._failed = {k: list(v) for k, v in state.get("failed", {}).items()}
 
     # ------------------------------------------------------------------ writing
     def _point(self, key: str, rep: Mapping[str, Any]) -> dict[str, Any]:
@@ -314,7 +341,8 @@ class Recorder(Callback):
         record = {"trial_key": key, "trial_id": trial.trial_id, "status": status, "error": error,
                   "arch": arch_name, "finished_at": time.time(), "metrics": metrics,
                   "points": points, "config": config,
-                  "initial": trial.config.get(INITIAL_KEY)}
+                  "initial": trial.config.get(INITIAL_KEY), "node": metrics.get("node_id"),
+                  "failed_attempts": self._failed.pop(key, [])}
         write_json(out / RESULT_JSON, record)
         self.records[key] = record
         self._recompute()

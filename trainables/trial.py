@@ -9,7 +9,7 @@ resume exactly), ``model.pt`` (a plain state_dict with pruning folded in: it loa
 
 Metrics per epoch: val_accuracy, val_accuracy_se (its binomial standard error), val_loss,
 train_loss, train_accuracy, nonzero_params, macs, nonzero_macs, epoch, fidelity, prune_round, lr,
-epoch_seconds, train_seconds, done (True only on the last report, which adds test_accuracy and
+epoch_seconds, train_seconds, node_id (the Ray node running it), done (True only on the last report, which adds test_accuracy and
 test_loss).
 """
 
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ray import get_runtime_context
 from ray.tune import Checkpoint, get_checkpoint, get_context, report
 
 from trainables.arch import ArchConfig, ArchError
@@ -85,7 +86,9 @@ def train_trial(config: dict[str, Any], splits: Splits) -> None:
             torch.save(st, Path(d) / STATE_FILE)
             torch.save(fold_pruning(st["model"]), Path(d) / MODEL_FILE)
             (Path(d) / ARCH_FILE).write_text(arch_yaml)
-            # report() copies the directory to the trial's storage before returning.
-            report(metrics, checkpoint=Checkpoint.from_directory(d))
+            # report() copies the directory to the trial's storage before returning. node_id:
+            # where this attempt runs (results.csv's ``node`` column).
+            report({**metrics, "node_id": get_runtime_context().get_node_id()},
+                   checkpoint=Checkpoint.from_directory(d))
 
     train_arch(arch, splits, cfg, device=device, on_epoch=on_epoch, start_state=start_state)
