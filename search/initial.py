@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from search.dims import Choice, FloatRange
+from search.schema import METRICS, budget_fields
 from search.screen import FILL_TOLERANCE, delivered_params
 from search.spec_model import InitialPoint, SpecError
 from search.suggest import FILL_FRACTION, encode, suggest
@@ -75,12 +76,14 @@ def initial_params(space: SearchSpace, i: int, point: InitialPoint) -> dict[str,
             f"{k} is {theirs.get(k)!r}, the space gives {mine.get(k)!r}" for k in diff[:3]))
     train = TrainConfig(**train_kw)
     screen = space.screen(built)
-    over = {k: v for k, v in space.violations(delivered_params(screen, train),
-                                              screen.accounting.macs).items() if v > 0}
+    acc = screen.accounting
+    over = {k: v for k, v in space.violations(delivered_params(screen, train), acc.macs,
+                                              flash=acc.flash_bytes, sram=acc.sram_bytes).items()
+            if v > 0}
     if over:
-        limits = {"max_params": "params", "max_macs": "MACs"}
+        units = {budget: METRICS[name].unit for budget, name in budget_fields().items()}
         raise SpecError(f"{where}: the network is over budget: " + "; ".join(
-            f"{v:+,.0f} {limits[k]} over constraints.{k}" for k, v in over.items())
+            f"{v:+,.0f} {units[k]} over constraints.{k}" for k, v in over.items())
             + " (pruning rounds, if the point sets train/prune_rounds, are counted)")
     if fraction is not None and FILL_FRACTION not in point.params:
         assert space.spec.constraints.max_params is not None

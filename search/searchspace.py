@@ -22,6 +22,7 @@ import optuna
 
 from search.dims import Choice, FloatRange, IntRange, possible_values, stage_value
 from search.initial import initial_params
+from search.schema import budget_fields
 from search.screen import Screen, delivered_params, fill
 from search.screen import screen as count
 from search.spec_model import AGGREGATING_BLOCKS, SearchSpec, SpecError
@@ -113,7 +114,9 @@ class SearchSpace:
             return Proposal(None, None, None, {}, None, False, {"valid": 1.0},
                             dict(trial.params), str(e))
         screened = delivered_params(screen, train)
-        violations = self.violations(screened, screen.accounting.macs)
+        violations = self.violations(screened, screen.accounting.macs,
+                                     flash=screen.accounting.flash_bytes,
+                                     sram=screen.accounting.sram_bytes)
         return Proposal(
             arch=arch,
             train=train,
@@ -128,20 +131,20 @@ class SearchSpace:
     def constraint_values(self, proposal: Proposal) -> dict[str, float]:
         """Optuna constraint values: violations relative to each limit (<= 0 feasible), so
         a params excess and a MACs excess weigh alike; an impossible config counts 1.0."""
-        limits = {"max_params": self.spec.constraints.max_params,
-                  "max_macs": self.spec.constraints.max_macs}
+        c = self.spec.constraints
+        limits = {field: getattr(c, field) for field in budget_fields()}
         out = {k: v / limits[k] for k, v in proposal.violations.items() if k in limits}
         out["valid"] = proposal.violations.get("valid", 0.0)
         return out
 
-    def violations(self, params: int, macs: int) -> dict[str, float]:
+    def violations(self, params: int, macs: int, *, flash: int | None = None,
+                   sram: int | None = None) -> dict[str, float]:
+        """Excess over each budget that is set (<= 0: within it), in the budget's units."""
         c = self.spec.constraints
-        out: dict[str, float] = {}
-        if c.max_params is not None:
-            out["max_params"] = float(params - c.max_params)
-        if c.max_macs is not None:
-            out["max_macs"] = float(macs - c.max_macs)
-        return out
+        values = {"max_params": params, "max_macs": macs, "max_flash_bytes": flash,
+                  "max_sram_bytes": sram}
+        return {field: float(values[field] - limit) for field in budget_fields()
+                if (limit := getattr(c, field)) is not None and values[field] is not None}
 
     def suggest_arch(self, trial: optuna.Trial) -> dict[str, Any]:
         s = self.spec.space

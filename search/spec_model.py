@@ -19,6 +19,7 @@ import yaml
 
 from search.dims import plain
 from search.errors import UserError
+from search.schema import DEFAULT_OBJECTIVES, OBJECTIVE_MODES, TRAINED_METRICS
 from trainables.arch import ArchConfig
 from trainables.data import DataConfig
 
@@ -50,15 +51,7 @@ __all__ = [
 FLAT_PREFIX = "spec"
 SAMPLERS = ("tpe", "nsga2", "random")
 SCHEDULERS = ("asha", "moasha")
-# Metrics a trial reports that can be objectives, with the only sensible direction of each.
-OBJECTIVE_MODES: dict[str, str] = {
-    "val_accuracy": "max",
-    "val_loss": "min",
-    "nonzero_params": "min",
-    "macs": "min",
-}
-TRAINED_METRICS = ("val_accuracy", "val_loss")
-DEFAULT_OBJECTIVES = (("val_accuracy", "max"), ("nonzero_params", "min"))
+# OBJECTIVE_MODES, TRAINED_METRICS, DEFAULT_OBJECTIVES: the shared vocabulary (search/schema.py).
 AGGREGATING_BLOCKS = ("densenet", "sparsenet")
 MAX_STAGES = 16
 # Backbone stage tokens: portable across backbones ("stage3" is resnet18's layer3 and
@@ -87,6 +80,12 @@ class Objective:
 class Constraints:
     max_params: int | None = None  # nonzero trainable params of the delivered (pruned) model
     max_macs: int | None = None  # dense conv + linear multiply-accumulates per image
+    # int8 deployment budgets, screened before training on the unpruned net (no credit for
+    # pruning rounds yet: conservative): stored weights + scales + int32 biases, BatchNorm
+    # folded, sparse layers as bitmask where smaller (bytes); peak activations at batch 1,
+    # layer by layer, skip/concat inputs held until their last use (bytes, int8)
+    max_flash_bytes: int | None = None
+    max_sram_bytes: int | None = None
 
 
 @dataclass(frozen=True)

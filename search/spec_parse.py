@@ -145,6 +145,8 @@ def _constraints(r: Reader, d: Any) -> Constraints:
     return r.dataclass(Constraints, d, "constraints", {
         "max_params": int_check(1, nullable=True),
         "max_macs": int_check(1, nullable=True),
+        "max_flash_bytes": int_check(1, nullable=True),
+        "max_sram_bytes": int_check(1, nullable=True),
     })
 
 

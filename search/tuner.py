@@ -218,8 +218,9 @@ def trial_name(trial: Trial) -> str:
 def _tracker_rows(recorder: Recorder) -> Any:
     import pandas as pd
 
-    cols = ["trial_key", "val_accuracy", "val_accuracy_se", "val_loss", "test_accuracy",
-            "nonzero_params", "macs", "arch", "prune_round"]
+    from search.schema import FRONT_COLUMNS
+
+    cols = list(FRONT_COLUMNS)
     return pd.DataFrame([{c: p.get(c, math.nan) for c in cols} for p in recorder.df_rows()],
                         columns=cols)
 

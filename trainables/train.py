@@ -450,6 +450,8 @@ def fit(
                 "nonzero_params": counts.nonzero_params,
                 "macs": counts.macs,
                 "nonzero_macs": counts.nonzero_macs,
+                "flash_bytes": counts.flash_bytes,  # int8, after this round's pruning
+                "sram_bytes": counts.sram_bytes,  # int8 peak activations at batch 1
                 "lr": lr,
                 "fidelity": prog.epoch / cfg.total_epochs,
                 "epoch_seconds": time.perf_counter() - t0,

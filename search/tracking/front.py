@@ -22,6 +22,8 @@ from search.tracking.store import (
     ui_base,
 )
 
+_COLUMNS = ("val_accuracy", "val_accuracy_se", "test_accuracy", "nonzero_params", "macs")
+
 
 def front_from_store(tracking_uri: str, experiment: str | None = None) -> dict[str, Any]:
     """The Pareto front of the latest search (children tagged on_front), sorted by params."""
@@ -32,32 +34,40 @@ def front_from_store(tracking_uri: str, experiment: str | None = None) -> dict[s
     runs = search_all(client, [eid], f"tags.`{TAG_PARENT}` = '{parent.info.run_id}' "
                                      f"and tags.`{TAG_ON_FRONT}` = 'true'")
     base = ui_base(tracking_uri)
+    # The search's objectives, from the parent's flattened spec params (objectives/<metric>).
+    objectives = [k.split("/", 1)[1] for k in sorted(parent.data.params)
+                  if k.startswith("objectives/")]
+    extra = [m for m in objectives if m not in _COLUMNS]
     front = [{
         "run_id": r.info.run_id,
         "trial_key": r.data.tags.get(TAG_TRIAL_KEY),
         "arch": r.info.run_name,
         **{k: r.data.metrics.get(k) for k in ("val_accuracy", "val_accuracy_se", "test_accuracy",
-                                               "nonzero_params", "macs")},
+                                               "nonzero_params", "macs", *extra)},
         "status": r.info.status,
         "url": run_url(base, eid, r.info.run_id),
     } for r in runs]
     front.sort(key=lambda f: (f["nonzero_params"] is None, f["nonzero_params"] or 0))
     return {"search": parent.info.run_name, "parent_run_id": parent.info.run_id,
-            "experiment_id": eid, "status": parent.info.status,
+            "experiment_id": eid, "status": parent.info.status, "objectives": objectives,
             "runs_url": run_url(base, eid), "front": front}
 
 
 def format_front(report: Mapping[str, Any]) -> str:
-    """The `sparse-search pareto` table."""
-    lines = [f"search {report['search']} ({report['status']}), parent run {report['parent_run_id']}",
+    """The `sparse-search pareto` table: the standard columns, then any other objective the
+    search used (flash_bytes, sram_bytes, ...)."""
+    extra = [m for m in report.get("objectives", []) if m not in _COLUMNS]
+    lines = [f"search {report['search']} ({report['status']}), parent run {report['parent_run_id']}"
+             + (f"; objectives: {', '.join(report['objectives'])}" if report.get("objectives") else ""),
              f"{len(report['front'])} on the Pareto front; runs: {report['runs_url']}",
              f"{'val_acc':>8} {'+-se':>6} {'test_acc':>8} {'params':>10} {'macs':>12}  "
-             f"{'run_id':32}  arch"]
+             + "".join(f"{m:>12}  " for m in extra) + f"{'run_id':32}  arch"]
     for f in report["front"]:
         se = _num(f.get("val_accuracy_se"), ".4f")
         lines.append(f"{_num(f['val_accuracy'], '.4f'):>8} {se:>6} {_num(f['test_accuracy'], '.4f'):>8} "
                      f"{_num(f['nonzero_params'], ',.0f'):>10} {_num(f['macs'], ',.0f'):>12}  "
-                     f"{f['run_id']:32}  {f['arch']}")
+                     + "".join(f"{_num(f.get(m), ',.4g'):>12}  " for m in extra)
+                     + f"{f['run_id']:32}  {f['arch']}")
     return "\n".join(lines)
 
 
