@@ -23,7 +23,9 @@ from search.spec import load_spec
 from trainables.data import DataConfig, load_dataset
 
 ROOT = Path(__file__).parents[2]
-STUDIES = sorted((ROOT / "spaces" / "studies").glob("*.yaml"))
+STUDIES = sorted(p for p in (ROOT / "spaces" / "studies").glob("*.yaml")
+                 if not p.stem.endswith("-full"))
+FULL = sorted((ROOT / "spaces" / "studies").glob("*-full.yaml"))  # the full-data reruns
 # (C, H, W) and classes per study: what load_dataset reports for its data.
 SHAPES = {
     "random-sparse-heads": ((3, 32, 32), 10),
@@ -48,6 +50,24 @@ def proposals(path: Path, n: int) -> list:
     spec = load_spec(path)
     shape, classes = SHAPES[spec.name]
     return list(dry_run(spec, n, input_shape=shape, num_classes=classes).proposals)
+
+
+@pytest.mark.parametrize("path", FULL, ids=[p.stem for p in FULL])
+def test_full_data_reruns_are_exact_grids_of_two_seeds_on_all_images(path):
+    spec = load_spec(path)
+    assert spec.data.subset is None and spec.data.test_subset is None and spec.data.path is None
+    assert spec.train["epochs"] >= 15 and spec.resources.auto
+    assert len(spec.search.initial) == spec.search.num_samples
+    base = SHAPES[spec.name.removesuffix("-full")]
+    result = dry_run(spec, spec.search.num_samples, input_shape=base[0], num_classes=base[1])
+    configs = [p.config for p in result.proposals]
+    assert len(configs) == spec.search.num_samples and not result.exhausted
+    seeds = [c["train/seed"] for c in configs]
+    archs = [p.arch.key() for p in result.proposals]
+    for arch in set(archs):  # every network twice, once per seed
+        assert sorted(s for s, a in zip(seeds, archs, strict=True) if a == arch) == [0, 1]
+    readme = (ROOT / "spaces" / "studies" / "README.md").read_text()
+    assert f"spaces/studies/{path.name}" in readme
 
 
 def test_one_file_per_study_and_the_readme_lists_each():
