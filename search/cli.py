@@ -44,28 +44,73 @@ def summarize(
 
 @app.command()
 def train(
-    arch_yaml: Path = typer.Argument(..., help="architecture YAML (an ArchConfig)"),
-    data: str = typer.Option(..., "--data", help="digits | mnist | fashion-mnist | cifar10 | cifar100 | imagefolder"),
-    data_path: str | None = typer.Option(None, "--data-path", help="an .npz file, a torchvision root dir or an image-folder root"),
-    epochs: int | None = typer.Option(None, "--epochs", min=1, help="epochs (default: TrainConfig's, 10)"),
-    subset: int | None = typer.Option(None, "--subset", min=2, help="train+val images drawn from TRAIN (stratified)"),
-    image_size: int | None = typer.Option(None, "--image-size", min=2, help="imagefolder: resize to this side (pixels)"),
-    seed: int = typer.Option(0, "--seed", min=0, help="seeds init, batch order, augmentation and the val split"),
+    target: str | None = typer.Argument(None, metavar="ARCH.yaml|RUN_DIR", help="an architecture YAML (with --data), or a search's run directory (with TRIAL_KEY)"),
+    trial_key: str | None = typer.Argument(None, metavar="[TRIAL_KEY]", help="with RUN_DIR: the trial to retrain (results.csv's trial_key)"),
+    run_id: str | None = typer.Option(None, "--run-id", help="instead of RUN_DIR TRIAL_KEY: a trial's (or final) MLflow run id"),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="with --run-id: default $MLFLOW_TRACKING_URI, else ./mlflow.db"),
+    data: str | None = typer.Option(None, "--data", help="with ARCH.yaml: digits | mnist | fashion-mnist | cifar10 | cifar100 | imagefolder"),
+    data_path: str | None = typer.Option(None, "--data-path", help="an .npz file, a torchvision root dir or an image-folder root (with RUN_DIR: overrides the run's data.path)"),
+    epochs: int | None = typer.Option(None, "--epochs", min=1, help="epochs (default: the trial's recorded ones; ARCH.yaml: TrainConfig's, 10)"),
+    subset: int | None = typer.Option(None, "--subset", min=2, help="with ARCH.yaml: train+val images drawn from TRAIN (stratified)"),
+    image_size: int | None = typer.Option(None, "--image-size", min=2, help="with ARCH.yaml, imagefolder: resize to this side (pixels)"),
+    seed: int | None = typer.Option(None, "--seed", min=0, help="seeds init, batch order, augmentation (ARCH.yaml: and the val split); default: the trial's recorded seed, ARCH.yaml: 0"),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads (default: the CPUs this process may use)"),
     as_json: bool = typer.Option(False, "--json", help="end with one JSON line: the final metrics"),
 ) -> None:
-    """Train one architecture outside any search: a line per epoch, then a summary."""
+    """Train one architecture outside any search: a line per epoch, then a summary.
+
+    Two forms. `train ARCH.yaml --data NAME [...]` trains an architecture file with the default
+    recipe. `train RUN_DIR TRIAL_KEY [--epochs E] [--seed S]` (or `train --run-id ID`) retrains
+    a search's trial: its recorded architecture (trials/KEY/arch.yaml) and recipe (its train/
+    config), on the search's data splits (the run's spec.yaml); --epochs and --seed replace the
+    recorded values.
+    """
     from search.errors import UserError
-    from trainables.arch import ArchConfig
-    from trainables.data import DataConfig, load_dataset
     from trainables.train import TrainConfig, TrainingDiverged, describe
     from trainables.trial import train_arch
 
-    arch = ArchConfig.load(arch_yaml)
-    splits = load_dataset(DataConfig(name=data, path=data_path, subset=subset, image_size=image_size, seed=seed))
-    cfg = TrainConfig(seed=seed, threads=threads)
-    cfg = cfg if epochs is None else cfg.replace(epochs=epochs)
-    typer.echo(f"arch {arch.canonical()}\ndata {data}: {splits.sizes()}\ntrain {cfg}")
+    if run_id is not None:
+        if target is not None or trial_key is not None:
+            raise UserError("--run-id replaces RUN_DIR TRIAL_KEY: give one or the other")
+        from search.finalize_mlflow import run_of_mlflow_run
+        from search.tracking import resolve_tracking_uri
+
+        target, trial_key = run_of_mlflow_run(run_id, resolve_tracking_uri(tracking_uri))
+    if target is None:
+        raise UserError("missing ARCH.yaml or RUN_DIR (see `sparse-search train --help`)")
+    if Path(target).is_dir():
+        from search.finalize import open_run, trial_recipe
+        from search.spec import load_spec
+
+        given = [f for f, v in (("--data", data), ("--subset", subset), ("--image-size", image_size)) if v is not None]
+        if given:
+            raise UserError(f"{target} is a run directory: its trials train on its spec.yaml data section "
+                            f"({', '.join(given)} apply to an ARCH.yaml only; --data-path may move the data)")
+        if trial_key is None:
+            raise UserError(f"{target} is a run directory: name the trial to retrain (train RUN_DIR TRIAL_KEY)")
+        run = open_run(target)
+        data_cfg = load_spec(run.spec).data
+        data_cfg = data_cfg if data_path is None else data_cfg.replace(path=data_path)
+        arch, cfg = trial_recipe(run, trial_key, epochs=epochs, seed=seed)
+        cfg = cfg if threads is None else cfg.replace(threads=threads)
+    else:
+        from trainables.arch import ArchConfig
+        from trainables.data import DataConfig
+
+        if trial_key is not None:
+            raise UserError(f"unexpected argument {trial_key}: a TRIAL_KEY follows a run directory, "
+                            f"and {target} is not one")
+        if data is None:
+            raise UserError(f"{target}: an architecture file trains on --data NAME (or give a run directory)")
+        seed = 0 if seed is None else seed
+        arch = ArchConfig.load(target)
+        data_cfg = DataConfig(name=data, path=data_path, subset=subset, image_size=image_size, seed=seed)
+        cfg = TrainConfig(seed=seed, threads=threads)
+        cfg = cfg if epochs is None else cfg.replace(epochs=epochs)
+    from trainables.data import load_dataset
+
+    splits = load_dataset(data_cfg)
+    typer.echo(f"arch {arch.canonical()}\ndata {data_cfg.name}: {splits.sizes()}\ntrain {cfg}")
     try:
         result = train_arch(arch, splits, cfg, on_epoch=lambda m, _state: typer.echo(describe(m, cfg)))
     except TrainingDiverged as e:
@@ -74,6 +119,48 @@ def train(
     typer.echo("summary " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
     if as_json:
         typer.echo(json.dumps(summary))
+
+
+@app.command()
+def finalize(
+    run_dir: Path = typer.Argument(..., help="a search's run directory (runs/<name>-<timestamp>)"),
+    top: int | None = typer.Option(None, "--top", help="retrain at most this many front members, smallest first (overrides search.finalize.top; default: all)"),
+    seeds: int | None = typer.Option(None, "--seeds", help="repeats per member (overrides search.finalize.seeds; default 2)"),
+    epochs: int | None = typer.Option(None, "--epochs", help="epochs per phase (overrides search.finalize.epochs; default: the trial's)"),
+    address: str | None = typer.Option(None, "--address", help="Ray cluster to attach to (default: $RAY_ADDRESS, else a local Ray)"),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="default: the store the search used (run_dir/mlflow.json)"),
+    no_mlflow: bool = typer.Option(False, "--no-mlflow", help="do not log the retrainings to MLflow"),
+    as_json: bool = typer.Option(False, "--json", help="end stdout with one JSON object: counts and the final front"),
+) -> None:
+    """Retrain the search's front at full fidelity over several seeds, on Ray (resumable).
+
+    Each member keeps its recorded architecture and recipe (--epochs replaces the epochs, the
+    seed changes per repeat) and the search's data splits. Writes run_dir/final/<key>-s<seed>/
+    as each retraining ends (a rerun skips those) and run_dir/final-pareto.csv (mean and std
+    over seeds per member; on_front marks the final front). Exit 0 done, 1 some retraining (or
+    MLflow) failed, 2 bad input, 130 interrupted (rerun to continue).
+    """
+    from search.finalize import FinalizeInterrupted, finalize_run, front_text
+
+    try:
+        outcome = finalize_run(run_dir, top=top, seeds=seeds, epochs=epochs, mlflow=not no_mlflow,
+                               tracking_uri=tracking_uri, address=address)
+    except FinalizeInterrupted as e:
+        print(str(e), file=sys.stderr)
+        raise typer.Exit(130) from None
+    typer.echo(front_text(outcome.rows))
+    typer.echo(f"final front: {outcome.run_dir / 'final-pareto.csv'}")
+    code = 0
+    if outcome.failed:
+        print(f"error: {outcome.failed} retraining(s) failed: see final/*/result.json in "
+              f"{outcome.run_dir}; rerun finalize to retry them", file=sys.stderr)
+        code = 1
+    if outcome.tracking_error:
+        print(f"error: {outcome.tracking_error}", file=sys.stderr)
+        code = 1
+    if as_json:
+        typer.echo(json.dumps(outcome.summary(), default=str))
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -95,10 +182,20 @@ def pareto(
     experiment: str | None = typer.Option(None, "--experiment", help="MLflow experiment (default: the latest search in any)"),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else ./mlflow.db"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    final: bool = typer.Option(False, "--final", help="the front as `finalize` retrained it (the parent run's final-pareto.csv artifact)"),
+    run_dir: Path | None = typer.Option(None, "--run-dir", help="with --final: read RUN_DIR/final-pareto.csv instead of MLflow"),
 ) -> None:
     """Print the Pareto front of the latest search, read from the MLflow tracking store."""
     from search.tracking import format_front, front_from_store, resolve_tracking_uri
 
+    if final or run_dir is not None:
+        from search.finalize import front_text, read_final_csv
+        from search.finalize_mlflow import final_from_store
+
+        rows = read_final_csv(run_dir) if run_dir is not None else \
+            final_from_store(resolve_tracking_uri(tracking_uri), experiment)
+        typer.echo(json.dumps({"final_front": rows}) if as_json else front_text(rows))
+        return
     report = front_from_store(resolve_tracking_uri(tracking_uri), experiment)
     typer.echo(json.dumps(report) if as_json else format_front(report))
 

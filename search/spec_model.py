@@ -38,6 +38,7 @@ __all__ = [
     "Constraints",
     "EarlyStopping",
     "FillBudget",
+    "Finalize",
     "InitialPoint",
     "Objective",
     "Resources",
@@ -109,6 +110,16 @@ class FillBudget:
 
 
 @dataclass(frozen=True)
+class Finalize:
+    """``search.finalize``: retrain the front at full fidelity (``sparse-search finalize``),
+    each member with its own recorded architecture and recipe, on the search's data splits."""
+
+    top: int | None = None  # members retrained: pareto.csv's, smallest first, at most top; null: all
+    seeds: int = 2  # repeats per member (seeds recorded, +1, +2, ...): a spread needs two
+    epochs: int | None = None  # epochs per phase of the retraining; null: the trial's train.epochs
+
+
+@dataclass(frozen=True)
 class InitialPoint:
     """One configuration the search trains before the sampler's own proposals
     (``search.initial``): a known network to start the front from, as Ray Tune's
@@ -147,6 +158,8 @@ class SearchSettings:
     time_budget: float | None = None
     # Trained first, in order, before the sampler proposes anything (counted in num_samples).
     initial: tuple[InitialPoint, ...] = ()
+    # The full-fidelity retraining of the front (`sparse-search finalize`); null: its defaults.
+    finalize: Finalize | None = None
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from search.spec_model import (
     Constraints,
     EarlyStopping,
     FillBudget,
+    Finalize,
     InitialPoint,
     Objective,
     Resources,
@@ -169,6 +170,7 @@ DURATION = "a positive duration: seconds, or a string like 90s, 45m, 1.5h"
 def _search_settings(r: Reader, d: Any) -> SearchSettings:
     kw = r.mapping(d, "search", [f.name for f in fields(SearchSettings)])
     early, fill = kw.pop("early_stopping", None), kw.pop("fill_budget", None)
+    final = kw.pop("finalize", None)
     initial = _initial(r, kw.pop("initial", None))
     settings = r.dataclass(SearchSettings, kw, "search", {
         "sampler": one_of(SAMPLERS),
@@ -202,7 +204,14 @@ def _search_settings(r: Reader, d: Any) -> SearchSettings:
             r.fail("search.fill_budget.bands", f"={fill.bands} needs a searched fraction to split "
                    f"({{float: [lo, hi]}}), but fraction is {plain(fill.fraction)!r}: drop bands "
                    "or search the fraction")
-    return dataclasses.replace(settings, early_stopping=early, fill_budget=fill, initial=initial)
+    if final is not None:
+        final = r.dataclass(Finalize, final, "search.finalize", {
+            "top": int_check(1, nullable=True),
+            "seeds": int_check(1),
+            "epochs": int_check(1, nullable=True),
+        })
+    return dataclasses.replace(settings, early_stopping=early, fill_budget=fill, initial=initial,
+                               finalize=final)
 
 
 INITIAL_ENTRY = ("an architecture file, or a mapping of arch (a file or an inline network), "

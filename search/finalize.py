@@ -1,0 +1,450 @@
+"""Finalization: retrain a search's front at full fidelity, over several seeds.
+
+A search's trials are short (few epochs, early stopping); NAS practice retrains the front
+before reporting it. ``sparse-search finalize RUN_DIR`` takes pareto.csv's members (smallest
+first, at most ``search.finalize.top``), retrains each with its own recorded architecture
+(``trials/<key>/arch.yaml``) and recorded recipe (the trial's flat ``train/`` config, from
+``trials/<key>/result.json``: the record results.csv is written from), ``seeds`` times (seed
+recorded, +1, +2, ...) and with ``epochs`` per phase when given, on the search's own data
+splits (the run's spec.yaml ``data`` section). A front point of an earlier pruning round is
+retrained with ``prune_rounds`` cut to that round.
+
+Each (member, seed) is one Ray task with the per-trial resources the search planned
+(:func:`search.preflight.preflight`); its result is written at once to
+``final/<member>-s<seed>/result.json`` (+ ``model.pt``): a rerun skips what is finished with
+the same recipe, so an interrupted finalize is resumable. At the end ``final-pareto.csv`` holds
+one row per member (mean and sample std over its seeds) with ``on_front`` marking the final
+front; pareto.csv (the search's front) is left as it was.
+
+MLflow (:mod:`search.finalize_mlflow`), when the run was tracked: one run per (member, seed)
+nested under the search's parent run, and ``final-pareto.csv`` as a parent artifact.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from search.errors import UserError
+from search.rundir import ARCH_YAML, MODEL_FILE, RESULT_JSON, RunDir, write_atomic, write_json
+
+__all__ = ["FINAL_COLUMNS", "FINAL_DIR", "FINAL_PARETO", "FinalizeOutcome", "Member",
+           "final_front", "finalize_run", "front_members", "open_run", "trial_recipe"]
+
+FINAL_DIR = "final"  # run_dir/final/<member>-s<seed>/result.json, model.pt
+FINAL_PARETO = "final-pareto.csv"
+FINISHED, FAILED = "FINISHED", "FAILED"
+# Metrics averaged over seeds (mean and std columns) where the retraining reports them.
+AVERAGED = ("val_accuracy", "test_accuracy")
+# Counts of the delivered model (the same for every seed, up to pruning ties): their mean.
+COUNTS = ("nonzero_params", "macs", "nonzero_macs", "flash_bytes", "sram_bytes")
+FINAL_COLUMNS = ("trial_key", "prune_round", "nonzero_params", "macs", "val_accuracy_mean",
+                 "val_accuracy_std", "test_accuracy_mean", "test_accuracy_std", "seeds",
+                 "epochs", "search_val_accuracy", "on_front", "arch")
+
+
+class FinalizeInterrupted(Exception):
+    """Ctrl-C / SIGTERM stopped a finalize: what finished is kept (exit 130, rerun it)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(f"interrupted: continue with `sparse-search finalize {run_dir}` "
+                         "(finished retrainings are kept)")
+
+
+# ---------------------------------------------------------------------- what is retrained
+@dataclass(frozen=True)
+class Member:
+    """One front point to retrain: its trial, its pruning round and its recorded recipe."""
+
+    trial_key: str
+    prune_round: int
+    label: str  # the trial key, or <key>r<round> for an earlier round of a pruning trial
+    arch: Any  # trainables.arch.ArchConfig
+    train: Any  # trainables.train.TrainConfig: the recorded recipe, retraining epochs applied
+    search_point: Mapping[str, Any] = field(default_factory=dict)  # its pareto.csv row
+
+    def job_id(self, seed: int) -> str:
+        return f"{self.label}-s{seed}"
+
+
+def open_run(run_dir: str | Path) -> RunDir:
+    """A finished (or interrupted) search's run dir; a UserError names what is missing."""
+    run = RunDir(Path(run_dir).expanduser().resolve())
+    if not run.path.is_dir():
+        raise UserError(f"{run_dir}: no such run directory")
+    for needed in (run.spec, run.results_csv):
+        if not needed.is_file():
+            raise UserError(f"{run_dir}: {needed.name} is missing: expected a folder made by "
+                            "`sparse-search run` (runs/<name>-<date>-<time>)")
+    return run
+
+
+def _csv_value(v: str) -> Any:
+    """A results.csv cell as the value it was (numbers, booleans, null, lists)."""
+    if v == "":
+        return None
+    try:
+        return yaml.safe_load(v)
+    except yaml.YAMLError:
+        return v
+
+
+def recorded_config(run: RunDir, key: str) -> dict[str, Any]:
+    """The trial's flat config (``arch/...``, ``train/...``): its result.json, else its
+    results.csv row; a UserError lists the known trial keys."""
+    path = run.trial(key) / RESULT_JSON
+    if path.is_file():
+        return dict(json.loads(path.read_text())["config"])
+    with run.results_csv.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        if row["trial_key"] == key:
+            return {k: _csv_value(v) for k, v in row.items() if k.startswith(("arch/", "train/"))}
+    known = ", ".join(r["trial_key"] for r in rows) or "none"
+    raise UserError(f"trial {key!r} is not in {run.results_csv} (trial keys: {known})")
+
+
+def trial_recipe(run: RunDir, key: str, *, epochs: int | None = None, seed: int | None = None,
+                 prune_round: int | None = None) -> tuple[Any, Any]:
+    """(ArchConfig, TrainConfig) of a recorded trial: its arch.yaml and its ``train/`` config,
+    with ``epochs``, ``seed`` and (an earlier front round) ``prune_rounds`` replaced."""
+    from trainables.arch import ArchConfig
+    from trainables.train import TrainConfig
+
+    config = recorded_config(run, key)
+    arch_file = run.trial(key) / ARCH_YAML
+    arch = ArchConfig.load(arch_file) if arch_file.is_file() else ArchConfig.from_flat(config)
+    cfg = TrainConfig.from_flat({k: v for k, v in config.items() if k.startswith("train/")})
+    changes: dict[str, Any] = {}
+    if prune_round is not None and prune_round < cfg.prune_rounds:
+        changes["prune_rounds"] = prune_round
+    if epochs is not None:
+        changes["epochs"] = epochs
+        if cfg.prune_rounds and cfg.rewind_epoch > epochs:
+            changes["rewind_epoch"] = epochs
+    if seed is not None:
+        changes["seed"] = seed
+    return arch, cfg.replace(**changes) if changes else cfg
+
+
+def front_members(run: RunDir, *, top: int | None, epochs: int | None) -> list[Member]:
+    """pareto.csv's points in order of params (smallest first), at most ``top``."""
+    if not run.pareto_csv.is_file():
+        raise UserError(f"{run.path}: {run.pareto_csv.name} is missing: no trial finished yet")
+    with run.pareto_csv.open(newline="") as f:
+        rows = sorted(csv.DictReader(f), key=lambda r: float(r["nonzero_params"] or "inf"))
+    members = []
+    for row in rows[:top] if top is not None else rows:
+        key, r = row["trial_key"], int(row.get("prune_round") or 0)
+        arch, cfg = trial_recipe(run, key, epochs=epochs, prune_round=r)
+        recorded_rounds = int(recorded_config(run, key).get("train/prune_rounds") or 0)
+        label = key if r >= recorded_rounds else f"{key}r{r}"  # an earlier round: its own label
+        members.append(Member(key, r, label, arch, cfg, search_point=row))
+    return members
+
+
+# ---------------------------------------------------------------------- one retraining
+def retrain(arch_yaml: str, cfg_flat: Mapping[str, Any], splits: Any, use_gpu: bool) -> dict:
+    """Train one (member, seed) (a Ray task body; plain data in and out): the final report,
+    per-epoch reports, the delivered weights (``torch.save`` bytes) and the node it ran on."""
+    import torch
+
+    from trainables.arch import ArchConfig
+    from trainables.train import TrainConfig, fold_pruning
+    from trainables.trial import train_arch
+
+    arch = ArchConfig.from_yaml(arch_yaml)
+    cfg = TrainConfig.from_flat(cfg_flat)
+    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+    weights: dict[str, Any] = {}
+
+    def on_epoch(metrics: dict[str, Any], state: Any) -> None:
+        if "test_accuracy" in metrics:  # the last report: keep the delivered weights
+            weights["model"] = fold_pruning(state()["model"])
+
+    result = train_arch(arch, splits, cfg, device=device, on_epoch=on_epoch)
+    buf = io.BytesIO()
+    torch.save(weights.get("model", {}), buf)
+    node = None
+    try:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # (the node is a label, never worth a failure)
+        node = None
+    return {"metrics": _plain(result.metrics), "history": [_plain(m) for m in result.history],
+            "model": buf.getvalue(), "node": node}
+
+
+def _plain(m: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in m.items():
+        if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
+            v = v.item()
+        if isinstance(v, (bool, int, float, str)) or v is None:
+            out[k] = v
+    return out
+
+
+# ---------------------------------------------------------------------- the front
+def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else None
+
+
+def final_front(members: Sequence[Member], records: Mapping[str, Mapping[str, Any]],
+                seeds: Sequence[int], *, objectives: Sequence[tuple[str, str]]) -> list[dict]:
+    """One row per member with a finished seed (FINAL_COLUMNS; metrics averaged over seeds),
+    ``on_front`` marking the non-dominated rows by the search's objectives on the means."""
+    from search.pareto import front_indices
+
+    rows = []
+    for m in members:
+        recs = [records[m.job_id(s)] for s in seeds
+                if records.get(m.job_id(s), {}).get("status") == FINISHED]
+        if not recs:
+            continue
+        row: dict[str, Any] = {"trial_key": m.trial_key, "prune_round": m.prune_round,
+                               "seeds": len(recs), "epochs": m.train.epochs,
+                               "search_val_accuracy": m.search_point.get("val_accuracy"),
+                               "arch": m.arch.canonical()}
+        wanted = {*AVERAGED, *COUNTS, *(m for m, _ in objectives)}
+        for k in sorted(wanted & {k for r in recs for k in r["metrics"]}):
+            vals = [r["metrics"].get(k) for r in recs]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+                continue
+            mean, std = _mean_std(vals)
+            if k in AVERAGED:
+                row[f"{k}_mean"], row[f"{k}_std"] = mean, std
+            else:
+                row[k] = mean if mean is None or not float(mean).is_integer() else int(mean)
+        rows.append(row)
+
+    def value(row: Mapping[str, Any], metric: str) -> float:
+        v = row.get(f"{metric}_mean", row.get(metric))
+        return float(v) if v is not None else math.nan
+
+    ok = [i for i, r in enumerate(rows) if all(math.isfinite(value(r, m)) for m, _ in objectives)]
+    front = {ok[j] for j in front_indices([[value(rows[i], m) for m, _ in objectives] for i in ok],
+                                          [s for _, s in objectives])} if ok else set()
+    for i, r in enumerate(rows):
+        r["on_front"] = i in front
+    return sorted(rows, key=lambda r: (r.get("nonzero_params") or 0, -(r.get("val_accuracy_mean") or 0)))
+
+
+def _csv(rows: Sequence[Mapping[str, Any]]) -> str:
+    extra = sorted({k for r in rows for k in r} - set(FINAL_COLUMNS))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=[*FINAL_COLUMNS, *extra], lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: "" if v is None else v for k, v in r.items()})
+    return buf.getvalue()
+
+
+def front_text(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The final front as a table (every member; ``*`` marks the front)."""
+    def f(v: Any, spec: str) -> str:
+        return "-" if v is None or v == "" else format(float(v), spec)
+
+    lines = [f"{'':1} {'trial':>6} {'params':>10} {'macs':>12} {'val_acc':>15} "
+             f"{'test_acc':>15} {'seeds':>5} {'epochs':>6}  arch"]
+    for r in rows:
+        lines.append(
+            f"{'*' if str(r.get('on_front')).lower() == 'true' else ' '} {r['trial_key']:>6} "
+            f"{f(r.get('nonzero_params'), ',.0f'):>10} {f(r.get('macs'), ',.0f'):>12} "
+            f"{f(r.get('val_accuracy_mean'), '.4f'):>7}+-{f(r.get('val_accuracy_std'), '.4f'):<6} "
+            f"{f(r.get('test_accuracy_mean'), '.4f'):>7}+-{f(r.get('test_accuracy_std'), '.4f'):<6} "
+            f"{r.get('seeds', ''):>5} {r.get('epochs', ''):>6}  {r.get('arch', '')}")
+    return "\n".join(lines)
+
+
+def read_final_csv(run_dir: str | Path) -> list[dict[str, str]]:
+    path = Path(run_dir) / FINAL_PARETO
+    if not path.is_file():
+        raise UserError(f"{path} is missing: run `sparse-search finalize {run_dir}` first")
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------------- the command
+@dataclass(frozen=True)
+class FinalizeOutcome:
+    run_dir: Path
+    rows: list[dict[str, Any]]  # final-pareto.csv's rows
+    trained: int  # (member, seed) retrained by this call
+    skipped: int  # finished by an earlier call with the same recipe
+    failed: int
+    tracking_error: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {"run_dir": str(self.run_dir), "trained": self.trained, "skipped": self.skipped,
+                "failed": self.failed, "final_pareto": str(self.run_dir / FINAL_PARETO),
+                "front": [r for r in self.rows if r.get("on_front")]}
+
+
+def _positive(name: str, v: int | None) -> None:
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+        raise UserError(f"--{name} {v!r} is invalid: expected an integer >= 1")
+
+
+def _load_records(run: RunDir) -> dict[str, dict[str, Any]]:
+    out = {}
+    for path in sorted((run.path / FINAL_DIR).glob(f"*/{RESULT_JSON}")):
+        try:
+            out[path.parent.name] = json.loads(path.read_text())
+        except ValueError:
+            continue  # never half-written (atomic), but a hand-edited file is not fatal
+    return out
+
+
+def finalize_run(run_dir: str | Path, *, top: int | None = None, seeds: int | None = None,
+                 epochs: int | None = None, mlflow: bool = True, tracking_uri: str | None = None,
+                 address: str | None = None,
+                 echo: Callable[[str], Any] = lambda s: print(s, file=sys.stderr)) -> FinalizeOutcome:
+    """Retrain the run's front (see the module docstring); ``top`` / ``seeds`` / ``epochs``
+    override ``search.finalize``. Raises UserError (bad input, before anything is trained)
+    or FinalizeInterrupted (Ctrl-C: rerun to continue)."""
+    from search.spec import load_spec
+    from search.spec_model import Finalize
+
+    for name, v in (("top", top), ("seeds", seeds), ("epochs", epochs)):
+        _positive(name, v)
+    run = open_run(run_dir)
+    spec = load_spec(run.spec)
+    settings = spec.search.finalize or Finalize()
+    top = top if top is not None else settings.top
+    seeds = seeds if seeds is not None else settings.seeds
+    epochs = epochs if epochs is not None else settings.epochs
+    members = front_members(run, top=top, epochs=epochs)
+    if not members:
+        raise UserError(f"{run.pareto_csv} holds no front member: nothing to finalize")
+    offsets = range(seeds)
+    jobs = {m.job_id(m.train.seed + i): (m, m.train.seed + i) for m in members for i in offsets}
+    records = _load_records(run)
+    recipe = {jid: m.train.replace(seed=s).to_flat() for jid, (m, s) in jobs.items()}
+    todo = [jid for jid in jobs if not (records.get(jid, {}).get("status") == FINISHED
+                                        and records[jid].get("train") == recipe[jid])]
+    skipped = len(jobs) - len(todo)
+    echo(f"finalize {run.path.name}: {len(members)} members x {seeds} seeds, "
+         f"{len(todo)} to train, {skipped} already done")
+
+    tracker = None
+    if mlflow:
+        from search.finalize_mlflow import FinalTracker
+
+        tracker = FinalTracker.for_run(run.path, tracking_uri)
+    trained = failed = 0
+
+    def record(jid: str, rec: dict[str, Any]) -> None:
+        nonlocal trained, failed
+        records[jid] = rec
+        trained += rec["status"] == FINISHED
+        failed += rec["status"] == FAILED
+        m = rec["metrics"]
+        echo(f"final {jid}: {rec['status']}" + (
+            f"  val_acc {m.get('val_accuracy', math.nan):.4f}  test_acc "
+            f"{m.get('test_accuracy', math.nan):.4f}  params {m.get('nonzero_params')}"
+            if rec["status"] == FINISHED else f"  {rec.get('error')}"))
+        if tracker is not None and rec["status"] == FINISHED:
+            tracker.log(jid, rec, jobs[jid][0])
+
+    if tracker is not None:  # finished before (another call, or MLflow was down): catch up
+        for jid in jobs:
+            if jid not in todo:
+                tracker.log(jid, records[jid], jobs[jid][0])
+    if todo:
+        _train_on_ray(run, spec, {jid: jobs[jid] for jid in todo}, recipe, address, record)
+    seed_lists = {m.label: [m.train.seed + i for i in offsets] for m in members}
+    rows = final_front(members, records, sorted({s for v in seed_lists.values() for s in v}),
+                       objectives=[(o.metric, o.mode) for o in spec.objectives])
+    write_atomic(run.path / FINAL_PARETO, _csv(rows))
+    error = None
+    if tracker is not None:
+        tracker.log_front(run.path / FINAL_PARETO)
+        error = tracker.failure
+    return FinalizeOutcome(run.path, rows, trained, skipped, failed, tracking_error=error)
+
+
+def _train_on_ray(run: RunDir, spec: Any, jobs: Mapping[str, tuple[Member, int]],
+                  recipe: Mapping[str, dict[str, Any]], address: str | None,
+                  record: Callable[[str, dict[str, Any]], None]) -> None:
+    """One Ray task per (member, seed), with the search's per-trial resources."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from search.interrupt import sigterm_as_sigint
+    from search.preflight import preflight
+    from search.ray_runtime import init_ray
+    from trainables.data import load_dataset
+
+    checked = preflight(spec, address=address, tracking_uri=None, mlflow=False)
+    plan = checked.plan
+    print(plan.line, file=sys.stderr, flush=True)
+    started = checked.attached
+    import ray
+
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparse-search-data") as pool:
+            splits = pool.submit(load_dataset, spec.data)
+            started = init_ray(address) or started
+            sigterm_as_sigint()  # ray.init replaced it: SIGTERM stops a finalize like Ctrl-C
+            splits_ref = ray.put(splits.result())
+        task = ray.remote(retrain).options(
+            num_cpus=plan.cpu, num_gpus=plan.gpu, resources=dict(plan.custom) or None,
+            max_retries=spec.search.max_failures)
+        threads = max(1, int(plan.cpu))
+        pending = {}
+        for jid, (m, seed) in jobs.items():
+            cfg = m.train.replace(seed=seed)
+            cfg = cfg if cfg.threads is not None else cfg.replace(threads=threads)
+            pending[task.remote(m.arch.to_yaml(), cfg.to_flat(), splits_ref, plan.gpu > 0)] = \
+                (jid, m, seed, time.time())
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                jid, m, seed, t0 = pending.pop(ready[0])
+                _save(run, jid, m, seed, recipe[jid], ready[0], t0, record)
+        except KeyboardInterrupt:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise FinalizeInterrupted(run.path) from None
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _save(run: RunDir, jid: str, m: Member, seed: int, train_flat: dict[str, Any], ref: Any,
+          t0: float, record: Callable[[str, dict[str, Any]], None]) -> None:
+    """result.json (and model.pt) of one finished (member, seed), written at once."""
+    import ray
+
+    out = run.path / FINAL_DIR / jid
+    base = {"job_id": jid, "trial_key": m.trial_key, "prune_round": m.prune_round, "seed": seed,
+            "epochs": m.train.epochs, "arch": m.arch.canonical(), "train": train_flat,
+            "started_at": t0, "finished_at": time.time()}
+    try:
+        res = ray.get(ref)
+    except ray.exceptions.RayError as e:
+        cause = getattr(e, "cause", None) or e
+        rec = {**base, "status": FAILED, "error": f"{type(cause).__name__}: {cause}".strip()[:2000],
+               "metrics": {}, "history": []}
+    else:
+        write_atomic(out / MODEL_FILE, res["model"])
+        write_atomic(out / ARCH_YAML, m.arch.to_yaml())
+        rec = {**base, "status": FINISHED, "error": None, "metrics": res["metrics"],
+               "history": res["history"], "node": res["node"]}
+    write_json(out / RESULT_JSON, rec)
+    record(jid, rec)
