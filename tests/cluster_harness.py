@@ -55,8 +55,10 @@ def available() -> str | None:
 
 
 def session_pids(sid: int) -> set[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
-    return {int(p) for p, s in (line.split() for line in out.splitlines()) if int(s) == sid}
+    """Live processes of session ``sid`` (zombies, already dead, are left out)."""
+    out = subprocess.run(["ps", "-eo", "pid=,sid=,stat="], capture_output=True, text=True).stdout
+    return {int(p) for p, s, st in (line.split() for line in out.splitlines())
+            if int(s) == sid and not st.startswith("Z")}
 
 
 def _comm(pid: int) -> str:
@@ -261,7 +263,7 @@ class LoopbackCluster:
     # ------------------------------------------------------------------ stop
     def _kill_session(self, node: Node, sig: int) -> None:
         deadline = time.monotonic() + 30
-        while pids := node.pids():
+        while (node.proc.poll() or True) and (pids := node.pids()):  # poll(): reap our child
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cluster_harness import LoopbackCluster, available  # noqa: E402
+from cluster_harness import LoopbackCluster, available
 
 pytestmark = [pytest.mark.ray, pytest.mark.skipif(available() is not None,
                                                   reason=f"no network namespaces: {available()}")]
@@ -116,8 +116,8 @@ def test_a_custom_resource_places_trials_only_on_the_node_that_has_it(cluster, t
 
 
 def test_a_node_lost_mid_search_is_retried_on_the_nodes_left(cluster, tmp_path):
-    """SIGKILL node 2 (raylet's process group, then the rest of it) while its trial trains."""
-    lost = cluster.nodes[2]
+    """SIGKILL a worker node that trains a trial (its raylet's process group, then the rest
+    of it): the trial is retried on the nodes left."""
     spec = _spec(tmp_path, "lost", n=4, epochs=12, subset=1400)
     proc = cluster.popen([CLI, "run", str(spec), "--address", cluster.gcs_address,
                           "--no-mlflow", "--json", "--storage", str(tmp_path / "runs")],
@@ -125,11 +125,11 @@ def test_a_node_lost_mid_search_is_retried_on_the_nodes_left(cluster, tmp_path):
                          stderr=open(tmp_path / "err", "w"))  # noqa: SIM115
     try:
         deadline = time.monotonic() + 300
-        while not _training_on(lost):
+        while (lost := next((n for n in cluster.nodes[1:] if _training_on(n)), None)) is None:
             assert proc.poll() is None, (tmp_path / "err").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no trial started on node 2"
-            time.sleep(0.5)
-        time.sleep(2.0)  # mid-trial: an epoch or so in
+            assert time.monotonic() < deadline, "no trial started on a worker node"
+            time.sleep(0.2)
+        time.sleep(1.0)  # mid-trial: an epoch or so in
         cluster.kill_node(lost)
         proc.wait(timeout=600)
     finally:
@@ -146,8 +146,9 @@ def test_a_node_lost_mid_search_is_retried_on_the_nodes_left(cluster, tmp_path):
     assert retried, rows
     for r in retried:
         assert r["status"] == "TERMINATED" and r["node"] != lost.node_id
-        assert r["retry_error"].startswith(lost.node_id), r["retry_error"]
-    assert all(r["node"] != lost.node_id for r in retried)
+        # The failed attempt's node is known once it reported an epoch ("?" before that).
+        assert r["retry_error"].startswith((lost.node_id, "?: ")), r["retry_error"]
+        assert "Actor" in r["retry_error"], r["retry_error"]
 
 
 def _training_on(node) -> bool:
@@ -160,3 +161,35 @@ def _training_on(node) -> bool:
         if title.startswith(b"ray::ImplicitFunc"):
             return True
     return False
+
+
+@pytest.mark.xfail(strict=True, reason="search/driver.py keeps the start-up working directory; "
+                   "Ray Tune's ExperimentAnalysis calls os.path.relpath -> os.getcwd() at the "
+                   "end of Tuner.fit (FileNotFoundError): needs the driver patch in docs/cluster.md")
+def test_the_driver_does_not_need_its_working_directory(cluster, tmp_path):
+    """Relative spec, data-free digits and ``--storage ../runs`` given from a folder that is
+    deleted once the search trains (as Ray's runtime-env clean-up once removed a job's
+    working_dir copy under a running driver): every path was resolved at start."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    _spec(cwd, "nocwd", n=4, epochs=4)
+    proc = cluster.popen([CLI, "run", "nocwd.yaml", "--address", cluster.gcs_address,
+                          "--no-mlflow", "--json", "--storage", "../runs"], cwd=cwd,
+                         stdout=open(tmp_path / "out", "w"),  # noqa: SIM115
+                         stderr=open(tmp_path / "err", "w"))  # noqa: SIM115
+    try:
+        deadline = time.monotonic() + 300
+        while not list((tmp_path / "runs").glob("*/ray/tuner.pkl")):
+            assert proc.poll() is None, (tmp_path / "err").read_text()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        (cwd / "nocwd.yaml").unlink()
+        cwd.rmdir()
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out, err = (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
+    assert proc.returncode == 0, out[-2000:] + err[-4000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["complete"] and summary["trials"] == 4
