@@ -165,7 +165,8 @@ def _training_on(node) -> bool:
 
 @pytest.mark.xfail(strict=True, reason="search/driver.py keeps the start-up working directory; "
                    "Ray Tune's ExperimentAnalysis calls os.path.relpath -> os.getcwd() at the "
-                   "end of Tuner.fit (FileNotFoundError): needs the driver patch in docs/cluster.md")
+                   "end of Tuner.fit (FileNotFoundError): search/driver.py should chdir to the "
+                   "run dir around fit()")
 def test_the_driver_does_not_need_its_working_directory(cluster, tmp_path):
     """Relative spec, data-free digits and ``--storage ../runs`` given from a folder that is
     deleted once the search trains (as Ray's runtime-env clean-up once removed a job's
