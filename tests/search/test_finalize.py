@@ -1,0 +1,135 @@
+"""search/finalize.py: a real 4-trial search (Ray, digits), then its front retrained over seeds,
+tracked in a real MLflow sqlite store."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from search.errors import UserError
+from search.finalize import final_front, finalize_run
+from search.finalize_mlflow import ROLE_FINAL, final_from_store
+from search.spec import parse_spec
+from search.spec_model import Finalize
+from search.tracking import TAG_PARENT, TAG_ROLE, TAG_TRIAL_KEY, read_state
+
+SPEC = {
+    "name": "finalize-tiny",
+    "data": {"name": "digits", "subset": 300},
+    "search": {"sampler": "random", "num_samples": 4, "max_concurrent": 2, "seed": 1,
+               "finalize": {"top": 2, "seeds": 2, "epochs": 1}},
+    "train": {"epochs": 1, "batch_size": 32, "optimizer": "adamw", "lr": 0.02},
+    "space": {"stem": {"width": {"int": [4, 12]}}, "num_stages": 1,
+              "stages": {"width": {"int": [8, 24]}, "layers": 1}},
+}
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory: pytest.TempPathFactory, ray_session: None) -> tuple[Path, str]:
+    from search.driver import run_search
+
+    tmp = tmp_path_factory.mktemp("finalize")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    outcome = run_search(parse_spec(SPEC), storage_dir=tmp / "runs", tracking_uri=uri,
+                         progress=False)
+    assert outcome.complete
+    return outcome.run_dir, uri
+
+
+def _final_runs(uri: str, run_dir: Path) -> list:
+    state = read_state(run_dir)
+    client = MlflowClient(uri)
+    return client.search_runs([state["experiment_id"]], f"tags.`{TAG_ROLE}` = '{ROLE_FINAL}'")
+
+
+def test_finalize_top2_seeds2_then_rerun_skips(searched: tuple[Path, str]) -> None:
+    run_dir, uri = searched
+    pareto_before = hashlib.sha256((run_dir / "pareto.csv").read_bytes()).hexdigest()
+    with (run_dir / "pareto.csv").open() as f:
+        front_keys = [r["trial_key"] for r in csv.DictReader(f)][:2]
+
+    out = finalize_run(run_dir)  # top 2, seeds 2, 1 epoch: the spec's search.finalize
+    assert (out.trained, out.skipped, out.failed, out.tracking_error) == (4, 0, 0, None)
+    with (run_dir / "final-pareto.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["trial_key"] for r in rows) == sorted(front_keys)
+    for r in rows:
+        assert r["seeds"] == "2" and r["epochs"] == "1"
+        assert 0 <= float(r["val_accuracy_mean"]) <= 1 and float(r["val_accuracy_std"]) >= 0
+        assert r["test_accuracy_mean"] and r["test_accuracy_std"] != ""
+        assert int(r["nonzero_params"]) > 0
+    assert any(r["on_front"] == "True" for r in rows)
+    assert sorted(p.name for p in (run_dir / "final").iterdir()) == sorted(
+        f"{k}-s{s}" for k in front_keys for s in (0, 1))
+    assert all((run_dir / "final" / f"{k}-s0" / "model.pt").is_file() for k in front_keys)
+    # The search's front is left as it was.
+    assert hashlib.sha256((run_dir / "pareto.csv").read_bytes()).hexdigest() == pareto_before
+
+    # MLflow: 4 final runs nested under the parent, nothing RUNNING, the front on the parent.
+    parent = read_state(run_dir)["parent_run_id"]
+    finals = _final_runs(uri, run_dir)
+    assert len(finals) == 4
+    assert {r.data.tags[TAG_PARENT] for r in finals} == {parent}
+    assert sorted(r.data.tags[TAG_TRIAL_KEY] for r in finals) == sorted(front_keys * 2)
+    assert all("val_accuracy" in r.data.metrics and "test_accuracy" in r.data.metrics
+               for r in finals)
+    client = MlflowClient(uri)
+    every = client.search_runs([read_state(run_dir)["experiment_id"]], "")
+    assert not [r.info.run_id for r in every if r.info.status == "RUNNING"]
+    assert "final-pareto.csv" in {a.path for a in client.list_artifacts(parent)}
+    assert sorted(r["trial_key"] for r in final_from_store(uri)) == sorted(front_keys)
+
+    again = finalize_run(run_dir)
+    assert (again.trained, again.skipped, again.failed) == (0, 4, 0)
+    assert len(_final_runs(uri, run_dir)) == 4  # no second run for a finished retraining
+
+
+def test_bad_overrides_are_user_errors(searched: tuple[Path, str], tmp_path: Path) -> None:
+    run_dir, _ = searched
+    with pytest.raises(UserError, match="--seeds 0 is invalid"):
+        finalize_run(run_dir, seeds=0)
+    with pytest.raises(UserError, match="no such run directory"):
+        finalize_run(tmp_path / "nowhere")
+
+
+def test_spec_section_defaults_and_errors() -> None:
+    spec = parse_spec({"data": {"name": "digits"}, "search": {"finalize": {}}})
+    assert spec.search.finalize == Finalize(top=None, seeds=2, epochs=None)
+    assert parse_spec(spec.to_dict()).search.finalize == spec.search.finalize
+    assert parse_spec({"data": {"name": "digits"}}).search.finalize is None
+    with pytest.raises(UserError, match=r"x.yaml: search.finalize.top=0 is invalid: expected an "
+                                        r"integer >= 1 or null"):
+        parse_spec({"data": {"name": "digits"}, "search": {"finalize": {"top": 0}}},
+                   source="x.yaml")
+
+
+class _M:  # the Member fields final_front reads
+    def __init__(self, key: str, seed: int = 0) -> None:
+        self.trial_key, self.prune_round, self.label = key, 0, key
+        self.search_point = {"val_accuracy": "0.5"}
+        self.train = type("T", (), {"epochs": 3, "seed": seed})()
+        self.arch = type("A", (), {"canonical": lambda _self: f"net{key}"})()
+
+    def job_id(self, seed: int) -> str:
+        return f"{self.label}-s{seed}"
+
+
+def test_final_front_by_hand() -> None:
+    def rec(acc: float, params: int) -> dict:
+        return {"status": "FINISHED", "metrics": {"val_accuracy": acc, "test_accuracy": acc,
+                                                  "nonzero_params": params}}
+
+    records = {"a-s0": rec(0.6, 100), "a-s1": rec(0.8, 100),  # mean 0.7
+               "b-s0": rec(0.5, 200), "b-s1": rec(0.7, 200),  # mean 0.6, larger: dominated
+               "c-s0": rec(0.9, 300), "c-s1": {"status": "FAILED", "metrics": {}}}
+    rows = final_front([_M("a"), _M("b"), _M("c")], records, [0, 1],
+                       objectives=[("val_accuracy", "max"), ("nonzero_params", "min")])
+    by = {r["trial_key"]: r for r in rows}
+    assert by["a"]["val_accuracy_mean"] == pytest.approx(0.7)
+    assert by["a"]["val_accuracy_std"] == pytest.approx(0.1414213562)
+    assert (by["c"]["seeds"], by["c"]["val_accuracy_std"]) == (1, None)
+    assert {k: r["on_front"] for k, r in by.items()} == {"a": True, "b": False, "c": True}
