@@ -12,8 +12,13 @@ namespace, loopback only, token auth, a temp dir per node).
    extra wall time is the recovery cost in seconds.
 
 Wall time is the driver process's, start to exit (attaching included); training seconds are
-what results.csv records. Latest figures (2 shared cores, ray 2.60): see the report of the
-commit that added this file; the last line printed is JSON.
+what results.csv records; the last line printed is JSON.
+
+Latest figures (2 shared cores, other tests running, ray 2.60, one run): one node 21.2 s wall,
+2.97 s/trial beyond training; two nodes 37.4 s, 5.70 s/trial (1.92x, goal <= 1.5x) BUT all
+12 trials ran on one of the two nodes (``nodes_used`` 1), i.e. one at a time: not yet a fair
+comparison (why Ray placed no second trial on the other node is open); three nodes 30.4 s,
+two nodes used; one of them SIGKILLed at 30 s: 40.6 s, 1 trial retried: recovery +10.2 s.
 
     .venv/bin/python bench/cluster.py        # ~5-8 min on 2 cores
 """
