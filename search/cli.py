@@ -145,8 +145,8 @@ def finalize(
     try:
         outcome = finalize_run(run_dir, top=top, seeds=seeds, epochs=epochs, mlflow=not no_mlflow,
                                tracking_uri=tracking_uri, address=address)
-    except FinalizeInterrupted as e:
-        print(str(e), file=sys.stderr)
+    except (FinalizeInterrupted, KeyboardInterrupt):  # any moment: what finished is kept
+        print(str(FinalizeInterrupted(run_dir)), file=sys.stderr)
         raise typer.Exit(130) from None
     typer.echo(front_text(outcome.rows))
     typer.echo(f"final front: {outcome.run_dir / 'final-pareto.csv'}")

@@ -1,0 +1,97 @@
+"""`sparse-search finalize` and `train RUN_DIR KEY` through the console script: a real tiny
+search first (digits, --no-mlflow), then SIGINT mid-finalize (exit 130, a rerun completes),
+the recorded recipe reproduced, bad inputs (exit 2)."""
+
+from __future__ import annotations
+
+import csv
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SCRIPT = str(Path(sys.executable).with_name("sparse-search"))
+SPEC = """
+name: cli-finalize
+data: {name: digits, subset: 300}
+search: {sampler: random, num_samples: 4, max_concurrent: 2, seed: 2}
+train: {epochs: 1, batch_size: 32, optimizer: adamw, lr: 0.02}
+space:
+  stem: {width: {int: [4, 12]}}
+  num_stages: 1
+  stages: {width: {int: [8, 24]}, layers: 1}
+"""
+
+
+def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([SCRIPT, *args], capture_output=True, text=True, timeout=timeout,
+                          check=False)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("cli_finalize")
+    (tmp / "spec.yaml").write_text(SPEC)
+    out = _cli("run", str(tmp / "spec.yaml"), "--storage", str(tmp / "runs"), "--no-mlflow",
+               timeout=600)
+    assert out.returncode == 0, out.stderr
+    (path,) = (tmp / "runs").iterdir()
+    return path
+
+
+def test_sigint_exits_130_and_a_rerun_completes(run_dir: Path, tmp_path: Path) -> None:
+    with (run_dir / "pareto.csv").open() as f:
+        members = min(2, len(list(csv.DictReader(f))))  # the front of 4 random trials: 1 or 2
+    total = 3 * members
+    log = tmp_path / "finalize.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen([SCRIPT, "finalize", str(run_dir), "--top", "2", "--seeds", "3",
+                                 "--epochs", "15", "--no-mlflow"], stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((run_dir / "final").glob("*/result.json")):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "continue with `sparse-search finalize" in log.read_text()
+    done = len(list((run_dir / "final").glob("*/result.json")))
+    assert 1 <= done < total
+    out = _cli("finalize", str(run_dir), "--top", "2", "--seeds", "3", "--epochs", "15",
+               "--no-mlflow", "--json")
+    assert out.returncode == 0, out.stderr
+    assert f"{total - done} to train, {done} already done" in out.stderr
+    with (run_dir / "final-pareto.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == members and {r["seeds"] for r in rows} == {"3"}
+    assert _cli("pareto", "--final", "--run-dir", str(run_dir)).returncode == 0
+
+
+def test_train_run_dir_key_reproduces_the_recorded_recipe(run_dir: Path) -> None:
+    out = _cli("train", str(run_dir), "0", "--epochs", "1", "--json")
+    assert out.returncode == 0, out.stderr
+    (line,) = [ln for ln in out.stdout.splitlines() if ln.startswith("train ")]
+    assert "optimizer='adamw'" in line and "lr=0.02" in line and "batch_size=32" in line
+    assert "epochs=1" in line and "seed=0" in line
+    assert [ln.split()[1] for ln in out.stdout.splitlines() if ln.startswith("epoch")] == ["1/1"]
+
+
+def test_bad_inputs_exit_2(run_dir: Path, tmp_path: Path) -> None:
+    cases = [
+        (("finalize", str(tmp_path / "nowhere")), "no such run directory"),
+        (("finalize", str(run_dir), "--seeds", "0"), "--seeds 0 is invalid"),
+        (("train", str(run_dir), "99", "--epochs", "1"), "trial '99' is not in"),
+        (("train", str(run_dir)), "name the trial to retrain"),
+        (("train", str(run_dir), "0", "--data", "digits"), "is a run directory"),
+    ]
+    for args, message in cases:
+        out = _cli(*args)
+        assert out.returncode == 2, (args, out.stderr)
+        assert message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
