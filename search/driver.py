@@ -27,8 +27,10 @@ snapshot reruns its last epochs but is recorded (and told to Optuna) once. See
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -149,9 +151,18 @@ def _search(spec: SearchSpec, run: RunDir, *, resuming: bool, checked: Checked,
             splits.exception()  # wait for it (an unreadable dataset raises its DataError below)
         from search.tuner import fit
 
-        outcome = fit(spec, run, splits.result(), resuming=resuming, tracker=tracker,
-                       background=background, progress=progress, started_at=started_at,
-                       progress_interval_s=progress_interval_s, plan=checked.plan)
+        # Every path is absolute by now; the directory the driver started in may vanish (a
+        # job's working_dir cleaned up by another node's runtime-env agent), and Ray Tune's
+        # experiment analysis calls os.getcwd() at the end: run from the run dir instead.
+        previous = os.getcwd()
+        os.chdir(run.path)
+        try:
+            outcome = fit(spec, run, splits.result(), resuming=resuming, tracker=tracker,
+                          background=background, progress=progress, started_at=started_at,
+                          progress_interval_s=progress_interval_s, plan=checked.plan)
+        finally:
+            with contextlib.suppress(OSError):
+                os.chdir(previous)
     except KeyboardInterrupt:
         # A second Ctrl-C (Tune stops cleanly on the first), or one during start-up.
         resumable = (run.experiment / "tuner.pkl").exists()

@@ -63,21 +63,22 @@ SCREENED_KEY = "meta/screened_params"
 TERMINATED, EARLY_STOPPED, ERROR = "TERMINATED", "EARLY_STOPPED", "ERROR"
 # Report keys kept in records and points (the trainable reports more; Ray adds bookkeeping).
 # val_accuracy_se: the binomial standard error of val_accuracy (what the split can tell apart).
+# flash_bytes, sram_bytes: int8 deployment (search/schema.py).
 METRIC_KEYS = ("val_accuracy", "val_accuracy_se", "val_loss", "test_accuracy", "test_loss",
-               "train_loss", "nonzero_params", "macs", "nonzero_macs", "epoch", "prune_round",
-               "fidelity", "train_seconds", "node_id")
+               "train_loss", "nonzero_params", "macs", "nonzero_macs", "flash_bytes",
+               "sram_bytes", "epoch", "prune_round", "fidelity", "train_seconds", "node_id")
 # node: the Ray node id (hex) of the worker that ran the trial's last attempt (the trainable
 # reports it as ``node_id``); retries: attempts that failed and were retried (Ray's
 # ``max_failures``: a lost node, a killed worker); retry_error: ``node: error`` of each.
 RESULT_COLUMNS = ("trial_key", "trial_id", "status", "error", "arch", "nonzero_params", "macs",
-                  "val_accuracy", "val_accuracy_se", "val_loss", "test_accuracy", "train_seconds",
+                  "flash_bytes", "sram_bytes", "val_accuracy", "val_accuracy_se", "val_loss", "test_accuracy", "train_seconds",
                   "epochs", "prune_round", "fidelity", "initial", "node", "retries",
                   "retry_error")
 POINT_COLUMNS = ("trial_key", "trial_id", "prune_round", "epoch", "nonzero_params", "macs",
-                 "val_accuracy", "val_accuracy_se", "val_loss", "test_accuracy", "eligible",
+                 "flash_bytes", "sram_bytes", "val_accuracy", "val_accuracy_se", "val_loss", "test_accuracy", "eligible",
                  "on_front", "model", "arch")
 PARETO_COLUMNS = ("trial_key", "trial_id", "prune_round", "nonzero_params", "macs",
-                  "val_accuracy", "val_accuracy_se", "test_accuracy", "model", "arch", "initial")
+                  "flash_bytes", "sram_bytes", "val_accuracy", "val_accuracy_se", "test_accuracy", "model", "arch", "initial")
 
 
 def trial_key(trial: Trial) -> str:

@@ -258,7 +258,16 @@ class LoopbackCluster:
             "print(json.dumps({'tasks': [{'name': x.name, 'node_id': x.node_id, "
             "'state': x.state} for x in t], 'actors': [{'class_name': x.class_name, "
             "'node_id': x.node_id, 'state': x.state, 'pid': x.pid} for x in a]}))\n")
-        return json.loads(self.python(code, timeout=timeout).strip().splitlines()[-1])
+        # The state API answers through the head's dashboard, which can be slow to answer on
+        # a loaded 2-core box: a few tries, then the last error with the child's stderr.
+        for attempt in range(4):
+            try:
+                return json.loads(self.python(code, timeout=timeout).strip().splitlines()[-1])
+            except subprocess.CalledProcessError as e:
+                if attempt == 3:
+                    raise AssertionError(f"state API failed: {e.stderr[-3000:]}") from None
+                time.sleep(5)
+        raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ stop
     def _kill_session(self, node: Node, sig: int) -> None:

@@ -20,7 +20,7 @@ from search.errors import UserError
 from search.tracking import start_light_server, stop_server, wait_healthy
 
 RAY_MODULES = {
-    "test_old_rundir",
+    "test_old_rundir", "test_multinode", "test_finalize", "test_cli_finalize",
     "test_tuner", "test_resume", "test_cluster", "test_moasha", "test_tracking", "test_export",
     "test_cli_run", "test_cli_newcomer", "test_trial", "test_cli_data",
 }

@@ -363,6 +363,8 @@ class SearchTracker:
         if run_id is None:
             return
         tags = {TAG_FINAL: "true"}
+        if final_metrics.get("node_id"):  # the Ray node that ran it (results.csv: node)
+            tags["sparse_search.node_id"] = str(final_metrics["node_id"])
         if error:
             tags[TAG_FAILURE] = failure_reason(error)
         metrics = numeric(final_metrics)

@@ -98,7 +98,7 @@ def test_trials_spread_over_nodes_and_record_their_node(cluster, tmp_path):
     assert summary["trials"] == 4 and summary["complete"]
     ids = {n.node_id for n in cluster.nodes}
     nodes = {r["node"] for r in rows}
-    assert len(rows) == 4 and nodes <= ids and len(nodes) >= 2, rows
+    assert len(rows) == 4 and nodes <= ids and len(nodes) >= 2, (nodes, ids)
     assert all(r["retries"] == "0" and r["retry_error"] == "" for r in rows)
     # Ray's state API agrees: the trial actors (finished now) ran on those nodes.
     actors = [a for a in cluster.state()["actors"] if a["class_name"] == "ImplicitFunc"]
@@ -163,10 +163,6 @@ def _training_on(node) -> bool:
     return False
 
 
-@pytest.mark.xfail(strict=True, reason="search/driver.py keeps the start-up working directory; "
-                   "Ray Tune's ExperimentAnalysis calls os.path.relpath -> os.getcwd() at the "
-                   "end of Tuner.fit (FileNotFoundError): search/driver.py should chdir to the "
-                   "run dir around fit()")
 def test_the_driver_does_not_need_its_working_directory(cluster, tmp_path):
     """Relative spec, data-free digits and ``--storage ../runs`` given from a folder that is
     deleted once the search trains (as Ray's runtime-env clean-up once removed a job's
