@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 __all__ = [  # re-exported by search/tracking/__init__.py
     "DEFAULT_EXPERIMENT", "DEFAULT_OBJECTIVES", "DEFAULT_UI_URL", "EXPERIMENT_KIND",
     "EXPERIMENT_KIND_TAG", "RAY_KEYS", "STATE_FILE", "STORE_LOCK_TIMEOUT_S", "TAG_FAILURE",
-    "TAG_FINAL", "TAG_INITIAL", "TAG_MODEL", "TAG_ON_FRONT", "TAG_PARENT", "TAG_RANK", "TAG_ROLE",
+    "TAG_FINAL", "TAG_INITIAL", "TAG_MODEL", "TAG_NODE", "TAG_ON_FRONT", "TAG_PARENT", "TAG_RANK", "TAG_ROLE",
     "TAG_RUN_DIR", "TAG_TRIAL_KEY", "TERMINAL", "UI_QUERY", "check_not_half_migrated",
     "check_reachable", "client_for", "ensure_experiment", "failure_reason", "find_parent",
     "flatten", "latest_search", "log_metrics", "log_params", "log_tags", "numeric", "quiet_mlflow",
@@ -56,6 +56,7 @@ TAG_RUN_DIR = "sparse_search.run_dir"
 TAG_TRIAL_KEY = "sparse_search.trial_key"
 TAG_INITIAL = "sparse_search.initial"  # a trial of search.initial: the entry's label
 TAG_FINAL = "sparse_search.final"  # "true" once the final metrics are logged
+TAG_NODE = "sparse_search.node_id"  # the Ray node that ran the trial (results.csv: node)
 TAG_MODEL = "sparse_search.model_uploaded"
 TAG_ON_FRONT = "on_front"
 TAG_RANK = "pareto_rank"

@@ -31,6 +31,7 @@ from search.tracking.store import (
     TAG_FINAL,
     TAG_INITIAL,
     TAG_MODEL,
+    TAG_NODE,
     TAG_ON_FRONT,
     TAG_PARENT,
     TAG_RANK,
@@ -225,7 +226,7 @@ class SearchTracker:
         for run in runs:
             tags = run.data.tags
             key = tags.get(TAG_TRIAL_KEY)
-            if key is None:
+            if key is None or tags.get(TAG_ROLE, "trial") != "trial":  # finalize's runs too
                 continue
             self._children[key] = run.info.run_id
             self._status[key] = run.info.status
@@ -359,12 +360,10 @@ class SearchTracker:
     def _trial_finished(self, trial_key: str, final_metrics: Mapping[str, Any], status: str,
                         error: str | None, layers: Any, model_path: str | Path | None,
                         arch: ArchConfig | None) -> None:
-        run_id = self._children.get(trial_key)
-        if run_id is None:
+        if (run_id := self._children.get(trial_key)) is None:
             return
-        tags = {TAG_FINAL: "true"}
-        if final_metrics.get("node_id"):  # the Ray node that ran it (results.csv: node)
-            tags["sparse_search.node_id"] = str(final_metrics["node_id"])
+        node = final_metrics.get("node_id")  # the Ray node that ran it (results.csv's node)
+        tags = {TAG_FINAL: "true", **({TAG_NODE: str(node)} if node else {})}
         if error:
             tags[TAG_FAILURE] = failure_reason(error)
         metrics = numeric(final_metrics)
