@@ -253,8 +253,11 @@ class LoopbackCluster:
             "import json, ray\n"
             "from ray.util.state import list_actors, list_tasks\n"
             f"ray.init(address={self.gcs_address!r}, logging_level='ERROR')\n"
-            "t = list_tasks(detail=True, limit=10000, raise_on_missing_output=False)\n"
-            "a = list_actors(detail=True, limit=10000, raise_on_missing_output=False)\n"
+            # address given: other Ray instances on this machine would make it ambiguous
+            f"t = list_tasks(address={self.gcs_address!r}, detail=True, limit=10000, "
+            "raise_on_missing_output=False)\n"
+            f"a = list_actors(address={self.gcs_address!r}, detail=True, limit=10000, "
+            "raise_on_missing_output=False)\n"
             "print(json.dumps({'tasks': [{'name': x.name, 'node_id': x.node_id, "
             "'state': x.state} for x in t], 'actors': [{'class_name': x.class_name, "
             "'node_id': x.node_id, 'state': x.state, 'pid': x.pid} for x in a]}))\n")

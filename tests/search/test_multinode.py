@@ -92,7 +92,9 @@ def test_a_spec_asking_what_no_node_has_is_refused_at_start(cluster, tmp_path):
 
 def test_trials_spread_over_nodes_and_record_their_node(cluster, tmp_path):
     """2 CPUs per trial, 2 at a time: no node holds two, so they run on two nodes at least."""
-    done = _run(cluster, _spec(tmp_path, "spread"), tmp_path)
+    # Trials long enough to overlap: a finished trial's reused actor would take the next one on
+    # its own node, so short trials on a loaded box could all run on one.
+    done = _run(cluster, _spec(tmp_path, "spread", epochs=8, subset=600), tmp_path)
     assert done.returncode == 0, _why(done)
     summary, rows = _rows(done)
     assert summary["trials"] == 4 and summary["complete"]
