@@ -29,6 +29,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from search import bands
+from search.ray_compat import optuna_fixed_params
 from search.spec_model import SpecError
 from search.suggest import FILL_FRACTION
 
@@ -170,7 +171,7 @@ class Proposer:
             log.warning("search.initial point %s: %d proposals with its values were over "
                         "budget; the search goes on without it", label, tries)
             return
-        fixed = self.study.get_trials(deepcopy=False)[trial.number].system_attrs["fixed_params"]
+        fixed = optuna_fixed_params(self.study.get_trials(deepcopy=False)[trial.number])
         self.study.enqueue_trial(fixed, user_attrs={INITIAL: label, INITIAL_TRY: tries + 1})
 
     def _earlier(self, key: str, number: int) -> optuna.trial.FrozenTrial | None:

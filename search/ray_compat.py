@@ -160,4 +160,4 @@ def trial_error_file(trial: Any) -> Path | None:
 
 def optuna_fixed_params(trial: Any) -> dict[str, Any]:
     """The parameters an enqueued Optuna trial was asked to take (``system_attrs``)."""
-    return dict(trial.system_attrs.get("fixed_params", {}))
+    return dict(trial.system_attrs["fixed_params"])

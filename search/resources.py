@@ -22,7 +22,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from search.errors import UserError
 
@@ -214,8 +214,3 @@ def pending_line(plan_: TrialPlan | None) -> str:
     asked = _asked(plan_.cpu, plan_.gpu, plan_.custom) if plan_ else "its resources"
     return (f"waiting: no trial has started for a while; each needs {asked} and no node has "
             "that free (an autoscaling cluster adds nodes; otherwise lower `resources`)")
-
-
-def as_dict(plan_: TrialPlan) -> dict[str, Any]:
-    return {"cpu": plan_.cpu, "gpu": plan_.gpu, "custom": dict(plan_.custom),
-            "concurrent": plan_.concurrent}
