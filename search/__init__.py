@@ -17,7 +17,7 @@ from typing import Any
 # name -> the module that owns it
 _PUBLIC = {
     "run_search": "search.driver", "resume_search": "search.driver",
-    "SearchOutcome": "search.driver", "report": "search.driver",
+    "SearchOutcome": "search.outcome", "report": "search.driver",
     "preflight": "search.preflight",
     "load_spec": "search.spec", "parse_spec": "search.spec", "SearchSpec": "search.spec",
     "SpecError": "search.spec",

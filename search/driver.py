@@ -31,11 +31,11 @@ import contextlib
 import dataclasses
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from search.interrupt import Interrupted
+from search.outcome import SearchOutcome
 from search.preflight import Checked, _detach, absolute_data_path, preflight
 from search.ray_runtime import init_ray
 from search.rundir import RunDir, write_atomic
@@ -46,16 +46,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("sparse_search.driver")
 
 
-@dataclass(frozen=True)
-class SearchOutcome:
-    """What a finished (or interrupted) search returns; ``summary`` is the --json object."""
-
-    run_dir: Path
-    complete: bool  # every trial the spec asked for finished (False: interrupted, resume it)
-    summary: dict[str, Any]
-    front_table: str
-    mlflow_note: str | None = None  # where to read the search in MLflow (None: --no-mlflow)
-    tracking_error: str | None = None  # MLflow tracking failed (the search went on without it)
 
 
 def run_search(

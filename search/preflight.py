@@ -7,7 +7,6 @@ UserError: exit 2, no run dir, no MLflow run, no Ray runtime, in a few seconds.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,11 +22,6 @@ class Checked:
     tracking_uri: str | None  # a checked MLflow store, or None (no tracking)
     plan: Any  # search.resources.TrialPlan
     attached: bool  # this process attached to ``--address`` (detach when done)
-
-
-def cluster_address(address: str | None) -> str | None:
-    """--address, else $RAY_ADDRESS, else None (start a local Ray)."""
-    return address or os.environ.get("RAY_ADDRESS") or None
 
 
 def absolute_data_path(spec: SearchSpec) -> SearchSpec:
@@ -48,6 +42,7 @@ def preflight(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
     this attaches to the cluster (cheap) and reads its nodes.
     """
     from search import resources
+    from search.ray_runtime import cluster_address, init_ray
     from trainables.data import probe_dataset
 
     if spec.search.initial:  # against the space (a SpecError: exit 2), before anything is made
@@ -61,8 +56,6 @@ def preflight(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
     if address is None:
         cluster = resources.local_cluster()
     else:
-        from search.ray_runtime import init_ray
-
         attached = init_ray(address)
         cluster = resources.ray_cluster(address)
     checked = Checked(tracking_uri=uri, plan=None, attached=attached)

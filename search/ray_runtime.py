@@ -16,7 +16,12 @@ from collections.abc import Iterator
 
 from search import ray_compat
 from search.errors import UserError
-from search.preflight import cluster_address
+
+
+def cluster_address(address: str | None) -> str | None:
+    """--address, else $RAY_ADDRESS, else None (start a local Ray)."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
 
 # Environment defaults for a quiet search (a user's own settings win). Set only while Ray
 # starts (START_ENV: the raylet and workers inherit it) and while Tune runs (TUNE_ENV), then

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from ray.tune import Callback
 
 from search import ray_compat
+from search.outcome import SearchOutcome
 from search.ray_runtime import (  # noqa: F401 (re-exported: the names callers knew here)
     LOCAL_ENV,
     QUIET_ENV,
@@ -36,7 +37,6 @@ from search.rundir import EXPERIMENT_NAME, RunDir
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
 
-    from search.driver import SearchOutcome
     from search.results import Recorder
     from search.searcher import ProposerSearcher
     from search.spec import SearchSpec
@@ -129,8 +129,6 @@ def fit(spec: SearchSpec, run: RunDir, splits: Any, *, resuming: bool, tracker: 
     background.drain()
     ended = searcher.stopped_by or ("num_samples" if searcher.exhausted else None)
     complete = searcher.live == 0 and ended is not None
-    from search.driver import SearchOutcome
-
     return SearchOutcome(
         run_dir=run.path, complete=complete,
         summary=summary(run_dir=str(run.path), recorder=recorder, rejected=searcher.rejected,
