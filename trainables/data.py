@@ -36,7 +36,7 @@ import torch
 
 from trainables import data_cache, flat
 
-# The file formats live in data_formats; data_cache and the tests import them from here.
+# The file formats live in data_formats (below data_cache, which builds on them).
 from trainables.data_formats import (
     _KNOWN,
     _MNIST_NAMES,
@@ -47,15 +47,10 @@ from trainables.data_formats import (
     _list_imagefolder,
     _load_digits_arrays,
     _load_imagefolder,
-    _no_npz,
     _probe_cifar,
     _probe_idx,
     _probe_npz,
-    _read_cifar_pickles,
-    _read_npz,
-    _read_torchvision_mnist,
-    _to_labels,
-    _to_nchw,
+    read_fixed,
 )
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder")
@@ -328,25 +323,4 @@ def _fixed_path(cfg: DataConfig) -> Path:
 
 
 def _load_fixed(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[str, ...]]:
-    channels, names = _KNOWN[cfg.name]
-    path = _fixed_path(cfg)
-    if path.suffix == ".npz":
-        if not path.is_file():
-            raise DataError(_no_npz(path, cfg.name))
-        arrays = _read_npz(path)
-        if "class_names" in arrays and len(arrays["class_names"]) == len(names):
-            names = tuple(str(n) for n in arrays["class_names"])
-    elif cfg.name in ("mnist", "fashion-mnist"):
-        arrays = _read_torchvision_mnist(path, cfg.name, cfg.download)
-    else:
-        arrays, names = _read_cifar_pickles(path, cfg.name, cfg.download)
-    out = []
-    for split in ("train", "test"):
-        x = _to_nchw(arrays[f"x_{split}"], path, f"x_{split}", channels)
-        y = _to_labels(arrays[f"y_{split}"], path, f"y_{split}")
-        if len(x) != len(y):
-            raise DataError(f"{path}: x_{split} has {len(x)} images but y_{split} has {len(y)} "
-                            "labels: expected the same number")
-        out += [x, y]
-    return out[0], out[1], out[2], out[3], names
-
+    return read_fixed(_fixed_path(cfg), cfg.name, download=cfg.download)

@@ -17,9 +17,10 @@ folder, then ``os.replace``), so a killed fetch never leaves a half file behind.
   ``<root>/test/<class>/...`` at the dataset's native size.
 - :func:`cached` lists the cache without reading any pixels.
 
-This module imports only the standard library and numpy at module level (``sparse-search data
-path`` and ``data list`` stay fast); torch, torchvision and :mod:`trainables.data` are
-imported by the functions that need them.
+This module imports only the standard library, numpy and the file-format readers
+(:mod:`trainables.data_formats`, no torch) at module level (``sparse-search data path`` and
+``data list`` stay fast); torch and torchvision are imported by the functions that need them.
+It never imports :mod:`trainables.data`, which builds on it.
 """
 
 from __future__ import annotations
@@ -37,13 +38,19 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-from numpy.lib import format as npy_format
 
-if TYPE_CHECKING:
-    from trainables.data import DataError
+from trainables.data_formats import (
+    _KNOWN,
+    DataError,
+    _list_imagefolder,
+    _read_cifar_pickles,
+    _read_torchvision_mnist,
+    read_fixed,
+    read_npz_headers,
+)
 
 __all__ = [
     "DATASETS",
@@ -110,29 +117,6 @@ def cache_file(name: str) -> Path:
     return cache_dir() / f"{name}.npz"
 
 
-def read_npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """``{key: (shape, dtype)}`` of every ``.npy`` member of an ``.npz``, read from the npy
-    headers alone (microseconds, whatever the file's size).
-
-    Raises ``OSError`` / ``ValueError`` / ``zipfile.BadZipFile`` on an unreadable file.
-    """
-    out = {}
-    with zipfile.ZipFile(path) as zf:
-        for member in zf.namelist():
-            if not member.endswith(".npy"):
-                continue
-            with zf.open(member) as fh:
-                version = npy_format.read_magic(fh)
-                if version == (1, 0):
-                    shape, _, dtype = npy_format.read_array_header_1_0(fh)
-                elif version == (2, 0):
-                    shape, _, dtype = npy_format.read_array_header_2_0(fh)
-                else:
-                    raise ValueError(f"{member}: npy format version {version} is not supported")
-            out[member[: -len(".npy")]] = (tuple(int(s) for s in shape), dtype)
-    return out
-
-
 def cached() -> list[CachedDataset]:
     """What the cache holds, in :data:`DATASETS` order (headers only, no pixels read)."""
     out = []
@@ -158,7 +142,6 @@ def _check_name(name: str) -> None:
 
 
 def _data_error(message: str) -> DataError:
-    from trainables.data import DataError
 
     return DataError(message)
 
@@ -250,7 +233,6 @@ def _download(name: str, raw: Path) -> tuple[dict[str, np.ndarray], tuple[str, .
             f"machine may be offline or the source unreachable; {_supply_hint(name)}")
     from torchvision.datasets import CIFAR10, CIFAR100, MNIST, FashionMNIST
 
-    from trainables.data import _read_cifar_pickles, _read_torchvision_mnist
 
     base = {"mnist": MNIST, "fashion-mnist": FashionMNIST, "cifar10": CIFAR10, "cifar100": CIFAR100}[name]
     is_mnist = name in ("mnist", "fashion-mnist")
@@ -333,7 +315,6 @@ def import_dataset(name: str, source: str | os.PathLike[str]) -> CachedDataset:
     (case, spaces and punctuation ignored) or, failing that, labelled in sorted order; the
     returned :attr:`CachedDataset.note` says which.
     """
-    from trainables.data import DataConfig, DataError, _load_fixed
 
     _check_name(name)
     src = Path(source).expanduser()
@@ -348,7 +329,7 @@ def import_dataset(name: str, source: str | os.PathLike[str]) -> CachedDataset:
         raise DataError(f"{src}: not an .npz file: expected a Keras-layout .npz (keys x_train, "
                         "y_train, x_test, y_test), a torchvision root folder or an image folder")
     else:
-        x_tr, y_tr, x_te, y_te, names = _load_fixed(DataConfig(name=name, path=str(src)))
+        x_tr, y_tr, x_te, y_te, names = read_fixed(src, name, download=False)
     want = SHAPES[name]
     k = len(names)
     for split, x, y in (("train", x_tr, y_tr), ("test", x_te, y_te)):
@@ -380,7 +361,6 @@ def _norm(s: str) -> str:
 def _read_image_folder(
     root: Path, name: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[str, ...], str]:
-    from trainables.data import _KNOWN, DataError, _list_imagefolder
 
     listing, folders = _list_imagefolder(root)
     known = _KNOWN[name][1]
@@ -417,7 +397,6 @@ def _read_image_folder(
 def _decode_native(path: Path, mode: str, size: tuple[int, int], name: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
-    from trainables.data import DataError
 
     try:
         with Image.open(path) as im:
@@ -432,7 +411,6 @@ def _decode_native(path: Path, mode: str, size: tuple[int, int], name: str) -> n
 # ---------------------------------------------------------------------------- write
 def _write(name: str, arrays: dict[str, np.ndarray], names: tuple[str, ...]) -> CachedDataset:
     """Write ``<name>.npz`` atomically (temp file in the cache folder, then os.replace)."""
-    from trainables.data import _KNOWN
 
     folder = _make_folder()
     target = folder / f"{name}.npz"

@@ -5,8 +5,9 @@ Owns every on-disk layout a dataset can come in and what each must hold: a Keras
 (``<root>/{train,test}/<class>/*``), and sklearn's embedded digits. Readers return uint8
 ``(N, C, H, W)`` images and int64 labels (or the raw arrays :mod:`trainables.data_cache`
 stores); probes check a layout from headers alone. Choosing a format from a
-:class:`~trainables.data.DataConfig`, splitting and subsetting stay in :mod:`trainables.data`,
-which re-exports these names (``data_cache`` and the tests import them from there).
+:class:`~trainables.data.DataConfig`, splitting and subsetting stay in :mod:`trainables.data`.
+The layering: data_formats (readers; imports neither) <- data_cache (the cache, its fetch and
+import) <- data (configs, splits).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.error import URLError
 
 import numpy as np
+from numpy.lib import format as npy_format
 
-from trainables import data_cache
 from trainables.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -46,6 +47,8 @@ __all__ = [
     "_read_torchvision_mnist",
     "_to_labels",
     "_to_nchw",
+    "read_fixed",
+    "read_npz_headers",
 ]
 
 
@@ -98,7 +101,7 @@ def _probe_npz(path: Path, name: str, channels: int, k: int) -> tuple[int, int, 
     if not path.is_file():
         raise DataError(_no_npz(path, name))
     try:
-        headers = data_cache.read_npz_headers(path)
+        headers = read_npz_headers(path)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"{path}: not a readable .npz file ({e})") from None
     _check_keys(path, list(headers))
@@ -198,6 +201,56 @@ def _load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 def _no_npz(path: Path, name: str) -> str:
     return (f"{path}: no such file: expected a Keras-layout .npz for {name} "
             "(keys x_train, y_train, x_test, y_test)")
+
+
+def read_npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """``{key: (shape, dtype)}`` of every ``.npy`` member of an ``.npz``, read from the npy
+    headers alone (microseconds, whatever the file's size).
+
+    Raises ``OSError`` / ``ValueError`` / ``zipfile.BadZipFile`` on an unreadable file.
+    """
+    out = {}
+    with zipfile.ZipFile(path) as zf:
+        for member in zf.namelist():
+            if not member.endswith(".npy"):
+                continue
+            with zf.open(member) as fh:
+                version = npy_format.read_magic(fh)
+                if version == (1, 0):
+                    shape, _, dtype = npy_format.read_array_header_1_0(fh)
+                elif version == (2, 0):
+                    shape, _, dtype = npy_format.read_array_header_2_0(fh)
+                else:
+                    raise ValueError(f"{member}: npy format version {version} is not supported")
+            out[member[: -len(".npy")]] = (tuple(int(s) for s in shape), dtype)
+    return out
+
+
+def read_fixed(path: Path, name: str, *, download: bool
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[str, ...]]:
+    """A fixed dataset ``name`` (mnist, fashion-mnist, cifar10, cifar100) from ``path``: a
+    Keras-layout ``.npz`` or a torchvision root folder. uint8 ``(N, C, H, W)`` train and test
+    images, int64 labels and the class names."""
+    channels, names = _KNOWN[name]
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise DataError(_no_npz(path, name))
+        arrays = _read_npz(path)
+        if "class_names" in arrays and len(arrays["class_names"]) == len(names):
+            names = tuple(str(n) for n in arrays["class_names"])
+    elif name in ("mnist", "fashion-mnist"):
+        arrays = _read_torchvision_mnist(path, name, download)
+    else:
+        arrays, names = _read_cifar_pickles(path, name, download)
+    out = []
+    for split in ("train", "test"):
+        x = _to_nchw(arrays[f"x_{split}"], path, f"x_{split}", channels)
+        y = _to_labels(arrays[f"y_{split}"], path, f"y_{split}")
+        if len(x) != len(y):
+            raise DataError(f"{path}: x_{split} has {len(x)} images but y_{split} has {len(y)} "
+                            "labels: expected the same number")
+        out += [x, y]
+    return out[0], out[1], out[2], out[3], names
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
