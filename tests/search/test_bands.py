@@ -105,7 +105,7 @@ def test_tpe_trials_are_spread_over_the_bands_initial_points_included(tmp_path):
 def test_a_rejected_proposal_is_asked_again_in_its_band():
     data = copy.deepcopy(TIGHT)
     # A MACs cap that rejects many filled shapes: retries must not skew the bands.
-    data["constraints"] = {"max_params": 20000, "max_macs": 150000}
+    data["constraints"] = {"max_params": 20000, "max_macs": 500000}  # ~40 rejects in 9 asks
     data["search"] = {"fill_budget": {"fraction": {"float": [0.2, 1.0]}, "bands": 3}}
     space = make_space(data)
     proposer = Proposer(space, sampler="random", seed=1)
