@@ -14,7 +14,9 @@ Results land where the job can keep them: ``--storage`` (default ``./runs`` made
 a local address, ``$HOME/sparse-search/runs`` on a remote head), and MLflow at
 ``--tracking-uri`` / ``$MLFLOW_TRACKING_URI`` (default: ``./mlflow.db`` made absolute locally,
 ``$HOME/sparse-search/mlflow.db`` remotely). Ray 2.60 clusters require a token: the client
-sends ``$RAY_AUTH_TOKEN`` or ``~/.ray/auth_token`` (written by ``ray start``).
+sends ``$RAY_AUTH_TOKEN`` or ``~/.ray/auth_token`` (written by ``ray start``). A head
+started seconds ago may answer "No available agent" until its job agent registers: submit
+retries that for up to ``AGENT_WAIT_S`` seconds, says so once, then fails with one line.
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ from search.rundir import SPEC_FILE
 REMOTE_HOME = "$HOME/sparse-search"  # expanded by the job's shell on the head node
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 POLL_S = 1.0
+# A fresh head's job server answers before its job agent has registered; until then every
+# submit gets HTTP 500 "No available agent to submit job" (after the server's own 10 s wait).
+NO_AGENT = "No available agent"
+AGENT_WAIT_S = 90.0  # how long submit retries that, in seconds (a loaded head takes ~30)
+AGENT_RETRY_S = 2.0
 
 
 def is_local_address(address: str) -> bool:
@@ -109,6 +116,7 @@ def submit(
     entrypoint_python: str | None = None,
     follow: bool = False,
     echo: Callable[[str], None] = print,
+    agent_wait_s: float = AGENT_WAIT_S,
 ) -> tuple[str, str | None]:
     """Submit the search; returns (job id, final status if ``follow`` else None)."""
     from search.ray_runtime import QUIET_ENV
@@ -144,7 +152,8 @@ def submit(
         raise UserError(f"--address {address}: no Ray job server answers there ({e})") from None
     with tempfile.TemporaryDirectory(prefix="sparse-search-job-") as tmp:
         (Path(tmp) / SPEC_FILE).write_text(spec.to_yaml())
-        job_id = client.submit_job(entrypoint=cmd,
+        job_id = submit_when_ready(client, address=address, echo=echo, wait_s=agent_wait_s,
+                                   entrypoint=cmd,
                                    runtime_env={"working_dir": tmp, "env_vars": env},
                                    metadata={"sparse_search.spec": spec.name})
     echo(f"submitted job {job_id} to {address}: {cmd}")
@@ -152,6 +161,30 @@ def submit(
         echo(f"follow it with: ray job logs --address {address} --follow {job_id}")
         return job_id, None
     return job_id, follow_job(client, job_id, echo=echo)
+
+
+def submit_when_ready(client: Any, *, address: str, echo: Callable[[str], None],
+                      wait_s: float = AGENT_WAIT_S, **job: Any) -> str:
+    """``client.submit_job(**job)``, retried while the head answers "No available agent" (a
+    head just started), for at most ``wait_s`` seconds; then a UserError that says so."""
+    deadline = time.monotonic() + wait_s
+    told = False
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as e:  # the SDK's "Request failed with status code 500: ..."
+            if NO_AGENT not in str(e):
+                raise
+            if time.monotonic() + AGENT_RETRY_S > deadline:
+                raise UserError(
+                    f"--address {address}: the head's job agent did not come up in {wait_s:g} s"
+                    f" (the job server still answers {NO_AGENT!r}); is the head node healthy?"
+                    " see `ray status` and dashboard_agent.log in its session's logs/") from None
+            if not told:
+                echo(f"the head at {address} has no job agent yet ({NO_AGENT!r}): retrying "
+                     f"for up to {wait_s:g} s")
+                told = True
+            time.sleep(AGENT_RETRY_S)
 
 
 def follow_job(client: Any, job_id: str, *, echo: Callable[[str], None] = print,

@@ -17,8 +17,10 @@ Design (what made it sound here, Ray 2.60, root in a container):
 - **every port explicit** and distinct per node (the namespace's loopback is private, but two
   nodes share it);
 - **every process stopped by PID**: each ``ray start --block`` runs in its own session; at the
-  end each node's process group gets SIGTERM, then every PID left in its session SIGKILL, and
-  :meth:`LoopbackCluster.stop` asserts that none survive (nor the namespace holder).
+  end each ``ray start`` process (only it: Ray 2.60 drains a node on SIGTERM by asking the GCS,
+  and a GCS killed in the same breath makes every node wait 30 s for it) gets SIGTERM, then
+  every PID left in its session SIGKILL, and :meth:`LoopbackCluster.stop` asserts that none
+  survive (nor the namespace holder).
 """
 
 from __future__ import annotations
@@ -173,22 +175,44 @@ class LoopbackCluster:
         return node
 
     def start_head(self, *, num_cpus: int = 2, resources: Mapping[str, float] | None = None,
-                   timeout_s: float = 120) -> Node:
+                   timeout_s: float = 120, wait: bool = True) -> Node:
+        """The head; ``wait=False``: return once ``ray start`` runs (see :meth:`wait_nodes`,
+        :meth:`wait_job_server`)."""
         assert not self.nodes, "the head is the first node"
         node = self._start(["--head", "--dashboard-host=127.0.0.1",
                             *(f"--{k}={v}" for k, v in HEAD_PORTS.items())],
                            num_cpus=num_cpus, resources=resources)
-        self.wait_nodes(1, timeout_s=timeout_s)
+        if wait:
+            self.wait_nodes(1, timeout_s=timeout_s)
         return node
 
     def add_node(self, *, num_cpus: int = 2, resources: Mapping[str, float] | None = None,
-                 timeout_s: float = 120) -> Node:
+                 timeout_s: float = 120, wait: bool = True) -> Node:
+        """A node joins the head; ``wait=False`` lets several start at once (then
+        ``wait_nodes(len(nodes))``)."""
         assert self.nodes, "start the head first"
         node = self._start([f"--address={self.gcs_address}"], num_cpus=num_cpus,
                            resources=resources)
-        self.wait_nodes(sum(1 for n in self.nodes if n.proc.poll() is None),
-                        timeout_s=timeout_s)
+        if wait:
+            self.wait_nodes(sum(1 for n in self.nodes if n.proc.poll() is None),
+                            timeout_s=timeout_s)
         return node
+
+    def wait_job_server(self, *, timeout_s: float = 120) -> None:
+        """Until the head's dashboard answers HTTP (401 without the token counts): what a user
+        sees first of a fresh head; its job agent may register seconds later."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert self.nodes[0].proc.poll() is None, self.nodes[0].log.read_text()[-3000:]
+            done = subprocess.run(self.wrap([sys.executable, "-c", (
+                "import sys, urllib.error, urllib.request\n"
+                f"try: urllib.request.urlopen({self.dashboard_url + '/api/version'!r}, timeout=2)\n"
+                "except urllib.error.HTTPError: pass\n"
+                "except OSError: sys.exit(1)\n")]), capture_output=True)
+            if done.returncode == 0:
+                return
+            assert time.monotonic() < deadline, f"no job server in {timeout_s} s"
+            time.sleep(0.5)
 
     def alive_nodes(self) -> list[dict[str, Any]]:
         """``ray.nodes()`` of the alive nodes, read by a short driver in the namespace."""
@@ -248,7 +272,7 @@ class LoopbackCluster:
         return done.stdout
 
     def state(self, *, timeout: float = 120) -> dict[str, list[dict[str, Any]]]:
-        """Ray's state API: every task and actor (name, node id, state), from the head."""
+        """Ray's state API: every task and actor (name / class, node id, state), from the head."""
         code = (
             "import json, ray\n"
             "from ray.util.state import list_actors, list_tasks\n"
@@ -260,7 +284,8 @@ class LoopbackCluster:
             "raise_on_missing_output=False)\n"
             "print(json.dumps({'tasks': [{'name': x.name, 'node_id': x.node_id, "
             "'state': x.state} for x in t], 'actors': [{'class_name': x.class_name, "
-            "'node_id': x.node_id, 'state': x.state, 'pid': x.pid} for x in a]}))\n")
+            "'node_id': x.node_id, 'state': x.state, 'pid': x.pid, 'actor_id': x.actor_id}"
+            " for x in a]}))\n")
         # The state API answers through the head's dashboard, which can be slow to answer on
         # a loaded 2-core box: a few tries, then the last error with the child's stderr.
         for attempt in range(4):
@@ -271,6 +296,12 @@ class LoopbackCluster:
                     raise AssertionError(f"state API failed: {e.stderr[-3000:]}") from None
                 time.sleep(5)
         raise AssertionError("unreachable")
+
+    def trial_actors(self) -> dict[str, str]:
+        """Ray Tune's trial actors (function trainables) ever started: actor id -> node id.
+        Diff two calls to get one search's (the cluster may have run others)."""
+        return {a["actor_id"]: a["node_id"] for a in self.state()["actors"]
+                if a["class_name"] == "ImplicitFunc"}
 
     # ------------------------------------------------------------------ stop
     def _kill_session(self, node: Node, sig: int) -> None:
@@ -285,9 +316,9 @@ class LoopbackCluster:
     def stop(self) -> None:
         """Stop every node (workers first), then the namespace; assert nothing survives."""
         for node in reversed(self.nodes):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(node.sid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
+            if node.proc.poll() is None:  # not reaped: its pid is still ours
+                node.proc.send_signal(signal.SIGTERM)  # ray start: drains, stops its own
+        deadline = time.monotonic() + 20
         for node in reversed(self.nodes):
             try:
                 node.proc.wait(timeout=max(0.1, deadline - time.monotonic()))

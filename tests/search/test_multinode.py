@@ -1,18 +1,24 @@
 """Searches on a real multi-node Ray cluster on this machine (tests/cluster_harness.py).
 
 One cluster for the module, loopback only, token auth, a temp dir per node: a head (2 CPUs),
-node 1 (2 CPUs and ``accel: 1``) and node 2 (2 CPUs). Every search goes through the installed
-console script, ``sparse-search run --address 127.0.0.1:<gcs>``, as a user would attach to a
-head they started by hand and other nodes joined. The last test loses node 2 mid-search.
+node 1 (2 CPUs and ``accel: 1``) and node 2 (2 CPUs). The nodes join while a first job, whose
+data is missing, is submitted the moment the head's job server answers (a fresh head: its job
+agent may not be up yet). Every search goes through the installed console script:
+``sparse-search run --address 127.0.0.1:<gcs>`` (a user attaching to a head they started by
+hand) and ``sparse-search submit --follow --address http://127.0.0.1:<dashboard>`` (a Ray Job),
+both of the same space. The last test loses node 2 mid-search.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import re
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,7 +32,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.skipif(available() is not None,
 CLI = str(Path(sys.executable).with_name("sparse-search"))
 SPEC = """
 name: {name}
-data: {{name: digits, val_fraction: 0.2, subset: {subset}}}
+data: {data}
 constraints: {{max_params: 2000}}
 search: {{sampler: random, num_samples: {n}, max_concurrent: 2, seed: 0, max_failures: 2}}
 train: {{epochs: {epochs}, batch_size: 64, optimizer: adamw, lr: 0.02}}
@@ -36,26 +42,61 @@ space:
   num_stages: 1
   stages: {{width: {{int: [4, 16]}}, layers: 1}}
 """
+MISSING = "/nonexistent/mnist.npz"
+# 2 CPUs per trial, 2 at a time, nodes of 2 CPUs: no node holds two, so two nodes run them.
+# Trials long enough to overlap: a finished trial's warm actor takes a trial still waiting for
+# its actor on another node (Tune's reuse_actors), so short trials could all run on one node.
+SPREAD = {"resources": "{cpu: 2}", "epochs": 8, "subset": 600}
+
+
+@dataclass(frozen=True)
+class Done:
+    """A console-script run that ended: exit code and what it printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackCluster]:
+def started(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LoopbackCluster, Done]]:
+    """The cluster, and the failing job submitted to its fresh head while the nodes join."""
+    tmp = tmp_path_factory.mktemp("fresh")
+    spec = tmp / "failing.yaml"
+    spec.write_text(SPEC.format(name="failing", data=f"{{name: mnist, path: {MISSING}}}",
+                                n=2, epochs=1, resources="{cpu: 1}"))
     c = LoopbackCluster()
     try:
-        c.start_head(num_cpus=2)
-        c.add_node(num_cpus=2, resources={"accel": 1})
-        c.add_node(num_cpus=2)
-        yield c
+        c.start_head(num_cpus=2, wait=False)
+        c.wait_job_server()
+        with open(tmp / "out", "w") as o, open(tmp / "err", "w") as e:
+            job = c.popen([CLI, "submit", str(spec), "--address", c.dashboard_url, "--follow",
+                           "--no-mlflow", "--storage", str(tmp / "runs")],
+                          cwd=tmp, stdout=o, stderr=e)
+        c.add_node(num_cpus=2, resources={"accel": 1}, wait=False)
+        c.add_node(num_cpus=2, wait=False)  # both join at once: half the start-up time
+        c.wait_nodes(3)
+        try:
+            job.wait(timeout=300)
+        finally:
+            if job.poll() is None:
+                job.kill()
+        yield c, Done(job.returncode, (tmp / "out").read_text(), (tmp / "err").read_text())
     finally:
         c.stop()
     assert not any(n.pids() for n in c.nodes)
+
+
+@pytest.fixture(scope="module")
+def cluster(started: tuple[LoopbackCluster, Done]) -> LoopbackCluster:
+    return started[0]
 
 
 def _spec(tmp: Path, name: str, *, resources: str = "{cpu: 2}", n: int = 4, epochs: int = 2,
           subset: int = 300) -> Path:
     path = tmp / f"{name}.yaml"
     path.write_text(SPEC.format(name=name, resources=resources, n=n, epochs=epochs,
-                                subset=subset))
+                                data=f"{{name: digits, val_fraction: 0.2, subset: {subset}}}"))
     return path
 
 
@@ -64,7 +105,7 @@ def _run(cluster: LoopbackCluster, spec: Path, tmp: Path, *extra: str):
                         "--json", "--storage", str(tmp / "runs"), *extra], timeout=600, cwd=tmp)
 
 
-def _rows(done) -> tuple[dict, list[dict[str, str]]]:
+def _rows(done: Done | subprocess.CompletedProcess) -> tuple[dict, list[dict[str, str]]]:
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     with open(Path(summary["run_dir"]) / "results.csv") as f:
         return summary, list(csv.DictReader(f))
@@ -90,23 +131,6 @@ def test_a_spec_asking_what_no_node_has_is_refused_at_start(cluster, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_trials_spread_over_nodes_and_record_their_node(cluster, tmp_path):
-    """2 CPUs per trial, 2 at a time: no node holds two, so they run on two nodes at least."""
-    # Trials long enough to overlap: a finished trial's reused actor would take the next one on
-    # its own node, so short trials on a loaded box could all run on one.
-    done = _run(cluster, _spec(tmp_path, "spread", epochs=8, subset=600), tmp_path)
-    assert done.returncode == 0, _why(done)
-    summary, rows = _rows(done)
-    assert summary["trials"] == 4 and summary["complete"]
-    ids = {n.node_id for n in cluster.nodes}
-    nodes = {r["node"] for r in rows}
-    assert len(rows) == 4 and nodes <= ids and len(nodes) >= 2, (nodes, ids)
-    assert all(r["retries"] == "0" and r["retry_error"] == "" for r in rows)
-    # Ray's state API agrees: the trial actors (finished now) ran on those nodes.
-    actors = [a for a in cluster.state()["actors"] if a["class_name"] == "ImplicitFunc"]
-    assert nodes <= {a["node_id"] for a in actors}, actors
-
-
 def test_a_custom_resource_places_trials_only_on_the_node_that_has_it(cluster, tmp_path):
     done = _run(cluster, _spec(tmp_path, "accel", resources="{cpu: 1, custom: {accel: 0.25}}"),
                 tmp_path)
@@ -115,6 +139,97 @@ def test_a_custom_resource_places_trials_only_on_the_node_that_has_it(cluster, t
     _summary, rows = _rows(done)
     accel = cluster.nodes[1].node_id
     assert len(rows) == 4 and {r["node"] for r in rows} == {accel}, rows
+
+
+def _spread(cluster: LoopbackCluster, rows: list[dict[str, str]], before: dict[str, str]
+            ) -> set[str]:
+    """The trials' nodes (results.csv): two at least, all of them this cluster's, and Ray's
+    state API agrees (this search's trial actors, new since ``before``, ran there)."""
+    ids = {n.node_id for n in cluster.nodes}
+    nodes = {r["node"] for r in rows}
+    assert nodes <= ids and len(nodes) >= 2, (nodes, ids)
+    actors = {a: n for a, n in cluster.trial_actors().items() if a not in before}
+    assert nodes <= set(actors.values()), (nodes, actors)
+    return nodes
+
+
+def test_run_from_a_vanishing_folder_spreads_trials_over_nodes(cluster, tmp_path):
+    """``run --address``: relative spec, data-free digits and ``--storage ../runs`` given from
+    a folder that is deleted once the search trains (as Ray's runtime-env clean-up once
+    removed a job's working_dir copy under a running driver): every path was resolved at
+    start. The trials run on two nodes at least, each recorded with its node."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    _spec(cwd, "spread", **SPREAD)
+    before = cluster.trial_actors()
+    proc = cluster.popen([CLI, "run", "spread.yaml", "--address", cluster.gcs_address,
+                          "--no-mlflow", "--json", "--storage", "../runs"], cwd=cwd,
+                         stdout=open(tmp_path / "out", "w"),  # noqa: SIM115
+                         stderr=open(tmp_path / "err", "w"))  # noqa: SIM115
+    try:
+        deadline = time.monotonic() + 300
+        while not list((tmp_path / "runs").glob("*/ray/tuner.pkl")):
+            assert proc.poll() is None, (tmp_path / "err").read_text()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        (cwd / "spread.yaml").unlink()
+        cwd.rmdir()
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out, err = (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
+    assert proc.returncode == 0, out[-2000:] + err[-4000:]
+    summary, rows = _rows(Done(0, out, err))
+    assert summary["complete"] and summary["trials"] == 4 and len(rows) == 4
+    assert all(r["retries"] == "0" and r["retry_error"] == "" for r in rows)
+    _spread(cluster, rows, before)
+
+
+def test_a_failing_job_submitted_to_a_fresh_head_exits_1(started):
+    """Submitted the moment the head's job server answered (its job agent may register
+    seconds later: submit retries "No available agent"); the job's search cannot find its
+    data (exit 2 on the cluster), the job ends FAILED, ``submit --follow`` exits 1."""
+    _cluster, done = started
+    assert done.returncode == 1, _why(done)
+    assert re.fullmatch(r"job \S+: FAILED", done.stdout.strip().splitlines()[-1]), _why(done)
+    assert f"{MISSING}: no such file" in done.stdout, _why(done)
+
+
+def test_submit_follow_spreads_trials_over_nodes_and_mlflow_agrees(cluster, tmp_path):
+    """``submit --follow`` of the same space as a Ray Job: SUCCEEDED, exit 0, trials on two
+    nodes at least; MLflow: one parent, one child per trial tagged with its node, none
+    RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    from search.tracking.store import TAG_NODE, TAG_PARENT, TAG_ROLE, TAG_TRIAL_KEY
+
+    spec = _spec(tmp_path, "submitted", **SPREAD)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    before = cluster.trial_actors()
+    done = cluster.run([CLI, "submit", str(spec), "--address", cluster.dashboard_url,
+                        "--follow", "--json", "--storage", str(tmp_path / "runs"),
+                        "--tracking-uri", uri], cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, _why(done)
+    lines = done.stdout.strip().splitlines()
+    assert re.fullmatch(r"job \S+: SUCCEEDED", lines[-1]), _why(done)
+    summary = json.loads(next(ln for ln in reversed(lines) if ln.startswith("{")))
+    with open(Path(summary["run_dir"]) / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert summary["complete"] and summary["trials"] == 4 and len(rows) == 4
+    _spread(cluster, rows, before)
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              max_results=1000)
+    assert {r.data.tags.get(TAG_ROLE) for r in runs} == {"search", "trial"}, runs
+    parents = [r for r in runs if r.data.tags[TAG_ROLE] == "search"]
+    children = [r for r in runs if r.data.tags[TAG_ROLE] == "trial"]
+    assert len(parents) == 1 and len(children) == len(rows), (parents, children)
+    assert {c.data.tags[TAG_PARENT] for c in children} == {parents[0].info.run_id}
+    assert all(r.info.status == "FINISHED" for r in runs), [r.info.status for r in runs]
+    node_of = {c.data.tags[TAG_TRIAL_KEY]: c.data.tags.get(TAG_NODE) for c in children}
+    assert node_of == {r["trial_key"]: r["node"] for r in rows}
 
 
 def test_a_node_lost_mid_search_is_retried_on_the_nodes_left(cluster, tmp_path):
@@ -163,32 +278,3 @@ def _training_on(node) -> bool:
         if title.startswith(b"ray::ImplicitFunc"):
             return True
     return False
-
-
-def test_the_driver_does_not_need_its_working_directory(cluster, tmp_path):
-    """Relative spec, data-free digits and ``--storage ../runs`` given from a folder that is
-    deleted once the search trains (as Ray's runtime-env clean-up once removed a job's
-    working_dir copy under a running driver): every path was resolved at start."""
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    _spec(cwd, "nocwd", n=4, epochs=4)
-    proc = cluster.popen([CLI, "run", "nocwd.yaml", "--address", cluster.gcs_address,
-                          "--no-mlflow", "--json", "--storage", "../runs"], cwd=cwd,
-                         stdout=open(tmp_path / "out", "w"),  # noqa: SIM115
-                         stderr=open(tmp_path / "err", "w"))  # noqa: SIM115
-    try:
-        deadline = time.monotonic() + 300
-        while not list((tmp_path / "runs").glob("*/ray/tuner.pkl")):
-            assert proc.poll() is None, (tmp_path / "err").read_text()[-3000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        (cwd / "nocwd.yaml").unlink()
-        cwd.rmdir()
-        proc.wait(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    out, err = (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
-    assert proc.returncode == 0, out[-2000:] + err[-4000:]
-    summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["complete"] and summary["trials"] == 4
