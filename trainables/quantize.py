@@ -24,6 +24,13 @@ one int8 weight zero point per output channel of each quantized conv/linear (all
 symmetric), one fp32 scale + one int8 zero point per quantized activation tensor, and int64
 shape constants (Reshape, Slice). Activations ONNX Runtime leaves in fp32 (GELU, SiLU,
 Hardswish, global pools) add no initializers.
+
+Per finished trial (:func:`trial_int8`, called by :mod:`trainables.trial` unless
+``train.int8_eval: false``): the trained model as :data:`FP32_ONNX_FILE` and
+:data:`INT8_ONNX_FILE` in its checkpoint (the run dir keeps both beside ``model.pt``),
+calibrated on :data:`CALIBRATION_IMAGES` training images drawn with :data:`CALIBRATION_SEED`
+(the same images for every trial of a dataset), evaluated as int8 on val and test. A failure
+there never fails the trial: it is reported as ``int8_error`` and the int8 metrics stay absent.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import contextlib
 import copy
 import io
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,8 +56,13 @@ from trainables.accounting import bn_folding
 from trainables.layers import SparseLinear
 
 __all__ = [
+    "CALIBRATION_IMAGES",
+    "CALIBRATION_SEED",
+    "FP32_ONNX_FILE",
+    "INT8_ONNX_FILE",
     "Int8Result",
     "OnnxWeightBytes",
+    "calibration_batches",
     "deploy_model",
     "evaluate_onnx",
     "export_onnx",
@@ -57,7 +70,15 @@ __all__ = [
     "onnx_weight_bytes",
     "quantize_file",
     "quantize_int8",
+    "trial_int8",
 ]
+
+# A finished trial's ONNX files, beside its model.pt (checkpoint and run dir); the MLflow
+# logged model attaches them by these names.
+FP32_ONNX_FILE = "model.onnx"  # fp32, as deployed: masks baked in, BatchNorm folded
+INT8_ONNX_FILE = "model-int8.onnx"  # its static per-channel int8 QOperator quantization
+CALIBRATION_IMAGES = 256  # training images a trial's activation ranges come from
+CALIBRATION_SEED = 0  # fixed, not the trial's seed: every trial calibrates on the same images
 
 
 def deploy_model(model: nn.Module, input_shape: tuple[int, int, int]) -> nn.Module:
@@ -234,12 +255,8 @@ def quantize_int8(
     out = Path(out)
     input_shape = splits.input_shape
     fp32 = export_onnx(deploy_model(model, input_shape), input_shape, out.with_suffix(".fp32.onnx"))
-    gen = torch.Generator().manual_seed(seed)
-    n = min(calibration, len(splits.y_train))
-    idx = torch.randperm(len(splits.y_train), generator=gen)[:n]
-    images = splits.x_train[idx]
-    batches = [normalize(images[i:i + batch_size], splits.mean, splits.std)
-               for i in range(0, n, batch_size)]
+    batches = calibration_batches(splits, calibration, seed, batch_size)
+    n = sum(len(b) for b in batches)
     quantize_file(fp32, out, batches)
     x, y = (splits.x_val, splits.y_val) if split == "val" else (splits.x_test, splits.y_test)
     return Int8Result(
@@ -249,6 +266,50 @@ def quantize_int8(
         calibration_images=n, int8_file_bytes=out.stat().st_size,
         weight_bytes=onnx_weight_bytes(out).weights,
     )
+
+
+def calibration_batches(splits: Any, images: int, seed: int, batch_size: int = 32) -> list[np.ndarray]:
+    """``images`` training images (all of them if fewer) drawn without replacement with
+    ``seed``, normalised as evaluation does, in batches of ``batch_size``."""
+    gen = torch.Generator().manual_seed(seed)
+    n = min(images, len(splits.y_train))
+    picked = splits.x_train[torch.randperm(len(splits.y_train), generator=gen)[:n]]
+    return [normalize(picked[i:i + batch_size], splits.mean, splits.std)
+            for i in range(0, n, batch_size)]
+
+
+def trial_int8(model: nn.Module, splits: Any, out_dir: str | Path, *, val_accuracy: float,
+               threads: int = 1) -> dict[str, Any]:
+    """The int8 step of a finished trial: the report keys it adds (see the module docstring).
+
+    Writes :data:`FP32_ONNX_FILE` and :data:`INT8_ONNX_FILE` into ``out_dir``; returns
+    ``int8_val_accuracy`` (also as ``int8_accuracy``, the objective's name),
+    ``int8_test_accuracy``, ``int8_drop`` (``val_accuracy`` - int8 val: the trial's own fp32
+    val figure, in accuracy as a fraction), ``int8_calibration_images`` and ``int8_seconds``;
+    on any failure only ``int8_error`` ("Type: message") and ``int8_seconds``, without an int8
+    file (a complete fp32 file stays).
+    """
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    int8 = out_dir / INT8_ONNX_FILE
+    try:
+        shape = splits.input_shape
+        fp32 = export_onnx(deploy_model(model, shape), shape, out_dir / FP32_ONNX_FILE)
+        batches = calibration_batches(splits, CALIBRATION_IMAGES, CALIBRATION_SEED)
+        quantize_file(fp32, int8, batches)
+        val = evaluate_onnx(int8, splits.x_val, splits.y_val, splits.mean, splits.std,
+                            threads=threads)
+        test = evaluate_onnx(int8, splits.x_test, splits.y_test, splits.mean, splits.std,
+                             threads=threads)
+    except Exception as e:  # any failure here is the trial's int8_error, never its end
+        if out_dir.is_dir():
+            int8.unlink(missing_ok=True)  # a half-written int8 file is no model
+        return {"int8_error": f"{type(e).__name__}: {e}".strip(),
+                "int8_seconds": time.perf_counter() - t0}
+    return {"int8_val_accuracy": val, "int8_accuracy": val, "int8_test_accuracy": test,
+            "int8_drop": val_accuracy - val,
+            "int8_calibration_images": sum(len(b) for b in batches),
+            "int8_seconds": time.perf_counter() - t0}
 
 
 # Initializer roles per quantized op: input slot -> role.

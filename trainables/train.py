@@ -86,6 +86,9 @@ class TrainConfig:
     channels_last: bool = True  # NHWC memory format; CPU too: 20-40% less time per step measured
     eval_batch_size: int = 1024  # images per forward pass when evaluating
     threads: int | None = None  # torch intra-op threads; None: the CPUs this process may use
+    # A search trial's post-training int8 step (trainables/quantize.py trial_int8: ONNX files,
+    # int8_val_accuracy / int8_test_accuracy / int8_drop); false: none of them. fit ignores it.
+    int8_eval: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -122,7 +125,7 @@ class TrainConfig:
                 raise bad(name, "a number in [0, 1)")
         if not is_num(self.prune_rate) or not 0 < self.prune_rate < 1:
             raise bad("prune_rate", "a number in (0, 1)")
-        for name in ("nesterov", "amp", "channels_last"):
+        for name in ("nesterov", "amp", "channels_last", "int8_eval"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
         if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:

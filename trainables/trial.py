@@ -11,6 +11,12 @@ Metrics per epoch: val_accuracy, val_accuracy_se (its binomial standard error), 
 train_loss, train_accuracy, nonzero_params, macs, nonzero_macs, epoch, fidelity, prune_round, lr,
 epoch_seconds, train_seconds, node_id (the Ray node running it), done (True only on the last report, which adds test_accuracy and
 test_loss).
+
+The last report also carries the trial's int8 evaluation (unless ``train.int8_eval: false``;
+:func:`trainables.quantize.trial_int8`): int8_val_accuracy (= int8_accuracy, the objective),
+int8_test_accuracy, int8_drop, int8_calibration_images, int8_seconds, or int8_error when the
+quantization failed; its checkpoint adds model.onnx and model-int8.onnx (FP32_ONNX_FILE,
+INT8_ONNX_FILE).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from ray.tune import Checkpoint, get_checkpoint, get_context, report
 from trainables.arch import ArchConfig, ArchError
 from trainables.data import Splits
 from trainables.models import build_model
+from trainables.quantize import trial_int8
 from trainables.train import EpochCallback, FitResult, TrainConfig, fit, fold_pruning
 
 STATE_FILE = "state.pt"  # resumable training state (torch.save of a dict)
@@ -58,10 +65,15 @@ def train_arch(
     start_state: Mapping[str, Any] | None = None,
 ) -> FitResult:
     """Seed, build and train one architecture (the CLI's ``train`` and the trainable share it)."""
+    model = seeded_model(arch, splits, cfg)
+    return fit(model, splits, cfg, device=device, on_epoch=on_epoch, start_state=start_state)
+
+
+def seeded_model(arch: ArchConfig, splits: Splits, cfg: TrainConfig) -> torch.nn.Module:
+    """The untrained network of ``arch`` as :func:`train_arch` builds it (checked, seeded)."""
     check_compatible(arch, splits)
     torch.manual_seed(cfg.seed)  # model init; fit reseeds batch order, augmentation and dropout
-    model = build_model(arch)
-    return fit(model, splits, cfg, device=device, on_epoch=on_epoch, start_state=start_state)
+    return build_model(arch)
 
 
 def train_trial(config: dict[str, Any], splits: Splits) -> None:
@@ -79,6 +91,7 @@ def train_trial(config: dict[str, Any], splits: Splits) -> None:
             # CPU: RNG states must be CPU tensors; load_state_dict moves the rest to the model.
             start_state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
     arch_yaml = arch.to_yaml()
+    model = seeded_model(arch, splits, cfg)
 
     def on_epoch(metrics: dict[str, Any], state: Any) -> None:
         st = state()
@@ -86,9 +99,16 @@ def train_trial(config: dict[str, Any], splits: Splits) -> None:
             torch.save(st, Path(d) / STATE_FILE)
             torch.save(fold_pruning(st["model"]), Path(d) / MODEL_FILE)
             (Path(d) / ARCH_FILE).write_text(arch_yaml)
+            # Every report names the int8 objective (Tune refuses a result without a metric
+            # its searcher expects); it has a value only in the final report, when measured.
+            metrics["int8_accuracy"] = None
+            if metrics.get("done") and cfg.int8_eval:
+                # The trained model as it stands after its last epoch (deploy_model copies it).
+                metrics.update(trial_int8(model, splits, d, val_accuracy=metrics["val_accuracy"],
+                                          threads=cfg.threads or 1))
             # report() copies the directory to the trial's storage before returning. node_id:
             # where this attempt runs (results.csv's ``node`` column).
             report({**metrics, "node_id": get_runtime_context().get_node_id()},
                    checkpoint=Checkpoint.from_directory(d))
 
-    train_arch(arch, splits, cfg, device=device, on_epoch=on_epoch, start_state=start_state)
+    fit(model, splits, cfg, device=device, on_epoch=on_epoch, start_state=start_state)
