@@ -78,7 +78,9 @@ def train(
         target, trial_key = run_of_mlflow_run(run_id, resolve_tracking_uri(tracking_uri))
     if target is None:
         raise UserError("missing ARCH.yaml or RUN_DIR (see `sparse-search train --help`)")
-    if Path(target).is_dir():
+    from search.storage import is_uri
+
+    if is_uri(target) or Path(target).is_dir():
         from search.finalize import open_run, trial_recipe
         from search.spec import load_spec
 
@@ -123,7 +125,7 @@ def train(
 
 @app.command()
 def finalize(
-    run_dir: Path = typer.Argument(..., help="a search's run directory (runs/<name>-<timestamp>)"),
+    run_dir: str = typer.Argument(..., help="a search's run directory (runs/<name>-<timestamp>) or its URI (s3://...)"),
     top: int | None = typer.Option(None, "--top", help="retrain at most this many front members, smallest first (overrides search.finalize.top; default: all)"),
     seeds: int | None = typer.Option(None, "--seeds", help="repeats per member (overrides search.finalize.seeds; default 2)"),
     epochs: int | None = typer.Option(None, "--epochs", help="epochs per phase (overrides search.finalize.epochs; default: the trial's)"),
@@ -179,14 +181,29 @@ def ui(
 
 @app.command()
 def pareto(
+    run_dir_arg: str | None = typer.Argument(None, metavar="[RUN_DIR]", help="read the front from this run directory (a path or a storage URI, s3://...) instead of MLflow"),
     experiment: str | None = typer.Option(None, "--experiment", help="MLflow experiment (default: the latest search in any)"),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else ./mlflow.db"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     final: bool = typer.Option(False, "--final", help="the front as `finalize` retrained it (the parent run's final-pareto.csv artifact)"),
-    run_dir: Path | None = typer.Option(None, "--run-dir", help="with --final: read RUN_DIR/final-pareto.csv instead of MLflow"),
+    run_dir: str | None = typer.Option(None, "--run-dir", help="with --final: read RUN_DIR/final-pareto.csv instead of MLflow"),
 ) -> None:
-    """Print the Pareto front of the latest search, read from the MLflow tracking store."""
+    """Print the Pareto front of the latest search, read from the MLflow tracking store, or
+    the one a run directory recorded (`pareto RUN_DIR`: its pareto.csv; local or a URI)."""
     from search.tracking import format_front, front_from_store, resolve_tracking_uri
+
+    if run_dir_arg is not None and run_dir is not None and run_dir_arg != run_dir:
+        from search.errors import UserError
+
+        raise UserError(f"two run directories given ({run_dir_arg} and --run-dir {run_dir}): give one")
+    if run_dir_arg is not None and not final:
+        from search.progress import front_table
+        from search.run_front import read_front
+
+        rows = read_front(run_dir_arg)
+        typer.echo(json.dumps({"run_dir": run_dir_arg, "front": rows}) if as_json else front_table(rows))
+        return
+    run_dir = run_dir or run_dir_arg
 
     if final or run_dir is not None:
         from search.finalize import front_text, read_final_csv
@@ -202,12 +219,20 @@ def pareto(
 
 @app.command()
 def export(
-    run_id: str = typer.Argument(..., help="a child (trial) run on the Pareto front"),
+    run_id: str = typer.Argument(..., metavar="RUN_ID|RUN_DIR", help="a child (trial) run on the Pareto front, or a run directory (a path or a storage URI) with TRIAL_KEY"),
+    trial_key: str | None = typer.Argument(None, metavar="[TRIAL_KEY]", help="with RUN_DIR: the trial (results.csv's trial_key); its trials/KEY/model.pt"),
     fmt: str = typer.Option(..., "--format", help="state_dict | torchscript | onnx"),
     out: Path = typer.Option(..., "-o", "--output", help="file to write"),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else ./mlflow.db"),
 ) -> None:
-    """Rebuild a trial's trained model from MLflow and write it as state_dict, TorchScript or ONNX."""
+    """Rebuild a trial's trained model (from MLflow, or from RUN_DIR TRIAL_KEY) and write it as
+    state_dict, TorchScript or ONNX."""
+    if trial_key is not None:
+        from search.export import export_trial
+
+        path = export_trial(run_id, trial_key, fmt=fmt, out=out)
+        typer.echo(f"wrote {path} ({fmt})")
+        return
     from search.export import export_run
     from search.tracking import resolve_tracking_uri
 
@@ -217,7 +242,7 @@ def export(
 
 @app.command()
 def sync(
-    run_dir: Path = typer.Argument(..., help="a search's run directory (runs/<name>-<timestamp>)"),
+    run_dir: str = typer.Argument(..., help="a search's run directory (runs/<name>-<timestamp>) or its URI (s3://...)"),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="default: the one the search used (run_dir/mlflow.json)"),
 ) -> None:
     """Upload what MLflow missed from a run directory and close runs a killed search left RUNNING."""
@@ -236,7 +261,7 @@ def run(
     seed: int | None = typer.Option(None, "--seed", min=0, help="sampler seed (overrides search.seed)"),
     data_path: str | None = typer.Option(None, "--data-path", help="dataset file or folder (overrides data.path)"),
     time_budget: str | None = typer.Option(None, "--time-budget", help="wall time for the search, e.g. 45m or 2h: no trial starts that would not end in it (overrides search.time_budget)"),
-    storage: Path = typer.Option(Path("runs"), "--storage", help="folder that gets the run directory"),
+    storage: str = typer.Option("runs", "--storage", help="folder or storage URI (s3://BUCKET/PREFIX, gs://..., file://...) that gets the run directory"),
     address: str | None = typer.Option(None, "--address", help="Ray cluster to attach to (default: $RAY_ADDRESS, else a local Ray)"),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)"),
     no_mlflow: bool = typer.Option(False, "--no-mlflow", help="do not track in MLflow"),
@@ -259,18 +284,22 @@ def run(
     from search.preflight import absolute_data_path, preflight
 
     # Checked before Ray is even imported: a missing file answers in seconds, leaving nothing.
+    from search.storage import parse
+
     spec = absolute_data_path(spec)
-    checked = preflight(spec, address=address, tracking_uri=tracking_uri, mlflow=not no_mlflow)
+    where = parse(storage)  # a malformed URI: exit 2 before anything else
+    checked = preflight(spec, address=address, tracking_uri=tracking_uri, mlflow=not no_mlflow,
+                        storage=where)
     from search.driver import report, run_search
 
-    outcome = run_search(spec, storage_dir=storage, address=address, tracking_uri=tracking_uri,
+    outcome = run_search(spec, storage_dir=where, address=address, tracking_uri=tracking_uri,
                          mlflow=not no_mlflow, checked=checked)
     raise typer.Exit(report(outcome, as_json=as_json, echo=typer.echo))
 
 
 @app.command()
 def resume(
-    run_dir: Path = typer.Argument(..., help="a search's run directory (runs/<name>-<timestamp>)"),
+    run_dir: str = typer.Argument(..., help="a search's run directory (runs/<name>-<timestamp>) or its URI (s3://...)"),
     address: str | None = typer.Option(None, "--address", help="Ray cluster to attach to (default: $RAY_ADDRESS, else a local Ray)"),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="default: the store the search used (run_dir/mlflow.json)"),
     no_mlflow: bool = typer.Option(False, "--no-mlflow", help="do not track in MLflow"),
@@ -294,7 +323,7 @@ def submit(
     seed: int | None = typer.Option(None, "--seed", min=0, help="sampler seed (overrides search.seed)"),
     data_path: str | None = typer.Option(None, "--data-path", help="dataset file or folder (overrides data.path)"),
     time_budget: str | None = typer.Option(None, "--time-budget", help="wall time for the search, e.g. 45m or 2h: no trial starts that would not end in it (overrides search.time_budget)"),
-    storage: str | None = typer.Option(None, "--storage", help="run directories on the head (default: ./runs here for a local address, else $HOME/sparse-search/runs)"),
+    storage: str | None = typer.Option(None, "--storage", help="run directories: a folder on the head or a storage URI every node reaches (s3://BUCKET/PREFIX; default: ./runs here for a local address, else $HOME/sparse-search/runs)"),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow store the job logs to (default: $MLFLOW_TRACKING_URI, else a local sqlite file)"),
     no_mlflow: bool = typer.Option(False, "--no-mlflow", help="do not track in MLflow"),
     as_json: bool = typer.Option(False, "--json", help="the job ends its log with the JSON summary"),
@@ -304,6 +333,11 @@ def submit(
     import os
 
     from search.cluster import submit as submit_job
+
+    if storage is not None:
+        from search.storage import parse
+
+        parse(storage)  # a malformed URI: exit 2 here (the job checks it can reach it)
 
     job_id, status = submit_job(
         spec_path, address=address,

@@ -14,7 +14,8 @@ the resources. Exit codes come from :func:`report` (0, 1, 130); Tune itself is b
 dir records how the driver ended (``sync`` reads it).
 
 On a multi-node cluster, ``storage_dir`` must be a folder every node sees at the same path
-(NFS or similar): trial checkpoints are written there by the workers.
+(NFS or similar) or a URI (``s3://``, ``gs://``: :mod:`search.storage`): trial checkpoints
+are written there by the workers.
 
 Resume (``resume_search``) after any kind of death of the driver, SIGKILL included: Ray's
 experiment snapshot restores the trials (finished ones are not rerun, unfinished ones continue
@@ -39,6 +40,7 @@ from search.outcome import SearchOutcome
 from search.preflight import Checked, _detach, absolute_data_path, preflight
 from search.ray_runtime import init_ray
 from search.rundir import RunDir, write_atomic
+from search.storage import attach
 
 if TYPE_CHECKING:
     from search.spec import SearchSpec
@@ -51,7 +53,7 @@ log = logging.getLogger("sparse_search.driver")
 def run_search(
     spec: SearchSpec,
     *,
-    storage_dir: str | Path = "runs",
+    storage_dir: Any = "runs",
     address: str | None = None,
     tracking_uri: str | None = None,
     mlflow: bool = True,
@@ -59,22 +61,28 @@ def run_search(
     progress_interval_s: float = 30.0,
     checked: Checked | None = None,
 ) -> SearchOutcome:
-    """Run ``spec`` in a new run dir under ``storage_dir``; returns when every trial ended.
+    """Run ``spec`` in a new run dir under ``storage_dir`` (a path, a URI or a parsed
+    :class:`search.storage.Remote`); returns when every trial ended.
 
     Everything is checked first (:func:`preflight`: data, tracking store, resources): a failed
     check raises a UserError and leaves no run dir, MLflow run or Ray runtime behind.
     """
     spec = absolute_data_path(spec)
     if checked is None:
-        checked = preflight(spec, address=address, tracking_uri=tracking_uri, mlflow=mlflow)
+        checked = preflight(spec, address=address, tracking_uri=tracking_uri, mlflow=mlflow,
+                            storage=storage_dir)
+    mirror = None
     try:
         run = RunDir.create(storage_dir, spec.name)
+        mirror = attach(run)
         write_atomic(run.spec, spec.to_yaml())
     except BaseException:
+        if mirror is not None:
+            mirror.close()
         _detach(checked)
         raise
     return _search(spec, run, resuming=False, checked=checked, address=address,
-                   progress=progress, progress_interval_s=progress_interval_s)
+                   progress=progress, progress_interval_s=progress_interval_s, mirror=mirror)
 
 
 def resume_search(
@@ -86,7 +94,8 @@ def resume_search(
     progress: bool = True,
     progress_interval_s: float = 30.0,
 ) -> SearchOutcome:
-    """Continue an interrupted search in ``run_dir`` (its spec.yaml, journal and experiment).
+    """Continue an interrupted search in ``run_dir`` (its spec.yaml, journal and experiment);
+    a URI is downloaded into a fresh local copy first (Ray reads its experiment from the URI).
 
     MLflow: ``tracking_uri``, else the store the run used (run_dir/mlflow.json); a run that
     was not tracked stays untracked unless a URI is given.
@@ -101,11 +110,26 @@ def resume_search(
         mlflow = mlflow and tracking_uri is not None
     checked = preflight(spec, address=address, tracking_uri=tracking_uri, mlflow=mlflow)
     return _search(spec, run, resuming=True, checked=checked, address=address,
-                   progress=progress, progress_interval_s=progress_interval_s)
+                   progress=progress, progress_interval_s=progress_interval_s,
+                   mirror=attach(run))
 
 
 def _search(spec: SearchSpec, run: RunDir, *, resuming: bool, checked: Checked,
-            address: str | None, progress: bool, progress_interval_s: float) -> SearchOutcome:
+            address: str | None, progress: bool, progress_interval_s: float,
+            mirror: Any = None) -> SearchOutcome:
+    """:func:`_search_in`, then ``mirror`` (a :class:`search.storage.Mirror`) closed whatever
+    happened: a run dir on a URI gets its last files; the outcome names the URI."""
+    try:
+        outcome = _search_in(spec, run, resuming=resuming, checked=checked, address=address,
+                             progress=progress, progress_interval_s=progress_interval_s)
+    finally:
+        storage_error = mirror.close() if mirror is not None else None
+    return dataclasses.replace(outcome, location=run.location, storage_error=storage_error,
+                               summary={**outcome.summary, "run_dir": run.location})
+
+
+def _search_in(spec: SearchSpec, run: RunDir, *, resuming: bool, checked: Checked,
+               address: str | None, progress: bool, progress_interval_s: float) -> SearchOutcome:
     """Train the search in ``run`` with what :func:`preflight` checked."""
     import sys
     import time
@@ -155,12 +179,12 @@ def _search(spec: SearchSpec, run: RunDir, *, resuming: bool, checked: Checked,
                 os.chdir(previous)
     except KeyboardInterrupt:
         # A second Ctrl-C (Tune stops cleanly on the first), or one during start-up.
-        resumable = (run.experiment / "tuner.pkl").exists()
+        resumable = run.has_experiment()
         write_outcome(run.path, complete=False, stopped_by="interrupted")
         if tracker is not None:
             background.drain()
-            tracker.finish("KILLED", reason=str(Interrupted(run.path, resumable=resumable)))
-        raise Interrupted(run.path, resumable=resumable) from None
+            tracker.finish("KILLED", reason=str(Interrupted(run.location, resumable=resumable)))
+        raise Interrupted(run.location, resumable=resumable) from None
     except BaseException as e:
         write_outcome(run.path, complete=False, stopped_by=f"error: {type(e).__name__}")
         if tracker is not None:
@@ -178,7 +202,7 @@ def _search(spec: SearchSpec, run: RunDir, *, resuming: bool, checked: Checked,
     if tracker is not None:
         tracker.finish("FINISHED" if outcome.complete else "KILLED",
                        reason=None if outcome.complete else
-                       f"interrupted: continue with `sparse-search resume {run.path}`")
+                       f"interrupted: continue with `sparse-search resume {run.location}`")
         failure = getattr(tracker, "failure", None) or (
             f"MLflow tracking at {tracker.tracking_uri} went offline" if tracker.offline else None)
         local = not tracker.tracking_uri.startswith(("http://", "https://"))
@@ -211,22 +235,25 @@ def report(outcome: SearchOutcome, *, as_json: bool, echo: Any = print) -> int:
     import sys
 
     echo(outcome.front_table)
-    echo(f"run dir: {outcome.run_dir}")
+    echo(f"run dir: {outcome.where}")
     if outcome.mlflow_note:
         echo(outcome.mlflow_note)
     code = 0
     s = outcome.summary
     if not outcome.complete:
-        print(f"interrupted: continue with `sparse-search resume {outcome.run_dir}`",
+        print(f"interrupted: continue with `sparse-search resume {outcome.where}`",
               file=sys.stderr)
         code = 130
     elif s.get("failed") and s.get("failed") == s.get("trials"):
         print(f"error: every trial failed ({s['failed']}): see the error column of "
-              f"{outcome.run_dir / 'results.csv'}", file=sys.stderr)
+              f"{outcome.where.partition('?')[0]}/results.csv", file=sys.stderr)
         code = 1
     if outcome.tracking_error:
-        print(f"error: {outcome.tracking_error}; the results are in {outcome.run_dir}: upload "
-              f"them with `sparse-search sync {outcome.run_dir}`", file=sys.stderr)
+        print(f"error: {outcome.tracking_error}; the results are in {outcome.where}: upload "
+              f"them with `sparse-search sync {outcome.where}`", file=sys.stderr)
+        code = code or 1
+    if outcome.storage_error:
+        print(f"error: {outcome.storage_error}", file=sys.stderr)
         code = code or 1
     if as_json:
         echo(json.dumps(outcome.summary))

@@ -11,6 +11,10 @@ folded, per-channel static int8, QOperator) with calibration images from the dat
 search recorded (the parent run's ``spec_resolved.yaml`` ``data:`` section, or ``data=``),
 writes ``<out>`` (int8), ``<out stem>.fp32.onnx`` beside it and ``<out>.json`` (the int8 and fp32
 test accuracies, the calibration size, the file's weight bytes).
+
+``export RUN_DIR TRIAL_KEY`` (:func:`export_trial`) reads the same two files from the run
+directory instead (``trials/<key>/``, a local folder or a storage URI, :mod:`search.storage`),
+and the dataset from its spec.yaml: no MLflow needed.
 """
 
 from __future__ import annotations
@@ -156,6 +160,60 @@ def export_model(model: nn.Module, arch: ArchConfig, fmt: str, out: str | Path) 
                                     verbose=False)
         program.save(str(out))
     return out
+
+
+def load_trial_model(run_dir: str | Path, trial_key: str) -> tuple[nn.Module, ArchConfig]:
+    """Trial ``trial_key``'s network from a run dir (local or a URI): trials/<key>/arch.yaml
+    and model.pt (only TERMINATED trials have weights)."""
+    from search.rundir import ARCH_YAML, MODEL_FILE, TRIALS_DIR
+    from search.storage import read_file
+    from trainables.arch import ArchConfig
+
+    key = str(trial_key)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
+        for name in (ARCH_YAML, MODEL_FILE):
+            try:
+                data = read_file(run_dir, f"{TRIALS_DIR}/{key}/{name}")
+            except UserError as e:
+                raise UserError(f"{e} (trial {key!r}: results.csv lists the trial keys; only a "
+                                "trial that finished all its epochs has model.pt)") from None
+            paths[name] = Path(tmp) / name
+            paths[name].write_bytes(data)
+        arch = ArchConfig.load(paths[ARCH_YAML])
+        model = rebuild(arch, paths[MODEL_FILE])
+    return model, arch
+
+
+def run_dir_data(run_dir: str | Path) -> DataConfig:
+    """The DataConfig of a run dir's search (its spec.yaml ``data:`` section)."""
+    import yaml
+
+    from search.rundir import SPEC_FILE
+    from search.storage import read_file
+    from trainables.data import DataConfig, DataError
+
+    spec = yaml.safe_load(read_file(run_dir, SPEC_FILE))
+    data = spec.get("data") if isinstance(spec, dict) else None
+    if not isinstance(data, dict) or "name" not in data:
+        raise UserError(f"{run_dir}: spec.yaml has no data section")
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    try:
+        return DataConfig(**{k: v for k, v in data.items() if k in known})
+    except DataError as e:
+        raise UserError(f"{run_dir}: spec.yaml's data section is invalid: {e}") from None
+
+
+def export_trial(run_dir: str | Path, trial_key: str, *, fmt: str, out: str | Path,
+                 data: DataConfig | None = None, calibration: int = 256) -> Path:
+    """`sparse-search export RUN_DIR TRIAL_KEY`: as :func:`export_run`, from the run dir."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r} is invalid: expected one of {', '.join(FORMATS)}")
+    model, arch = load_trial_model(run_dir, trial_key)
+    if fmt == "onnx-int8":
+        data = data if data is not None else run_dir_data(run_dir)
+        return export_int8(model, arch, data, out, calibration=calibration).path
+    return export_model(model, arch, fmt, out)
 
 
 def export_run(run_id: str, *, fmt: str, out: str | Path, tracking_uri: str,

@@ -23,6 +23,7 @@ nested under the search's parent run, and ``final-pareto.csv`` as a parent artif
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -37,7 +38,17 @@ from typing import Any
 import yaml
 
 from search.errors import UserError
-from search.rundir import ARCH_YAML, MODEL_FILE, RESULT_JSON, RunDir, write_atomic, write_json
+from search.rundir import (
+    ARCH_YAML,
+    MODEL_FILE,
+    RESULT_JSON,
+    RESULTS_FILE,
+    SPEC_FILE,
+    RunDir,
+    write_atomic,
+    write_json,
+)
+from search.storage import attach, is_uri, read_file
 
 __all__ = ["FINAL_COLUMNS", "FINAL_DIR", "FINAL_PARETO", "FinalizeOutcome", "Member",
            "final_front", "finalize_run", "front_members", "open_run", "trial_recipe"]
@@ -79,8 +90,9 @@ class Member:
 
 
 def open_run(run_dir: str | Path) -> RunDir:
-    """A finished (or interrupted) search's run dir; a UserError names what is missing."""
-    run = RunDir(Path(run_dir).expanduser().resolve())
+    """A finished (or interrupted) search's run dir (a URI: downloaded into a fresh local copy,
+    search.storage); a UserError names what is missing."""
+    run = RunDir.fetch(run_dir, needed=(SPEC_FILE, RESULTS_FILE))
     if not run.path.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
     for needed in (run.spec, run.results_csv):
@@ -273,6 +285,8 @@ def front_text(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def read_final_csv(run_dir: str | Path) -> list[dict[str, str]]:
+    if is_uri(run_dir):  # read in place (search.storage): nothing else copied
+        return list(csv.DictReader(io.StringIO(read_file(run_dir, FINAL_PARETO).decode())))
     path = Path(run_dir) / FINAL_PARETO
     if not path.is_file():
         raise UserError(f"{path} is missing: run `sparse-search finalize {run_dir}` first")
@@ -318,12 +332,27 @@ def finalize_run(run_dir: str | Path, *, top: int | None = None, seeds: int | No
     """Retrain the run's front (see the module docstring); ``top`` / ``seeds`` / ``epochs``
     override ``search.finalize``. Raises UserError (bad input, before anything is trained)
     or FinalizeInterrupted (Ctrl-C: rerun to continue)."""
-    from search.spec import load_spec
-    from search.spec_model import Finalize
-
     for name, v in (("top", top), ("seeds", seeds), ("epochs", epochs)):
         _positive(name, v)
     run = open_run(run_dir)
+    mirror = attach(run)  # a run dir on a URI: final/ and final-pareto.csv copied there
+    try:
+        outcome = _finalize(run, top=top, seeds=seeds, epochs=epochs, mlflow=mlflow,
+                            tracking_uri=tracking_uri, address=address, echo=echo)
+    finally:
+        storage_error = mirror.close() if mirror is not None else None
+    if storage_error:
+        outcome = dataclasses.replace(outcome, tracking_error="; ".join(
+            e for e in (outcome.tracking_error, storage_error) if e))
+    return outcome
+
+
+def _finalize(run: RunDir, *, top: int | None, seeds: int | None, epochs: int | None,
+              mlflow: bool, tracking_uri: str | None, address: str | None,
+              echo: Callable[[str], Any]) -> FinalizeOutcome:
+    from search.spec import load_spec
+    from search.spec_model import Finalize
+
     spec = load_spec(run.spec)
     settings = spec.search.finalize or Finalize()
     top = top if top is not None else settings.top

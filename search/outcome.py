@@ -20,3 +20,10 @@ class SearchOutcome:
     front_table: str
     mlflow_note: str | None = None  # where to read the search in MLflow (None: --no-mlflow)
     tracking_error: str | None = None  # MLflow tracking failed (the search went on without it)
+    location: str | None = None  # the run dir as users name it: its URI (search.storage)
+    storage_error: str | None = None  # the run dir's URI missed files (they are in run_dir)
+
+    @property
+    def where(self) -> str:
+        """The run dir to show and to give back to resume/sync: the URI, else the path."""
+        return self.location or str(self.run_dir)

@@ -34,9 +34,11 @@ def absolute_data_path(spec: SearchSpec) -> SearchSpec:
 
 
 def preflight(spec: SearchSpec, *, address: str | None, tracking_uri: str | None,
-              mlflow: bool) -> Checked:
-    """Check the data (present, readable, its shape: no pixels read), the tracking store and
-    the per-trial resources against the cluster, in that order, before anything is created.
+              mlflow: bool, storage: Any = None) -> Checked:
+    """Check the data (present, readable, its shape: no pixels read), the run dirs' storage
+    (``storage``: a path, a URI or a parsed :class:`search.storage.Remote`: the bucket exists
+    and answers), the tracking store and the per-trial resources against the cluster, in that
+    order, before anything is created.
 
     A local search reads this machine's CPUs and GPUs without starting Ray; with ``--address``
     this attaches to the cluster (cheap) and reads its nodes.
@@ -50,6 +52,10 @@ def preflight(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
 
         check_initial(spec)
     probe_dataset(spec.data)
+    if storage is not None:
+        from search import storage as st
+
+        st.check_reachable(storage if isinstance(storage, st.Remote) else st.parse(storage))
     uri = checked_tracking_uri(tracking_uri) if mlflow else None
     address = cluster_address(address)
     attached = False

@@ -1,6 +1,7 @@
 """The run directory: where one search keeps everything it needs to report, resume and export.
 
-Layout (``--storage DIR``, default ``./runs``)::
+Layout (``--storage DIR`` or a URI, default ``./runs``; a URI is worked on in a local copy,
+see :mod:`search.storage`)::
 
     runs/<spec-name>-<YYYYmmdd-HHMMSS>/
       spec.yaml          the resolved spec (CLI overrides applied): ``resume`` reads it back
@@ -16,7 +17,8 @@ Layout (``--storage DIR``, default ``./runs``)::
 
 ``<key>`` is the trial key: the Optuna trial number, the same before and after a resume.
 Every file is replaced atomically (write a sibling, then ``os.replace``): a driver killed at
-any instant leaves either the old or the new version, never half a file.
+any instant leaves either the old or the new version, never half a file. A run dir on a URI is
+copied there after every such write (:func:`watch`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from search import storage as st
 from search.errors import UserError
 
 SPEC_FILE = "spec.yaml"
@@ -50,9 +53,34 @@ os.umask(_UMASK)
 
 @dataclass(frozen=True)
 class RunDir:
-    """Paths of one run directory (absolute)."""
+    """Paths of one run directory (absolute, local); ``uri`` when it lives on a storage URI
+    (``path`` is then its local copy, and Ray Tune's experiment is on the URI only)."""
 
     path: Path
+    uri: str | None = None
+
+    @property
+    def location(self) -> str:
+        """What users see and give back to ``resume``/``sync``/...: the URI, else the path."""
+        return self.uri or str(self.path)
+
+    @property
+    def tune_storage(self) -> str:
+        """Ray Tune's ``storage_path`` (the experiment is ``<this>/ray``)."""
+        return self.uri or str(self.path)
+
+    @property
+    def tune_experiment(self) -> str:
+        """The experiment folder for ``Tuner.restore``."""
+        if self.uri is None:
+            return str(self.experiment)
+        return st.parse(self.uri).child(EXPERIMENT_NAME).uri
+
+    def has_experiment(self) -> bool:
+        """Ray Tune saved the experiment (tuner.pkl): there is something to resume."""
+        if self.uri is None:
+            return (self.experiment / "tuner.pkl").exists()
+        return st.parse(self.uri).exists(f"{EXPERIMENT_NAME}/tuner.pkl")
 
     @property
     def spec(self) -> Path:
@@ -90,10 +118,14 @@ class RunDir:
         return self.path / OUTCOME_FILE
 
     @classmethod
-    def create(cls, storage: str | Path, name: str, *, now: dt.datetime | None = None) -> RunDir:
-        """A new ``<storage>/<name>-<YYYYmmdd-HHMMSS>`` (``-2``, ``-3``, ... if taken)."""
-        root = Path(storage).expanduser().resolve()
+    def create(cls, storage: Any, name: str, *, now: dt.datetime | None = None) -> RunDir:
+        """A new ``<storage>/<name>-<YYYYmmdd-HHMMSS>`` (``-2``, ``-3``, ... if taken);
+        ``storage`` a path, a URI or a parsed :class:`search.storage.Remote`."""
         stamp = (now or dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
+        where = storage if isinstance(storage, st.Remote) else st.parse(storage)
+        if isinstance(where, st.Remote):
+            return cls._create_remote(where, f"{name}-{stamp}")
+        root = where
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -109,9 +141,30 @@ class RunDir:
         raise UserError(f"--storage {root}: 999 run folders named {name}-{stamp}* already exist")
 
     @classmethod
+    def _create_remote(cls, root: Any, base: str) -> RunDir:
+        """A run dir on a URI: a name not taken there, its (emptied) local copy."""
+        import shutil
+
+        for i in range(1, 1000):
+            remote = root.child(base if i == 1 else f"{base}-{i}")
+            if remote.exists():
+                continue
+            local = st.cache_dir(remote)
+            if local.exists():
+                shutil.rmtree(local)
+            (local / TRIALS_DIR).mkdir(parents=True)
+            return cls(local, uri=remote.uri)
+        raise UserError(f"--storage {root.uri}: 999 run folders named {base}* already exist")
+
+    @classmethod
     def open(cls, path: str | Path) -> RunDir:
-        """An existing run dir (for ``resume``); a UserError names what is missing."""
-        run = cls(Path(path).expanduser().resolve())
+        """An existing run dir (for ``resume``; a URI is downloaded first); a UserError names
+        what is missing."""
+        if st.is_uri(path):
+            run = cls.fetch(path, needed=(SPEC_FILE, f"{EXPERIMENT_NAME}/tuner.pkl"))
+            run.trials.mkdir(exist_ok=True)
+            return run
+        run = cls.fetch(path)
         if not run.path.is_dir():
             raise UserError(f"{path}: no such run directory")
         for needed, what in ((run.spec, "the resolved spec"),
@@ -123,6 +176,24 @@ class RunDir:
                 )
         run.trials.mkdir(exist_ok=True)
         return run
+
+    @classmethod
+    def fetch(cls, path: str | Path, *, needed: tuple[str, ...] = (SPEC_FILE,)) -> RunDir:
+        """A run dir as given: a local path (not checked), or a URI downloaded into a fresh
+        local copy after checking it holds ``needed`` (names relative to the run dir)."""
+        where = st.parse(path, what="run directory")
+        if isinstance(where, Path):
+            return cls(where)
+        st.check_reachable(where, what="run directory")
+        if not where.exists():
+            raise UserError(f"{where.uri}: no such run directory")
+        for rel in needed:
+            if not where.exists(rel):
+                raise UserError(f"{where.uri}: {rel} is missing: expected a folder made by "
+                                "`sparse-search run` (<storage>/<name>-<date>-<time>)")
+        local = st.cache_dir(where)
+        st.download(where, local)
+        return cls(local, uri=where.uri)
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
@@ -137,6 +208,7 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    st.written(Path(path).absolute())  # a run dir on a URI: copied there now
 
 
 def write_outcome(run_dir: str | Path, *, complete: bool, stopped_by: str | None) -> None:

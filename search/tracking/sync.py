@@ -25,8 +25,10 @@ from search.rundir import (
     RESULTS_FILE,
     SPEC_FILE,
     TRIALS_DIR,
+    RunDir,
     read_outcome,
 )
+from search.storage import attach, is_uri
 from search.tracking.store import (
     DEFAULT_EXPERIMENT,
     STATE_FILE,
@@ -56,8 +58,19 @@ def sync_run_dir(run_dir: str | Path, tracking_uri: str | None = None) -> dict[s
 
     Reads results.csv (trial_key, status, error, flat ``arch/``/``train/`` config, metric
     columns), ``trials/<key>/result.json`` (final metrics under ``metrics``), ``arch.yaml``,
-    ``layers.json``, ``model.pt`` and pareto.csv (the front's trial keys).
+    ``layers.json``, ``model.pt`` and pareto.csv (the front's trial keys). A run dir on a
+    storage URI is downloaded into a fresh local copy, synced, and its mlflow.json copied back.
     """
+    if is_uri(run_dir):
+        run = RunDir.fetch(run_dir, needed=())
+        mirror = attach(run)
+        try:
+            counts = sync_run_dir(run.path, tracking_uri)
+        finally:
+            error = mirror.close() if mirror is not None else None
+        if error:
+            raise UserError(error)
+        return counts
     run_dir = Path(run_dir).resolve()
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist")
