@@ -15,9 +15,10 @@ uploads what MLflow missed from the run directory later)::
 
 What lands where:
 - parent run (tag ``sparse_search.role=search``): spec.yaml, spec_resolved.yaml, flat spec params,
-  version/git tags; metrics ``hypervolume``, ``front_size`` and the counters stepped by trials
-  finished; artifacts ``pareto.csv``, ``pareto.png``, ``pareto.html`` (refreshed at most every
-  ``front_interval_s`` seconds, and at the end).
+  version/git tags, ``sparse_search.objectives`` (the spec's, in order); metrics
+  ``hypervolume``, ``front_size`` and the counters stepped by trials finished; artifacts
+  ``pareto.csv``, ``pareto.png``, ``pareto.html`` and one ``pareto-<y>-vs-<x>.png`` per pair
+  of objectives (refreshed at most every ``front_interval_s`` seconds, and at the end).
 - child run per trial (named by ``ArchConfig.canonical()``, tag ``sparse_search.trial_key``):
   flat config as params, per-epoch metrics (one ``log_batch`` per report), final metrics,
   ``arch.yaml`` and ``layers.json``; tags ``pareto_rank``/``on_front`` kept current and
@@ -25,13 +26,20 @@ What lands where:
 - model weights (``model.pt``) are uploaded for Pareto-front members only, at each front
   refresh: a search trains hundreds of models and only the front is worth exporting; every
   trial's weights stay in ``run_dir/trials/<key>/model.pt``.
+- logged model per front member (the experiment's Models tab, ``model_type``
+  ``sparse-search-front``, source run = its child run): pareto.csv's metrics, the arch as
+  params and arch.yaml, an MLflow ONNX model (fp32 ``model.onnx``), ``model-int8.onnx`` when
+  measured, the tensor-only ``model.pt``; registrable with ``mlflow.register_model``. One that
+  leaves the front is kept, tagged ``on_front=false`` (search/tracking/models.py).
 
 Which module owns what (each imports only those above it; none imports ray at import time)::
 
     store.py     the store: URI resolution, reachability, the sqlite store lock and
                  half-migration check, client_for, experiments, paged search, the parent
                  and latest search runs, mlflow.json, the tag names, batched writes
-    plots.py     the front's ranks, metrics, table, pareto.png and pareto.html (pure)
+    plots.py     the front's ranks, metrics, table, pareto.png, the per-pair pictures and
+                 pareto.html (pure)
+    models.py    FrontModels: the front members as MLflow logged models
     tracker.py   SearchTracker: the parent run, child runs, front refreshes, the end
     callback.py  TrackingCallback, the Ray Tune callback (pickled into tuner.pkl as
                  ``search.tracking.TrackingCallback``: that path must keep importing)
@@ -49,8 +57,9 @@ from typing import Any
 # The mixin under its old path too (search.tracking._TrackingCallbackMixin), for pickles.
 from search.tracking.callback import _TrackingCallbackMixin as _TrackingCallbackMixin
 from search.tracking.callback import tracking_callback_class
-from search.tracking.front import format_front, front_from_store
-from search.tracking.plots import render_html, render_png
+from search.tracking.front import format_front, front_from_store, search_objectives
+from search.tracking.models import TAG_OBJECTIVES, FrontModels
+from search.tracking.plots import objective_pairs, pair_file, render_html, render_png
 from search.tracking.server import (
     serve_ui,
     start_light_server,
@@ -67,13 +76,18 @@ from search.tracking.tracker import SearchTracker
 
 __all__ = [
     *_store_names,
+    "TAG_OBJECTIVES",
+    "FrontModels",
     "SearchTracker",
     "TrackingCallback",  # noqa: F405  (built on first use: see __getattr__ below)
     "close_recorded_trials",
     "format_front",
     "front_from_store",
+    "objective_pairs",
+    "pair_file",
     "render_html",
     "render_png",
+    "search_objectives",
     "serve_ui",
     "start_light_server",
     "stop_server",

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from search.tracking.models import TAG_OBJECTIVES
 from search.tracking.store import (
     TAG_ON_FRONT,
     TAG_PARENT,
@@ -34,9 +35,8 @@ def front_from_store(tracking_uri: str, experiment: str | None = None) -> dict[s
     runs = search_all(client, [eid], f"tags.`{TAG_PARENT}` = '{parent.info.run_id}' "
                                      f"and tags.`{TAG_ON_FRONT}` = 'true'")
     base = ui_base(tracking_uri)
-    # The search's objectives, from the parent's flattened spec params (objectives/<metric>).
-    objectives = [k.split("/", 1)[1] for k in sorted(parent.data.params)
-                  if k.startswith("objectives/")]
+    modes = search_objectives(parent.data.tags, parent.data.params)
+    objectives = list(modes)
     extra = [m for m in objectives if m not in _COLUMNS]
     front = [{
         "run_id": r.info.run_id,
@@ -50,15 +50,27 @@ def front_from_store(tracking_uri: str, experiment: str | None = None) -> dict[s
     front.sort(key=lambda f: (f["nonzero_params"] is None, f["nonzero_params"] or 0))
     return {"search": parent.info.run_name, "parent_run_id": parent.info.run_id,
             "experiment_id": eid, "status": parent.info.status, "objectives": objectives,
+            "objective_modes": modes,
             "runs_url": run_url(base, eid), "front": front}
+
+
+def search_objectives(tags: Mapping[str, str], params: Mapping[str, str]) -> dict[str, str]:
+    """metric -> max/min of a search's parent run, in the spec's order: the tracker's
+    TAG_OBJECTIVES ("metric:mode,..."), else the flattened spec params (objectives/<metric>,
+    sorted: a search tracked before the tag)."""
+    if tag := tags.get(TAG_OBJECTIVES):
+        return dict(item.split(":", 1) for item in tag.split(",") if ":" in item)
+    return {k.split("/", 1)[1]: v for k, v in sorted(params.items()) if k.startswith("objectives/")}
 
 
 def format_front(report: Mapping[str, Any]) -> str:
     """The `sparse-search pareto` table: the standard columns, then any other objective the
     search used (flash_bytes, sram_bytes, ...)."""
     extra = [m for m in report.get("objectives", []) if m not in _COLUMNS]
+    modes = report.get("objective_modes") or {}
+    used = ", ".join(f"{m} ({modes[m]})" if m in modes else m for m in report.get("objectives", []))
     lines = [f"search {report['search']} ({report['status']}), parent run {report['parent_run_id']}"
-             + (f"; objectives: {', '.join(report['objectives'])}" if report.get("objectives") else ""),
+             + (f"; objectives: {used}" if used else ""),
              f"{len(report['front'])} on the Pareto front; runs: {report['runs_url']}",
              f"{'val_acc':>8} {'+-se':>6} {'test_acc':>8} {'params':>10} {'macs':>12}  "
              + "".join(f"{m:>12}  " for m in extra) + f"{'run_id':32}  arch"]

@@ -2,12 +2,15 @@
 
 Pure functions: :func:`rank_trials` ranks a results frame, :func:`front_metrics` sums it up,
 :func:`front_table` adds run ids and links, and the tracker uploads to the parent run what
-:func:`write_front_files` writes.
+:func:`write_front_files` writes: besides ``pareto.png`` (the default pair, see :func:`_axes`),
+one ``pareto-<y>-vs-<x>.png`` per pair of the spec's objectives (:func:`objective_pairs`: 3
+objectives give 3 pictures), each showing the whole front projected onto that pair.
 """
 
 from __future__ import annotations
 
 import html
+import itertools
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from search.pareto import hypervolume_2d, pareto_ranks
+from search.pareto import front_indices, hypervolume_2d, pareto_ranks
 from search.rundir import PARETO_FILE
 from search.tracking.store import run_url
 
@@ -78,36 +81,63 @@ def front_table(ranked: pd.DataFrame, front: set[str], *, objectives: Mapping[st
     return table.sort_values(["pareto_rank", x_col], kind="stable").reset_index(drop=True)
 
 
+def objective_pairs(objectives: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(y, x) for every pair of objectives, in the spec's order; a maximised one goes up when
+    the pair mixes directions (int8_accuracy vs flash_bytes), else the first one does."""
+    pairs = []
+    for a, b in itertools.combinations(objectives, 2):
+        pairs.append((b, a) if objectives[a] == "min" and objectives[b] == "max" else (a, b))
+    return pairs
+
+
+def pair_file(y_col: str, x_col: str) -> str:
+    """The parent run's artifact name of the (y, x) front picture."""
+    return f"pareto-{y_col}-vs-{x_col}.png"
+
+
 def write_front_files(table: pd.DataFrame, out: Path, *, objectives: Mapping[str, str],
                       title: str) -> list[Path]:
-    """pareto.csv (the front's rows), pareto.png and pareto.html in folder ``out``."""
+    """pareto.csv (the front's rows), pareto.png, pareto.html and one
+    ``pareto-<y>-vs-<x>.png`` per objective pair in folder ``out``."""
     csv, png, page = (out / name for name in FRONT_FILES)
     table[table["on_front"]].drop(columns="on_front").to_csv(csv, index=False)
     render_png(table, png, objectives=objectives, title=title)
     page.write_text(render_html(table, objectives=objectives, title=title))
-    return [csv, png, page]
+    pairs = [out / pair_file(y, x) for y, x in objective_pairs(objectives)]
+    for path, axes in zip(pairs, objective_pairs(objectives), strict=True):
+        render_png(table, path, objectives=objectives, title=title, axes=axes)
+    return [csv, png, page, *pairs]
 
 
 def render_png(table: pd.DataFrame, path: Path, *, objectives: Mapping[str, str],
-               title: str) -> None:
-    """Accuracy vs parameters (log x): every trial in grey, the front in red as a staircase."""
+               title: str, axes: tuple[str, str] | None = None) -> None:
+    """``axes`` (y, x), default :func:`_axes`: every trial in grey, the front in red, its
+    members that no other member beats on this pair joined as a staircase; x on a log scale
+    when it is a minimised, positive quantity (parameters, bytes, MACs)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    y_col, x_col = _axes(objectives)
+    y_col, x_col = axes or _axes(objectives)
+    x_mode = objectives.get(x_col, "min")
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     try:
         if len(table):
             rest = table[~table["on_front"]]
             front = table[table["on_front"]].sort_values(x_col)
             ax.scatter(rest[x_col], rest[y_col], s=18, c="#9aa5b1", label="trials")
-            ax.step(front[x_col], front[y_col], where="post", c="#d1495b", lw=1.2)
+            # With 3+ objectives a projected front is no staircase: join the pair's own best.
+            pts = front[[y_col, x_col]].to_numpy(dtype=float).tolist()
+            best = front.iloc[front_indices(pts, [objectives.get(y_col, "max"), x_mode])] \
+                if pts else front
+            # The attainment line: across then up/down when x is minimised, else the reverse.
+            ax.step(best[x_col], best[y_col], where="post" if x_mode == "min" else "pre",
+                    c="#d1495b", lw=1.2)
             ax.scatter(front[x_col], front[y_col], s=36, c="#d1495b", zorder=3,
                        label=f"Pareto front ({len(front)})")
-            if (table[x_col] > 0).all():
+            if x_mode == "min" and (table[x_col] > 0).all():
                 ax.set_xscale("log")
                 label = FuncFormatter(lambda v, _pos: _fmt(v))  # 2k, not 2x10^3
                 ax.xaxis.set_major_formatter(label)
@@ -121,10 +151,11 @@ def render_png(table: pd.DataFrame, path: Path, *, objectives: Mapping[str, str]
 
                 ax.xaxis.set_minor_formatter(FuncFormatter(minor) if span < 20
                                              else NullFormatter())
-            ax.legend(loc="lower right")
+            ax.legend(loc="best")
         ax.set_xlabel(x_col)
         ax.set_ylabel(y_col)
-        ax.set_title(f"{title}: {len(table)} trials")
+        over = f", front over {', '.join(objectives)}" if len(objectives) > 2 else ""
+        ax.set_title(f"{title}: {len(table)} trials{over}")
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(path)

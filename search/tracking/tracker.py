@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pandas as pd
 import yaml
 
+from search.latency_screen import latency_tags
 from search.rundir import ARCH_YAML, LAYERS_JSON, MODEL_FILE, SPEC_FILE, TRIALS_DIR
+from search.tracking.models import FrontModels, upload_weights
 from search.tracking.plots import front_metrics, front_table, rank_trials, write_front_files
 from search.tracking.store import (
     DEFAULT_OBJECTIVES,
@@ -143,6 +145,7 @@ class SearchTracker:
         self._front_tags: dict[str, tuple[str, str]] = {}  # trial key -> (rank, on_front) sent
         self._models: dict[str, Path] = {}  # trial key -> model.pt given at trial_finished
         self._uploaded: set[str] = set()  # trial keys whose model.pt is a child artifact
+        self._logged: FrontModels | None = None  # the front's MLflow logged models (push_front)
         self._pending: tuple[pd.DataFrame, set[str]] | None = None
         self._last_push = -math.inf
 
@@ -319,9 +322,8 @@ class SearchTracker:
         tags = {
             TAG_PARENT: self.parent_run_id, TAG_ROLE: "trial", TAG_TRIAL_KEY: trial_key,
             "sparse_search.arch_key": arch.key(), "mlflow.source.name": "sparse-search",
+            **({TAG_INITIAL: initial} if initial is not None else {}), **latency_tags(flat_config),
         }
-        if initial is not None:
-            tags[TAG_INITIAL] = initial
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         run_id = run.info.run_id
         self._children[trial_key] = run_id
@@ -434,7 +436,8 @@ class SearchTracker:
 
     @_tracked
     def push_front(self) -> None:
-        """Send the pending front now: child tags that changed, front models, the three plots."""
+        """Send the pending front now: child tags that changed, front weights, the logged models
+        (search/tracking/models.py), the plots."""
         if self._pending is None:
             return
         ranked, front = self._pending
@@ -447,6 +450,11 @@ class SearchTracker:
                 self._front_tags[key] = tags
         for key in sorted(front - self._uploaded):
             self._upload_model(key)
+        if self._logged is None:  # the search's logged models, read from the store once
+            self._logged = FrontModels(self.client, experiment_id=self.experiment_id,
+                                       parent_run_id=self.parent_run_id, run_dir=self.run_dir,
+                                       search_name=self.search_name, objectives=self.objectives)
+        self._logged.update(ranked, front, self._children, self._models)
         self._upload_plots(ranked, front)
         self._pending = None
         self._last_push = time.monotonic()
@@ -454,16 +462,8 @@ class SearchTracker:
     def _upload_model(self, key: str) -> None:
         run_id = self._children.get(key)
         path = self._models.get(key) or self.run_dir / TRIALS_DIR / key / MODEL_FILE
-        if run_id is None or not path.is_file():
-            return
-        if path.name == MODEL_FILE:
-            self.client.log_artifact(run_id, str(path))
-        else:  # the artifact is always model.pt, whatever the local name
-            with tempfile.TemporaryDirectory() as tmp:
-                (Path(tmp) / MODEL_FILE).write_bytes(path.read_bytes())
-                self.client.log_artifact(run_id, str(Path(tmp) / MODEL_FILE))
-        log_tags(self.client, run_id, {TAG_MODEL: "true"})
-        self._uploaded.add(key)
+        if run_id is not None and upload_weights(self.client, run_id, path):
+            self._uploaded.add(key)
 
     def _upload_plots(self, ranked: pd.DataFrame, front: set[str]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
