@@ -16,6 +16,10 @@ objective): a small net is never stopped for being less accurate than a bigger o
 Rungs are at ``grace_period * reduction_factor**k`` of ``time_attr`` (epochs that keep
 counting across pruning rounds) below ``max_t``; a trial reaching ``max_t`` is stopped as in
 Ray's ASHA (it is done). The first trial at a rung always goes on (nothing to compare with).
+
+An objective that exists only in the final report (``int8_accuracy``: the model is quantized
+after its last epoch) is ranked at every rung by its proxy (``val_accuracy``; see
+search/schema.py ``rung_metric``): the searcher and the front still get the int8 value.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from search.pareto import crowding_distances, pareto_ranks
 from search.results import SCREENED_KEY
+from search.schema import rung_metric
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
@@ -118,7 +123,8 @@ class MultiObjectiveASHA(FIFOScheduler):
         """The objectives at this report; params are the delivered model's (the screen's
         count in the config), not the dense count a pruning trial reports before its rounds."""
         out = []
-        for metric, _ in self.objectives:
+        for objective, _ in self.objectives:
+            metric = rung_metric(objective)
             v = result.get(metric)
             if metric == "nonzero_params" and config.get(SCREENED_KEY) is not None:
                 v = config[SCREENED_KEY]

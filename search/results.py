@@ -46,6 +46,7 @@ from search.rundir import (
     write_atomic,
     write_json,
 )
+from search.schema import INT8_COLUMNS
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
@@ -63,22 +64,29 @@ SCREENED_KEY = "meta/screened_params"
 TERMINATED, EARLY_STOPPED, ERROR = "TERMINATED", "EARLY_STOPPED", "ERROR"
 # Report keys kept in records and points (the trainable reports more; Ray adds bookkeeping).
 # val_accuracy_se: the binomial standard error of val_accuracy (what the split can tell apart).
-# flash_bytes, sram_bytes: int8 deployment (search/schema.py).
+# flash_bytes, sram_bytes: int8 deployment (search/schema.py). int8_*: the final report's
+# post-training int8 evaluation (trainables/quantize.py trial_int8; int8_accuracy is the
+# objective's name for int8_val_accuracy); int8_error when it failed (the trial did not).
 METRIC_KEYS = ("val_accuracy", "val_accuracy_se", "val_loss", "test_accuracy", "test_loss",
                "train_loss", "nonzero_params", "macs", "nonzero_macs", "flash_bytes",
-               "sram_bytes", "epoch", "prune_round", "fidelity", "train_seconds", "node_id")
+               "sram_bytes", "epoch", "prune_round", "fidelity", "train_seconds", "node_id",
+               *INT8_COLUMNS, "int8_accuracy", "int8_error", "int8_calibration_images",
+               "int8_seconds")
 # node: the Ray node id (hex) of the worker that ran the trial's last attempt (the trainable
 # reports it as ``node_id``); retries: attempts that failed and were retried (Ray's
 # ``max_failures``: a lost node, a killed worker); retry_error: ``node: error`` of each.
 RESULT_COLUMNS = ("trial_key", "trial_id", "status", "error", "arch", "nonzero_params", "macs",
-                  "flash_bytes", "sram_bytes", "val_accuracy", "val_accuracy_se", "val_loss", "test_accuracy", "train_seconds",
+                  "flash_bytes", "sram_bytes", "val_accuracy", "val_accuracy_se", "val_loss", "test_accuracy",
+                  *INT8_COLUMNS, "int8_error", "train_seconds", "int8_seconds",
                   "epochs", "prune_round", "fidelity", "initial", "node", "retries",
                   "retry_error")
 POINT_COLUMNS = ("trial_key", "trial_id", "prune_round", "epoch", "nonzero_params", "macs",
-                 "flash_bytes", "sram_bytes", "val_accuracy", "val_accuracy_se", "val_loss", "test_accuracy", "eligible",
+                 "flash_bytes", "sram_bytes", "val_accuracy", "val_accuracy_se", "val_loss", "test_accuracy",
+                 *INT8_COLUMNS, "eligible",
                  "on_front", "model", "arch")
 PARETO_COLUMNS = ("trial_key", "trial_id", "prune_round", "nonzero_params", "macs",
-                  "flash_bytes", "sram_bytes", "val_accuracy", "val_accuracy_se", "test_accuracy", "model", "arch", "initial")
+                  "flash_bytes", "sram_bytes", "val_accuracy", "val_accuracy_se", "test_accuracy",
+                  *INT8_COLUMNS, "model", "arch", "initial")
 
 
 def trial_key(trial: Trial) -> str:
@@ -320,9 +328,13 @@ class Recorder(Callback):
             model = f"{self.run.trials.name}/{key}/{_round_model(r)}"
         return {"prune_round": r, "epoch": rep.get("epoch"),
                 "nonzero_params": rep.get("nonzero_params"), "macs": rep.get("macs"),
+                "flash_bytes": rep.get("flash_bytes"), "sram_bytes": rep.get("sram_bytes"),
                 "val_accuracy": rep.get("val_accuracy"),
                 "val_accuracy_se": rep.get("val_accuracy_se"), "val_loss": rep.get("val_loss"),
-                "test_accuracy": rep.get("test_accuracy"), "model": model}
+                "test_accuracy": rep.get("test_accuracy"),
+                # int8: the final point only (earlier rounds' weights are not quantized)
+                **{k: rep.get(k) for k in (*INT8_COLUMNS, "int8_accuracy")},
+                "model": model}
 
     def _save(self, trial: Trial, key: str, *, status: str, error: str | None,
               metrics: dict[str, Any], points: list[dict[str, Any]], final: bool) -> None:
@@ -350,7 +362,10 @@ class Recorder(Callback):
         self.write_tables()
 
     def _save_model(self, trial: Trial, out: Path) -> None:
-        """model.pt from the final checkpoint, then layers.json counted from those weights."""
+        """model.pt (and the int8 step's ONNX files) from the final checkpoint, then layers.json
+        counted from those weights."""
+        from trainables.quantize import FP32_ONNX_FILE, INT8_ONNX_FILE
+
         checkpoint = trial.checkpoint
         if checkpoint is None:
             log.warning("trial %s finished without a checkpoint: no model.pt", trial_key(trial))
@@ -358,6 +373,9 @@ class Recorder(Callback):
         try:
             with checkpoint.as_directory() as d:
                 shutil.copyfile(Path(d) / MODEL_FILE, out / MODEL_FILE)
+                for name in (FP32_ONNX_FILE, INT8_ONNX_FILE):  # the int8 step's, when it ran
+                    if (Path(d) / name).is_file():
+                        shutil.copyfile(Path(d) / name, out / name)
         except OSError as e:
             log.warning("trial %s: could not save model.pt (%s)", trial_key(trial), e)
             return

@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
-    "DEFAULT_OBJECTIVES", "FRONT_COLUMNS", "METRICS", "OBJECTIVE_MODES", "SCREENED_METRICS",
-    "TRAINED_METRICS", "Metric", "budget_fields",
+    "DEFAULT_OBJECTIVES", "FRONT_COLUMNS", "INT8_COLUMNS", "METRICS", "OBJECTIVE_MODES", "SCREENED_METRICS",
+    "TRAINED_METRICS", "Metric", "budget_fields", "rung_metric",
 ]
 
 
@@ -27,6 +27,9 @@ class Metric:
     trained: bool  # needs training (else the screen counts it on the meta device)
     budget: str | None = None  # the constraints field that bounds it (<=), if any
     unit: str = ""  # for tables and docs
+    # What an early-stopping rung ranks in its place: a metric that exists only in the final
+    # report (int8_accuracy: quantized after training) is ranked at rungs by this proxy.
+    rung_proxy: str | None = None
 
 
 METRICS: dict[str, Metric] = {m.name: m for m in (
@@ -39,17 +42,35 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     # smaller; peak activation bytes at batch 1, layer by layer (MCUNet's count).
     Metric("flash_bytes", "min", trained=False, budget="max_flash_bytes", unit="bytes"),
     Metric("sram_bytes", "min", trained=False, budget="max_sram_bytes", unit="bytes"),
+    # Post-training static int8 of the finished trial (trainables/quantize.py trial_int8),
+    # accuracies as fractions. int8_accuracy is the objective's name for int8_val_accuracy (the
+    # final report carries both; selection never sees test); rungs rank val_accuracy instead.
+    Metric("int8_accuracy", "max", trained=True, rung_proxy="val_accuracy"),
     Metric("val_accuracy_se", None, trained=True),
     Metric("test_accuracy", None, trained=True),
+    Metric("int8_val_accuracy", None, trained=True),
+    Metric("int8_test_accuracy", None, trained=True),
+    Metric("int8_drop", None, trained=True),  # val_accuracy - int8_val_accuracy
 )}
 # Metrics a trial reports that can be objectives, with the only sensible direction of each.
 OBJECTIVE_MODES: dict[str, str] = {m.name: m.mode for m in METRICS.values() if m.mode}
 TRAINED_METRICS = tuple(n for n, m in METRICS.items() if m.trained and m.mode)
 SCREENED_METRICS = tuple(n for n, m in METRICS.items() if not m.trained)
 DEFAULT_OBJECTIVES = (("val_accuracy", "max"), ("nonzero_params", "min"))
-# What a front row carries for MLflow (the tracker's table), in order.
+# What a front row carries for MLflow (the tracker's table), in order: every objective's
+# column (int8_accuracy too: the tracker ranks by the objectives' names).
 FRONT_COLUMNS = ("trial_key", "val_accuracy", "val_accuracy_se", "val_loss", "test_accuracy",
-                 "nonzero_params", "macs", "flash_bytes", "sram_bytes", "arch", "prune_round")
+                 "int8_val_accuracy", "int8_test_accuracy", "int8_drop", "int8_accuracy",
+                 "nonzero_params", "macs", "flash_bytes", "sram_bytes", "arch",
+                 "prune_round")
+# The int8 columns of results.csv / points.csv / pareto.csv (empty when not measured).
+INT8_COLUMNS = ("int8_val_accuracy", "int8_test_accuracy", "int8_drop")
+
+
+def rung_metric(name: str) -> str:
+    """The metric an early-stopping rung ranks for objective ``name`` (itself, or its proxy)."""
+    m = METRICS.get(name)
+    return m.rung_proxy if m is not None and m.rung_proxy else name
 
 
 def budget_fields() -> dict[str, str]:

@@ -129,14 +129,22 @@ def parse_spec(
     if len(settings.initial) > settings.num_samples:
         r.fail("search.initial", f"holds {len(settings.initial)} points, more than "
                f"search.num_samples={settings.num_samples} trials: drop some or raise num_samples")
+    data = _data(r, d["data"])
+    objectives = _objectives(r, d.get("objectives"))
+    resources = _resources(r, d.get("resources", {}))
+    train = _train(r, d.get("train", {}))
+    int8_eval = train.get("int8_eval", True)  # TrainConfig's default: on
+    if int8_eval is not True and any(o.metric == "int8_accuracy" for o in objectives):
+        r.invalid("train.int8_eval", plain(int8_eval), "true (or left out) with objectives."
+                  "int8_accuracy: that objective is measured by the int8 step")
     return SearchSpec(
         name=name,
-        data=_data(r, d["data"]),
-        objectives=_objectives(r, d.get("objectives")),
+        data=data,
+        objectives=objectives,
         constraints=constraints,
         search=settings,
-        resources=_resources(r, d.get("resources", {})),
-        train=_train(r, d.get("train", {})),
+        resources=resources,
+        train=train,
         space=read_arch_space(r, d.get("space", {})),
         source=source,
     )

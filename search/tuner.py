@@ -172,13 +172,16 @@ def make_scheduler(spec: SearchSpec) -> Any:
 
     ``time_attr`` is the trainable's ``epoch``, which keeps counting across pruning rounds, and
     ``max_t`` the most epochs any trial of the space can run, so ASHA never cuts a
-    lottery-ticket trial at the end of its dense phase.
+    lottery-ticket trial at the end of its dense phase. An objective measured only after
+    training (``int8_accuracy``) is ranked at rungs by its proxy (``val_accuracy``,
+    search/schema.py ``rung_metric``); the searcher and the front get the final value.
     """
     es = spec.search.early_stopping
     if es is None:
         return None
     from ray.tune.schedulers import ASHAScheduler
 
+    from search.schema import rung_metric
     from search.spec import TRAINED_METRICS
 
     if es.scheduler == "moasha":
@@ -189,7 +192,7 @@ def make_scheduler(spec: SearchSpec) -> Any:
                                   grace_period=es.grace_epochs,
                                   reduction_factor=es.reduction_factor)
     objective = next(o for o in spec.objectives if o.metric in TRAINED_METRICS)
-    return ASHAScheduler(time_attr="epoch", metric=objective.metric, mode=objective.mode,
+    return ASHAScheduler(time_attr="epoch", metric=rung_metric(objective.metric), mode=objective.mode,
                          max_t=max_epochs(spec), grace_period=es.grace_epochs,
                          reduction_factor=es.reduction_factor)
 
