@@ -29,6 +29,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from search import bands
+from search.latency_screen import LatencyScreen
 from search.ray_compat import optuna_fixed_params
 from search.spec_model import SpecError
 from search.suggest import FILL_FRACTION
@@ -94,6 +95,9 @@ class Proposer:
         self.seed = seed
         self.rejected = 0  # infeasible proposals told to Optuna by this proposer
         self.duplicates = 0  # proposals equal to an earlier trial's config, never trained twice
+        # Measured latency (search/latency_screen.py), only when the spec uses it: in the driver,
+        # after the shape-only screens, run-dir cache beside the journal.
+        self.latency = LatencyScreen.for_spec(space.spec, storage)
         # Optuna logs every study and trial at INFO; a search tells hundreds of rejected ones.
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study = optuna.create_study(
@@ -122,25 +126,43 @@ class Proposer:
             if proposal.feasible:
                 key = config_key(proposal.config)
                 earlier = self._earlier(key, trial.number)
-                if earlier is None:
-                    trial.set_user_attr(CONFIG_KEY, key)
-                    label = trial.user_attrs.get(INITIAL)
-                    if label is not None:
-                        proposal = dataclasses.replace(proposal, initial=label)
-                    return trial.number, proposal
-                # Same config, same seeds: training it again would repeat the earlier result.
-                self._tell_like(trial, earlier)
-                self.duplicates += 1
+                if earlier is not None:
+                    # Same config, same seeds: training it again would repeat the earlier result.
+                    self._tell_like(trial, earlier)
+                    self.duplicates += 1
+                    streak.append(proposal)
+                else:
+                    proposal = self._timed(trial, proposal)
+                    if proposal.feasible:
+                        trial.set_user_attr(CONFIG_KEY, key)
+                        label = trial.user_attrs.get(INITIAL)
+                        if label is not None:
+                            proposal = dataclasses.replace(proposal, initial=label)
+                        return trial.number, proposal
+                    self._reject(trial, proposal, streak)  # over max_latency_ms: never trained
             else:
-                self.study.tell(trial, self._infeasible_values(proposal))
-                self.rejected += 1
-                self._retry_initial(trial)
-            streak.append(proposal)
+                self._reject(trial, proposal, streak)
             if len(streak) >= self.max_rejects:
                 message = self._too_many_rejects(streak)
                 if all(p.feasible for p in streak):  # only repeats: every config was handed out
                     raise SpaceExhausted(message)
                 raise SpecError(message)
+
+    def _timed(self, trial: optuna.Trial, proposal: Proposal) -> Proposal:
+        """With a spec that uses latency: the proposal measured (its config carries the figure)
+        and its latency constraint set; else the proposal as it is."""
+        if self.latency is None:
+            return proposal
+        proposal = self.latency.screen(proposal)
+        for k, v in self.latency.constraint_values(proposal).items():
+            trial.set_constraint(k, v)
+        return proposal
+
+    def _reject(self, trial: optuna.Trial, proposal: Proposal, streak: list[Proposal]) -> None:
+        self.study.tell(trial, self._infeasible_values(proposal))
+        self.rejected += 1
+        self._retry_initial(trial)
+        streak.append(proposal)
 
     def _queue_band(self) -> None:
         """With ``fill_budget.bands`` > 1 and nothing queued (initial points go first): queue
@@ -214,11 +236,14 @@ class Proposer:
         if proposal.accounting is not None and proposal.screened_params is not None:
             known = {"nonzero_params": float(proposal.screened_params),
                      "macs": float(proposal.accounting.macs)}
+        if "latency_ms" in proposal.config:  # measured before it was refused
+            known["latency_ms"] = float(proposal.config["latency_ms"])
         return [known.get(o.metric, _WORST[o.mode]) for o in self.objectives]
 
     def _too_many_rejects(self, streak: list[Proposal]) -> str:
         spec = self.space.spec
-        counted = [p for p in streak if p.screened_params is not None and not p.feasible]
+        counted = [p for p in streak if p.screened_params is not None and not p.feasible
+                   and "latency_ms" not in p.config]  # refused for its shapes, not its latency
         invalid = [p for p in streak if p.error is not None]
         repeats = sum(p.feasible for p in streak)
         parts = [f"{spec.source}: {len(streak)} proposals in a row were infeasible or already "
@@ -236,6 +261,12 @@ class Proposer:
                 f"constraints.max_macs={spec.constraints.max_macs}): raise the budget or "
                 "shrink the space (narrower stages, fewer layers, a smaller head)"
             )
+        timed = [float(p.config["latency_ms"]) for p in streak if not p.feasible
+                 and "latency_ms" in p.config]
+        if timed:
+            parts.append(f"{len(timed)} were measured over constraints.max_latency_ms="
+                         f"{spec.constraints.max_latency_ms} ms (the fastest {min(timed):.3f} ms on "
+                         "this machine's CPU): raise it or shrink the space")
         if invalid:
             parts.append(f"{len(invalid)} made no valid network, e.g. {invalid[-1].error}")
         return "; ".join(parts)

@@ -42,6 +42,9 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     # smaller; peak activation bytes at batch 1, layer by layer (MCUNet's count).
     Metric("flash_bytes", "min", trained=False, budget="max_flash_bytes", unit="bytes"),
     Metric("sram_bytes", "min", trained=False, budget="max_sram_bytes", unit="bytes"),
+    # Measured, not counted: the untrained net's ONNX Runtime time at batch 1 on the CPU of the
+    # machine that screens (search/latency_screen.py), before training.
+    Metric("latency_ms", "min", trained=False, budget="max_latency_ms", unit="ms"),
     # Post-training static int8 of the finished trial (trainables/quantize.py trial_int8),
     # accuracies as fractions. int8_accuracy is the objective's name for int8_val_accuracy (the
     # final report carries both; selection never sees test); rungs rank val_accuracy instead.
@@ -61,7 +64,7 @@ DEFAULT_OBJECTIVES = (("val_accuracy", "max"), ("nonzero_params", "min"))
 # column (int8_accuracy too: the tracker ranks by the objectives' names).
 FRONT_COLUMNS = ("trial_key", "val_accuracy", "val_accuracy_se", "val_loss", "test_accuracy",
                  "int8_val_accuracy", "int8_test_accuracy", "int8_drop", "int8_accuracy",
-                 "nonzero_params", "macs", "flash_bytes", "sram_bytes", "arch",
+                 "nonzero_params", "macs", "flash_bytes", "sram_bytes", "latency_ms", "arch",
                  "prune_round")
 # The int8 columns of results.csv / points.csv / pareto.csv (empty when not measured).
 INT8_COLUMNS = ("int8_val_accuracy", "int8_test_accuracy", "int8_drop")

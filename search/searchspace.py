@@ -144,7 +144,7 @@ class SearchSpace:
         values = {"max_params": params, "max_macs": macs, "max_flash_bytes": flash,
                   "max_sram_bytes": sram}
         return {field: float(values[field] - limit) for field in budget_fields()
-                if (limit := getattr(c, field)) is not None and values[field] is not None}
+                if (limit := getattr(c, field)) is not None and values.get(field) is not None}
 
     def suggest_arch(self, trial: optuna.Trial) -> dict[str, Any]:
         s = self.spec.space

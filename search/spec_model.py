@@ -87,6 +87,9 @@ class Constraints:
     # layer by layer, skip/concat inputs held until their last use (bytes, int8)
     max_flash_bytes: int | None = None
     max_sram_bytes: int | None = None
+    # Milliseconds per image at batch 1: the untrained net exported to ONNX and timed with ONNX
+    # Runtime (1 thread) on the CPU of the machine that screens (the driver), before training
+    max_latency_ms: float | None = None
 
 
 @dataclass(frozen=True)

@@ -156,6 +156,8 @@ def _constraints(r: Reader, d: Any) -> Constraints:
         "max_macs": int_check(1, nullable=True),
         "max_flash_bytes": int_check(1, nullable=True),
         "max_sram_bytes": int_check(1, nullable=True),
+        "max_latency_ms": lambda v: None if v is None or (is_number(v) and v > 0)
+        else "a number of milliseconds > 0 or null",
     })
 
 
