@@ -14,7 +14,8 @@ namespace, loopback only, token auth, a temp dir per node).
    the trials are recorded. Its trial is retried on the nodes left (``max_failures``); the
    extra wall time is the recovery cost in seconds.
 
-Why the first version's two-node run used one node: Tune reuses a finished trial's actor
+Why the first version's two-node run used one node (read from Ray Tune 2.60's
+``TuneController._maybe_reuse_cached_actor``; not reproduced since): Tune reuses a finished trial's actor
 (``reuse_actors=True``) for a trial that is still *waiting* for its own actor, and drops that
 actor's request. A trial placed on the worker node waits for a cold Python worker there
 (ray, torch, the trainable imported) while the head's warm actor finishes its short trial and
