@@ -80,7 +80,7 @@ def train(
         raise UserError("missing ARCH.yaml or RUN_DIR (see `sparse-search train --help`)")
     from search.storage import is_uri
 
-    if is_uri(target) or Path(target).is_dir():
+    if is_uri(target) or target.startswith("file://") or Path(target).is_dir():
         from search.finalize import open_run, trial_recipe
         from search.spec import load_spec
 

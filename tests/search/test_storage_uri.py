@@ -144,6 +144,37 @@ def _rows(text: str) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(text)))
 
 
+def test_uri_parts_and_the_mirror_sends_what_changed(s3: S3, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from search import storage
+    from search.rundir import RunDir, write_atomic
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(k, s3.env[k])  # this process talks to the server too
+
+    assert storage.parse(f"file://{tmp_path}/runs") == tmp_path / "runs"
+    assert not storage.is_uri(f"file://{tmp_path}") and storage.is_uri(s3.uri("runs"))
+    root = storage.parse(s3.uri("mirror"))
+    run_uri = root.child("r-1")
+    assert run_uri.uri == s3.uri("mirror/r-1") and run_uri.path == f"{BUCKET}/mirror/r-1"
+    local = tmp_path / "r-1"
+    (local / "trials" / "0").mkdir(parents=True)
+    run = RunDir(local, uri=run_uri.uri)
+    mirror = storage.attach(run)
+    try:
+        (local / "trials" / "0" / "model.pt").write_bytes(b"w" * 10)  # not via write_atomic
+        write_atomic(local / "trials" / "0" / "result.json", "{}")  # pushes the folder
+        assert s3.files("mirror/r-1") == {"trials/0/model.pt": 10, "trials/0/result.json": 2}
+        assert mirror.push() == 0  # nothing changed
+        write_atomic(local / "results.csv", "a\n1\n")
+        assert s3.files("mirror/r-1")["results.csv"] == 4
+    finally:
+        assert mirror.close() is None
+    copy = tmp_path / "copy"
+    assert storage.download(run_uri, copy) == 3 and (copy / "results.csv").read_text() == "a\n1\n"
+    assert storage.read_file(run_uri.uri, "trials/0/model.pt") == b"w" * 10
+
+
 def test_bad_storage_exits_2_naming_it_and_leaves_nothing(s3: S3, tmp_path: Path) -> None:
     spec = tmp_path / "ons3.yaml"
     spec.write_text(SPEC)
@@ -158,10 +189,9 @@ def test_bad_storage_exits_2_naming_it_and_leaves_nothing(s3: S3, tmp_path: Path
         err = res.stderr.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and named in err[0], res.stderr
         assert "Traceback" not in res.stderr
-    # A run dir URI that is not one: resume and pareto say so (exit 2).
-    for cmd in (["resume", s3.uri("runs/nothing-here")], ["pareto", s3.uri("runs/nothing-here")]):
-        res = _run(cmd, env, tmp_path)
-        assert res.returncode == 2 and "no such run directory" in res.stderr, res.stderr[-2000:]
+    # A run dir URI that is not one: resume says so (exit 2).
+    res = _run(["resume", s3.uri("runs/nothing-here")], env, tmp_path)
+    assert res.returncode == 2 and "no such run directory" in res.stderr, res.stderr[-2000:]
     assert s3.files("") == before  # nothing written to the bucket
     assert not cache.exists() and not (tmp_path / "runs").exists()
 
