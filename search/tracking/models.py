@@ -50,8 +50,8 @@ if TYPE_CHECKING:
 
     from trainables.arch import ArchConfig
 
-__all__ = ["MODEL_TYPE", "ROLE_FRONT_MODEL", "TAG_OBJECTIVES", "FrontModels", "onnx_file_names",
-           "upload_weights"]
+__all__ = ["MODEL_TYPE", "ROLE_FRONT_MODEL", "TAG_OBJECTIVES", "TAG_ONNX_ERROR", "TAG_ONNX_SOURCE",
+           "FrontModels", "onnx_file_names", "upload_weights"]
 
 log = logging.getLogger("sparse_search.tracking")
 
@@ -148,8 +148,8 @@ class FrontModels:
             rank = _rank(rows.get(key))
             known = self._known.get(key)
             if known is None or not known.ready:
-                if run_id is None:
-                    continue
+                if run_id is None or not (self.run_dir / TRIALS_DIR / key / ARCH_YAML).is_file():
+                    continue  # no child run or no record yet: the next update creates it
                 row = pareto.get(key) or rows.get(key) or {}
                 self._known[key] = self._create(key, run_id, row, rank, known, weights or {})
             elif (known.on_front, known.rank) != ("true", rank):

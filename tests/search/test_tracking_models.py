@@ -31,7 +31,7 @@ from search.tracking import (
     objective_pairs,
     pair_file,
 )
-from search.tracking.models import MODEL_TYPE, onnx_file_names
+from search.tracking.models import MODEL_TYPE, TAG_ONNX_SOURCE, onnx_file_names
 from trainables.arch import ArchConfig
 from trainables.models import build_model
 
@@ -137,6 +137,9 @@ def test_front_model_onnx_runs_and_matches_the_tensor_only_weights(searched, tmp
         assert {"MLmodel", fp32_name, "model.pt", "arch.yaml"} <= names
         int8_here = (run_dir / "trials" / key / int8_name).is_file()
         assert (int8_name in names) == int8_here  # int8 exactly when the trial measured it
+        # the trial's own fp32 file when it wrote one, else exported from its weights
+        own = (run_dir / "trials" / key / fp32_name).is_file()
+        assert m.tags[TAG_ONNX_SOURCE] == ("trial" if own else "exported")
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=m.artifact_location,
                                                          dst_path=str(tmp_path / key)))
         arch = ArchConfig.load(local / "arch.yaml")
@@ -229,6 +232,8 @@ def test_a_member_that_leaves_the_front_is_kept_and_tagged_and_not_duplicated(se
     run_dir = tmp_path / "run"
     shutil.copytree(src, run_dir)
     (run_dir / "pareto.csv").unlink()  # the tracker's rows are the metrics now
+    for onnx in (run_dir / "trials").glob("*/*.onnx"):  # as with train.int8_eval: false
+        onnx.unlink()
     (run_dir / "mlflow.json").unlink(missing_ok=True)
     keys = sorted(p.name for p in (run_dir / "trials").iterdir() if (p / "model.pt").is_file())
     assert len(keys) >= 2
@@ -263,6 +268,11 @@ def test_a_member_that_leaves_the_front_is_kept_and_tagged_and_not_duplicated(se
     assert first[a].tags[TAG_PARENT] == t.parent_run_id
     want = df.set_index("trial_key").loc[a].to_dict()
     assert {x.key: x.value for x in first[a].metrics} == pytest.approx(want)
+    # no ONNX in the run dir: the fp32 one is exported from the weights, int8 left out
+    fp32_name, int8_name = onnx_file_names()
+    names = {f.path for f in client.list_logged_model_artifacts(first[a].model_id)}
+    assert fp32_name in names and int8_name not in names
+    assert first[a].tags[TAG_ONNX_SOURCE] == "exported"
     t.update_front(df, [b], final=True)
     t.finish()
     again = tracker().start(resume=True)
