@@ -284,3 +284,24 @@ def test_a_member_that_leaves_the_front_is_kept_and_tagged_and_not_duplicated(se
     assert (after[a].tags[TAG_ON_FRONT], after[b].tags[TAG_ON_FRONT]) == ("false", "true")
     assert all(math.isfinite(x.value) for x in after[a].metrics)
     _nothing_running(client)
+
+
+def test_objective_pairs_put_the_maximised_metric_up_and_keep_the_specs_order(tmp_path):
+    import pandas as pd
+
+    from search.tracking import render_png
+
+    mixed = {"flash_bytes": "min", "int8_accuracy": "max", "sram_bytes": "min"}
+    assert objective_pairs(mixed) == [("int8_accuracy", "flash_bytes"),
+                                      ("flash_bytes", "sram_bytes"),
+                                      ("int8_accuracy", "sram_bytes")]
+    assert objective_pairs({"val_accuracy": "max", "int8_accuracy": "max"}) == [
+        ("val_accuracy", "int8_accuracy")]
+    assert pair_file("int8_accuracy", "flash_bytes") == "pareto-int8_accuracy-vs-flash_bytes.png"
+    table = pd.DataFrame({"val_accuracy": [0.5, 0.7, 0.6], "int8_accuracy": [0.6, 0.4, 0.5],
+                          "on_front": [True, True, False], "pareto_rank": [0, 0, 1],
+                          "arch": ["a", "b", "c"], "trial_key": ["0", "1", "2"]})
+    out = tmp_path / "p.png"  # a max-max pair: linear x, a "pre" staircase; must not fail
+    render_png(table, out, objectives={"val_accuracy": "max", "int8_accuracy": "max"},
+               title="t", axes=("val_accuracy", "int8_accuracy"))
+    assert out.read_bytes()[:4] == b"\x89PNG"
