@@ -151,7 +151,10 @@ def finalize(
         print(str(FinalizeInterrupted(run_dir)), file=sys.stderr)
         raise typer.Exit(130) from None
     typer.echo(front_text(outcome.rows))
-    typer.echo(f"final front: {outcome.run_dir / 'final-pareto.csv'}")
+    from search.storage import is_uri
+
+    typer.echo(f"final front: final-pareto.csv in {run_dir}" if is_uri(run_dir) else
+               f"final front: {outcome.run_dir / 'final-pareto.csv'}")
     code = 0
     if outcome.failed:
         print(f"error: {outcome.failed} retraining(s) failed: see final/*/result.json in "

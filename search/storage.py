@@ -27,6 +27,7 @@ download it into a fresh cache copy first (Ray's folder stays remote).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -44,6 +45,7 @@ from search.errors import UserError
 log = logging.getLogger("sparse_search.storage")
 
 CACHE_ENV = "SPARSE_SEARCH_RUNS_CACHE"
+LOCK_FILE = ".mirror.lock"  # in a local copy while a command mirrors it (flock; never pushed)
 REMOTE_ONLY = ("ray",)  # Ray Tune's experiment folder (rundir.EXPERIMENT_NAME): never copied
 PUSH_INTERVAL_S = 5.0  # files written outside write_atomic (the journal, model.pt) reach the
 # URI at least this often; a snapshot of Ray's always pushes first
@@ -155,6 +157,7 @@ def download(remote: Remote, local: Path) -> int:
              if i.type == FileType.File and i.path.startswith(prefix)]
     files = [f for f in files if f.split("/", 1)[0] not in REMOTE_ONLY and f.split("/")[-1] != ""]
     if local.exists():
+        _check_unused(local, remote)
         shutil.rmtree(local)
     local.mkdir(parents=True)
 
@@ -166,6 +169,23 @@ def download(remote: Remote, local: Path) -> int:
 
     _each(get, files)
     return len(files)
+
+
+def _check_unused(local: Path, remote: Remote) -> None:
+    """A UserError when another process mirrors this local copy (a search running here)."""
+    import fcntl
+
+    lock = local / LOCK_FILE
+    if not lock.exists():
+        return
+    with lock.open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{remote.uri}: a sparse-search on this machine is working in it "
+                            f"(local copy {local}); wait for it to end, or set ${CACHE_ENV} "
+                            "to another folder") from None
+        fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _each(fn: Any, items: Iterable[str]) -> None:
@@ -196,6 +216,7 @@ class Mirror:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._lock_file: Any = None
 
     def _changed(self) -> list[tuple[str, tuple[int, int]]]:
         out = []
@@ -204,8 +225,8 @@ class Mirror:
             if rel_dir == ".":
                 dirnames[:] = [d for d in dirnames if d not in REMOTE_ONLY]
             for name in filenames:
-                if name.startswith(".") or name.endswith(".tmp"):  # write_atomic's siblings
-                    continue
+                if name.startswith(".") or name.endswith((".tmp", ".lock")):
+                    continue  # write_atomic's siblings, Optuna's journal lock: transient
                 rel = name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/")
                 try:
                     st = os.stat(os.path.join(dirpath, name))
@@ -234,16 +255,22 @@ class Mirror:
             nested = [c for c in changed if "/" in c[0]]
             top = [c for c in changed if "/" not in c[0]]
             sigs = dict(changed)
-            _each(self._put, [r for r, _ in nested if not r.endswith("/result.json")])
-            _each(self._put, [r for r, _ in nested if r.endswith("/result.json")])
+            gone: set[str] = set()  # removed since the walk: nothing to send
+            put = functools.partial(self._put, gone=gone)
+            _each(put, [r for r, _ in nested if not r.endswith("/result.json")])
+            _each(put, [r for r, _ in nested if r.endswith("/result.json")])
             for rel, _ in top:
-                self._put(rel)
-            self._sent.update(sigs)
+                put(rel)
+            self._sent.update({r: sig for r, sig in sigs.items() if r not in gone})
             self.error = None
             return len(changed)
 
-    def _put(self, rel: str) -> None:
-        data = (self.local / rel).read_bytes()
+    def _put(self, rel: str, gone: set[str]) -> None:
+        try:
+            data = (self.local / rel).read_bytes()
+        except FileNotFoundError:
+            gone.add(rel)
+            return
         with self.remote.fs.open_output_stream(f"{self.remote.path}/{rel}") as f:
             f.write(data)
 
@@ -258,6 +285,10 @@ class Mirror:
             self.error = msg
 
     def start(self) -> Mirror:
+        import fcntl
+
+        self._lock_file = (self.local / LOCK_FILE).open("a")
+        fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)  # see _check_unused
         _MIRRORS[self.local] = self
         self._thread = threading.Thread(target=self._loop, name="sparse-search-mirror",
                                         daemon=True)
@@ -279,6 +310,10 @@ class Mirror:
         except OSError as e:
             return (f"could not copy the run dir to {self.remote.uri} ({_first_line(e)}); "
                     f"everything is in {self.local}")
+        finally:
+            if self._lock_file is not None:
+                self._lock_file.close()  # releases the flock
+                self._lock_file = None
         return None
 
 

@@ -168,6 +168,10 @@ def test_uri_parts_and_the_mirror_sends_what_changed(s3: S3, tmp_path: Path,
         assert mirror.push() == 0  # nothing changed
         write_atomic(local / "results.csv", "a\n1\n")
         assert s3.files("mirror/r-1")["results.csv"] == 4
+        # Another command downloading over a local copy in use refuses (it would delete it).
+        with pytest.raises(storage.UserError, match="working in it"):
+            storage.download(run_uri, local)
+        assert (local / "results.csv").is_file()
     finally:
         assert mirror.close() is None
     copy = tmp_path / "copy"
