@@ -162,13 +162,16 @@ def _pinned(on: bool) -> Iterator[None]:
         setter(0, allowed)
 
 
-def _export(model: torch.nn.Module, shape: tuple[int, int, int], out: Path) -> Path:
+def _export(model: torch.nn.Module, shape: tuple[int, int, int], out: Path, *,
+            fast: bool = True) -> Path:
     """ONNX of ``model`` at a static batch of 1 (what is timed). TorchScript's exporter first:
     about 10x faster than the dynamo export (0.3 s vs 3-9 s for a small net on a busy 2-core
     box, the same ONNX Runtime time within 5%), which matters when a screen times every
     proposal; :func:`trainables.quantize.export_onnx` (the deployed file's exporter) if it fails."""
     from trainables.quantize import export_onnx
 
+    if not fast:
+        return export_onnx(model, shape, out)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # its deprecation notice, once per proposal
@@ -226,7 +229,9 @@ def measure_latency(
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory(prefix="sparse-search-latency-") as tmp:
         model = deploy_model(build_model(arch).eval(), shape)
-        onnx_path = _export(model, shape, Path(tmp) / "fp32.onnx")
+        # int8: the deployed file's exporter (ONNX Runtime's quantizer cannot read the bias of
+        # TorchScript's export); fp32: the fast one
+        onnx_path = _export(model, shape, Path(tmp) / "fp32.onnx", fast=precision == "fp32")
         if precision == "int8":
             rng = np.random.default_rng(seed)
             calib = [rng.standard_normal((8, *shape), dtype=np.float32) for _ in range(4)]

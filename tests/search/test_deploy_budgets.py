@@ -24,7 +24,8 @@ SPACE = {
 def test_flash_and_sram_are_objectives_and_budgets_in_the_vocabulary():
     assert OBJECTIVE_MODES["flash_bytes"] == "min" and OBJECTIVE_MODES["sram_bytes"] == "min"
     assert budget_fields() == {"max_params": "nonzero_params", "max_macs": "macs",
-                               "max_flash_bytes": "flash_bytes", "max_sram_bytes": "sram_bytes"}
+                               "max_flash_bytes": "flash_bytes", "max_sram_bytes": "sram_bytes",
+                               "max_latency_ms": "latency_ms"}
 
 
 def test_no_proposal_breaks_a_flash_or_sram_budget_and_some_are_refused():
