@@ -143,8 +143,11 @@ def _tune(spec: SearchSpec, run: RunDir, *, resuming: bool, trainable: Any, sear
     """Build (or restore) the Tuner and run it to the end."""
     from ray import tune
 
+    from search.storage_tune import snapshot_callbacks
+
+    callbacks = [*callbacks, *snapshot_callbacks(run)]  # a run dir on a URI: pushed first
     if resuming:
-        tuner = tune.Tuner.restore(str(run.experiment), trainable, resume_unfinished=True,
+        tuner = tune.Tuner.restore(run.tune_experiment, trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
         ray_compat.replace_restored(tuner, search_alg=search_alg, callbacks=callbacks)
     else:
@@ -155,7 +158,7 @@ def _tune(spec: SearchSpec, run: RunDir, *, resuming: bool, trainable: Any, sear
                 num_samples=spec.search.num_samples, reuse_actors=True,
                 trial_name_creator=trial_name, trial_dirname_creator=trial_name),
             run_config=tune.RunConfig(
-                name=EXPERIMENT_NAME, storage_path=str(run.path), verbose=0,
+                name=EXPERIMENT_NAME, storage_path=run.tune_storage, verbose=0,
                 callbacks=callbacks,
                 failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
                 # The trainable saves a checkpoint per epoch; keep the last two. Ray then forces
