@@ -261,10 +261,14 @@ def test_a_member_that_leaves_the_front_is_kept_and_tagged_and_not_duplicated(se
         metrics = {**df.set_index("trial_key").loc[key].to_dict(), "epoch": 2}
         t.trial_finished(key, metrics, model_path=run_dir / "trials" / key / "model.pt",
                          arch=arch)
-    t.update_front(df, [a, b], final=True)
     client = MlflowClient(uri)
+    # a's model as a driver killed mid-upload leaves it: PENDING, no artifacts, no metrics
+    pending = client.create_logged_model(t.experiment_id, source_run_id=t.child_run_id(a),
+                                         tags={TAG_PARENT: t.parent_run_id, TAG_TRIAL_KEY: a})
+    t.update_front(df, [a, b], final=True)
     first = {m.tags[TAG_TRIAL_KEY]: m for m in _models(client, "direct")}
     assert sorted(first) == [a, b]
+    assert first[a].model_id == pending.model_id  # completed, not duplicated
     assert first[a].tags[TAG_PARENT] == t.parent_run_id
     want = df.set_index("trial_key").loc[a].to_dict()
     assert {x.key: x.value for x in first[a].metrics} == pytest.approx(want)
