@@ -73,9 +73,8 @@ def started(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Loopback
             job = c.popen([CLI, "submit", str(spec), "--address", c.dashboard_url, "--follow",
                            "--no-mlflow", "--storage", str(tmp / "runs")],
                           cwd=tmp, stdout=o, stderr=e)
-        c.add_node(num_cpus=2, resources={"accel": 1}, wait=False)
-        c.add_node(num_cpus=2, wait=False)  # both join at once: half the start-up time
-        c.wait_nodes(3)
+        c.add_node(num_cpus=2, resources={"accel": 1})  # they join while the job runs
+        c.add_node(num_cpus=2)
         try:
             job.wait(timeout=300)
         finally:
