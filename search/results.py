@@ -71,21 +71,21 @@ METRIC_KEYS = ("val_accuracy", "val_accuracy_se", "val_loss", "test_accuracy", "
                "train_loss", "nonzero_params", "macs", "nonzero_macs", "flash_bytes",
                "sram_bytes", "epoch", "prune_round", "fidelity", "train_seconds", "node_id",
                *INT8_COLUMNS, "int8_accuracy", "int8_error", "int8_calibration_images",
-               "int8_seconds")
+               "int8_seconds", "latency_ms")
 # node: the Ray node id (hex) of the worker that ran the trial's last attempt (the trainable
 # reports it as ``node_id``); retries: attempts that failed and were retried (Ray's
 # ``max_failures``: a lost node, a killed worker); retry_error: ``node: error`` of each.
 RESULT_COLUMNS = ("trial_key", "trial_id", "status", "error", "arch", "nonzero_params", "macs",
-                  "flash_bytes", "sram_bytes", "val_accuracy", "val_accuracy_se", "val_loss", "test_accuracy",
+                  "flash_bytes", "sram_bytes", "latency_ms", "val_accuracy", "val_accuracy_se", "val_loss", "test_accuracy",
                   *INT8_COLUMNS, "int8_error", "train_seconds", "int8_seconds",
                   "epochs", "prune_round", "fidelity", "initial", "node", "retries",
                   "retry_error")
 POINT_COLUMNS = ("trial_key", "trial_id", "prune_round", "epoch", "nonzero_params", "macs",
-                 "flash_bytes", "sram_bytes", "val_accuracy", "val_accuracy_se", "val_loss", "test_accuracy",
+                 "flash_bytes", "sram_bytes", "latency_ms", "val_accuracy", "val_accuracy_se", "val_loss", "test_accuracy",
                  *INT8_COLUMNS, "eligible",
                  "on_front", "model", "arch")
 PARETO_COLUMNS = ("trial_key", "trial_id", "prune_round", "nonzero_params", "macs",
-                  "flash_bytes", "sram_bytes", "val_accuracy", "val_accuracy_se", "test_accuracy",
+                  "flash_bytes", "sram_bytes", "latency_ms", "val_accuracy", "val_accuracy_se", "test_accuracy",
                   *INT8_COLUMNS, "model", "arch", "initial")
 
 
@@ -211,7 +211,7 @@ class Recorder(Callback):
         """results.csv, pareto.csv and (when some trial has several rounds) points.csv."""
         recs = sorted(self.records.values(), key=lambda r: int(r["trial_key"])
                       if str(r["trial_key"]).isdigit() else r["trial_key"])
-        config_cols = sorted({k for r in recs for k in r["config"]})
+        config_cols = sorted({k for r in recs for k in r["config"]} - set(RESULT_COLUMNS))
         rows = [{**r["config"], **r["metrics"], "trial_key": r["trial_key"],
                  "trial_id": r["trial_id"], "status": r["status"], "error": r["error"],
                  "arch": r["arch"], "epochs": r["metrics"].get("epoch"),
@@ -329,6 +329,7 @@ class Recorder(Callback):
         return {"prune_round": r, "epoch": rep.get("epoch"),
                 "nonzero_params": rep.get("nonzero_params"), "macs": rep.get("macs"),
                 "flash_bytes": rep.get("flash_bytes"), "sram_bytes": rep.get("sram_bytes"),
+                "latency_ms": rep.get("latency_ms"),
                 "val_accuracy": rep.get("val_accuracy"),
                 "val_accuracy_se": rep.get("val_accuracy_se"), "val_loss": rep.get("val_loss"),
                 "test_accuracy": rep.get("test_accuracy"),

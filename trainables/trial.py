@@ -108,7 +108,10 @@ def train_trial(config: dict[str, Any], splits: Splits) -> None:
                                           threads=cfg.threads or 1))
             # report() copies the directory to the trial's storage before returning. node_id:
             # where this attempt runs (results.csv's ``node`` column).
-            report({**metrics, "node_id": get_runtime_context().get_node_id()},
+            # latency_ms: the driver's measurement (search/latency_screen.py), in the config
+            # when the spec uses latency; reported so Ray, the schedulers and MLflow see it.
+            screened = {k: config[k] for k in ("latency_ms",) if k in config}
+            report({**metrics, **screened, "node_id": get_runtime_context().get_node_id()},
                    checkpoint=Checkpoint.from_directory(d))
 
     fit(model, splits, cfg, device=device, on_epoch=on_epoch, start_state=start_state)

@@ -162,9 +162,6 @@ def test_no_trial_over_the_latency_budget_is_trained(latency_run):
         assert c.data.tags[TAG_ONNXRUNTIME]
 
 
-@pytest.mark.xfail(strict=True, reason="the trial's report does not carry the config's "
-                   "latency_ms yet (Ray refuses the objective: a trainables/trial.py edit) nor "
-                   "results.py's points (an edit there)")
 def test_objective_latency_ranks_the_front(tmp_path):
     text = SPEC.replace("nonzero_params: min", "latency_ms: min").replace("num_samples: 3",
                                                                             "num_samples: 2")
