@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 
     from search.results import Recorder
     from search.searcher import ProposerSearcher
-    from search.spec import SearchSpec
+    from search.spec import EarlyStopping, Objective, SearchSpec
 
 log = logging.getLogger("sparse_search.tuner")
 
@@ -154,7 +155,8 @@ def _tune(spec: SearchSpec, run: RunDir, *, resuming: bool, trainable: Any, sear
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=search_alg, scheduler=make_scheduler(spec),
+                search_alg=search_alg, scheduler=make_scheduler(
+                    spec.search.early_stopping, spec.objectives, max_t=max_epochs(spec.train)),
                 num_samples=spec.search.num_samples, reuse_actors=True,
                 trial_name_creator=trial_name, trial_dirname_creator=trial_name),
             run_config=tune.RunConfig(
@@ -169,9 +171,11 @@ def _tune(spec: SearchSpec, run: RunDir, *, resuming: bool, trainable: Any, sear
     tuner.fit()
 
 
-def make_scheduler(spec: SearchSpec) -> Any:
+def make_scheduler(early_stopping: EarlyStopping | None, objectives: Sequence[Objective],
+                   *, max_t: int) -> Any:
     """ASHA on the first trained objective (its own single metric), multi-objective ASHA on
-    all of them (``moasha``), or None (FIFO).
+    all of them (``moasha``), or None (FIFO): the spec's ``search.early_stopping`` section, its
+    objectives and ``max_t`` (:func:`max_epochs`) are all it reads.
 
     ``time_attr`` is the trainable's ``epoch``, which keeps counting across pruning rounds, and
     ``max_t`` the most epochs any trial of the space can run, so ASHA never cuts a
@@ -179,7 +183,7 @@ def make_scheduler(spec: SearchSpec) -> Any:
     training (``int8_accuracy``) is ranked at rungs by its proxy (``val_accuracy``,
     search/schema.py ``rung_metric``); the searcher and the front get the final value.
     """
-    es = spec.search.early_stopping
+    es = early_stopping
     if es is None:
         return None
     from ray.tune.schedulers import ASHAScheduler
@@ -190,24 +194,24 @@ def make_scheduler(spec: SearchSpec) -> Any:
     if es.scheduler == "moasha":
         from search.moasha import MultiObjectiveASHA
 
-        return MultiObjectiveASHA(objectives=[(o.metric, o.mode) for o in spec.objectives],
-                                  time_attr="epoch", max_t=max_epochs(spec),
-                                  grace_period=es.grace_epochs,
+        return MultiObjectiveASHA(objectives=[(o.metric, o.mode) for o in objectives],
+                                  time_attr="epoch", max_t=max_t, grace_period=es.grace_epochs,
                                   reduction_factor=es.reduction_factor)
-    objective = next(o for o in spec.objectives if o.metric in TRAINED_METRICS)
+    objective = next(o for o in objectives if o.metric in TRAINED_METRICS)
     return ASHAScheduler(time_attr="epoch", metric=rung_metric(objective.metric), mode=objective.mode,
-                         max_t=max_epochs(spec), grace_period=es.grace_epochs,
+                         max_t=max_t, grace_period=es.grace_epochs,
                          reduction_factor=es.reduction_factor)
 
 
-def max_epochs(spec: SearchSpec) -> int:
-    """Epochs of the longest possible trial: max epochs x (max prune_rounds + 1)."""
+def max_epochs(train: Mapping[str, Any]) -> int:
+    """Epochs of the longest possible trial of the spec's ``train`` section (fixed or searched
+    values): max epochs x (max prune_rounds + 1)."""
     from search.spec import possible_values
     from trainables.train import TrainConfig
 
     default = TrainConfig()
-    epochs = max(possible_values(spec.train.get("epochs", default.epochs)))
-    rounds = max(possible_values(spec.train.get("prune_rounds", default.prune_rounds)))
+    epochs = max(possible_values(train.get("epochs", default.epochs)))
+    rounds = max(possible_values(train.get("prune_rounds", default.prune_rounds)))
     return int(epochs) * (int(rounds) + 1)
 
 

@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from search.moasha import MultiObjectiveASHA
 from search.schema import INT8_COLUMNS, rung_metric
 from search.spec import parse_spec
-from search.tuner import make_scheduler
+from search.tuner import make_scheduler, max_epochs
 from trainables.quantize import FP32_ONNX_FILE, INT8_ONNX_FILE
 
 pytestmark = pytest.mark.ray
@@ -126,4 +126,5 @@ def test_rungs_rank_val_accuracy_for_the_int8_objective() -> None:
     d = {"name": "s", "data": {"name": "digits"}, "space": {"num_stages": 1},
          "objectives": {"int8_accuracy": "max", "flash_bytes": "min"},
          "search": {"early_stopping": {"scheduler": "asha", "grace_epochs": 1}}}
-    assert make_scheduler(parse_spec(d)).metric == "val_accuracy"
+    assert make_scheduler((s := parse_spec(d)).search.early_stopping, s.objectives,
+                          max_t=max_epochs(s.train)).metric == "val_accuracy"

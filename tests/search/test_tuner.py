@@ -29,6 +29,13 @@ from trainables.accounting import count_module
 from trainables.arch import ArchConfig
 from trainables.models import build_model
 
+
+def _scheduler(spec):
+    """What _tune builds from a spec: the scheduler gets its section, objectives and max_t."""
+    return make_scheduler(spec.search.early_stopping, spec.objectives,
+                          max_t=max_epochs(spec.train))
+
+
 DIGITS = (1, 8, 8)
 # Random sampler, seed 0: 11 of the first 15 proposals exceed 1,200 params (see dry_run).
 BUDGET_SPEC = """
@@ -271,14 +278,14 @@ def test_pareto_front_only_from_eligible_points():
 def test_asha_spans_every_pruning_round(tmp_path):
     spec = _spec(tmp_path, MIXED_SPEC.replace("epochs: 3,", "epochs: {int: [2, 5]}, "
                                               "prune_rounds: {choice: [0, 2]},"))
-    assert max_epochs(spec) == 15
-    asha = make_scheduler(spec)
+    assert max_epochs(spec.train) == 15
+    asha = _scheduler(spec)
     assert asha._max_t == 15 and asha._time_attr == "epoch" and asha.metric == "val_accuracy"
-    mo = make_scheduler(_spec(tmp_path, MIXED_SPEC.replace("scheduler: asha", "scheduler: moasha")
+    mo = _scheduler(_spec(tmp_path, MIXED_SPEC.replace("scheduler: asha", "scheduler: moasha")
                               .replace("epochs: 3,", "epochs: 5, prune_rounds: 2,")))
     assert mo.max_t == 15 and mo.time_attr == "epoch" and mo.rungs == [1, 2, 4, 8]
     assert mo.objectives == (("val_accuracy", "max"), ("nonzero_params", "min"))
-    assert make_scheduler(_spec(tmp_path, BUDGET_SPEC)) is None
+    assert _scheduler(_spec(tmp_path, BUDGET_SPEC)) is None
 
 
 def test_run_dirs_never_collide(tmp_path):
@@ -369,7 +376,7 @@ def test_a_snapshot_copy_racing_a_temporary_file_is_not_reported():
 
 def test_a_search_with_multi_objective_asha_ends_complete(local_ray, tmp_path):
     spec = _spec(tmp_path, MIXED_SPEC.replace("scheduler: asha", "scheduler: moasha"))
-    assert make_scheduler(spec).__class__.__name__ == "MultiObjectiveASHA"
+    assert _scheduler(spec).__class__.__name__ == "MultiObjectiveASHA"
     out = run_search(spec, storage_dir=tmp_path / "runs", mlflow=False, progress=False)
     assert out.complete
     rows = {r["trial_key"]: r for r in _rows(out.run_dir)}
