@@ -106,11 +106,16 @@ class LoopbackCluster:
             c.run([sparse_search, "run", spec, "--address", c.gcs_address])
     """
 
-    def __init__(self, root: Path | None = None, *, token: str | None = None) -> None:
+    def __init__(self, root: Path | None = None, *, token: str | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
+        """``env``: more environment for every cluster process (nodes, drivers, queries),
+        e.g. storage credentials: Ray workers inherit their raylet's environment, and every
+        node's workers write checkpoints to the run dir's storage."""
         # Short: Ray's unix sockets live under each temp dir (107-byte limit).
         self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="ssc", dir="/tmp"))
         self.root.mkdir(parents=True, exist_ok=True)
         self.token = token or secrets.token_hex(32)
+        self.extra_env = dict(env or {})
         self.nodes: list[Node] = []
         self.holder = subprocess.Popen(
             ["unshare", "-n", "--", "sh", "-c", "ip link set lo up && exec sleep infinity"],
@@ -142,6 +147,7 @@ class LoopbackCluster:
                             "RAY_AUTH_TOKEN_PATH")}
         env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
                     "RAY_USAGE_STATS_ENABLED": "0"})
+        env.update(self.extra_env)
         env.update(extra or {})
         return env
 
@@ -281,8 +287,9 @@ class LoopbackCluster:
         return subprocess.Popen(self.wrap(argv), env=self.env(env), cwd=cwd or self.root,
                                 start_new_session=True, **kw)
 
-    def python(self, code: str, *, timeout: float = 120) -> str:
-        done = subprocess.run(self.wrap([sys.executable, "-c", code]), env=self.env(),
+    def python(self, code: str, *, timeout: float = 120,
+               env: Mapping[str, str] | None = None) -> str:
+        done = subprocess.run(self.wrap([sys.executable, "-c", code]), env=self.env(env),
                               capture_output=True, text=True, timeout=timeout, check=True,
                               cwd=self.root)
         return done.stdout

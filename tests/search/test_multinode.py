@@ -7,13 +7,22 @@ agent may not be up yet). Every search goes through the installed console script
 ``sparse-search run --address 127.0.0.1:<gcs>`` (a user attaching to a head they started by
 hand) and ``sparse-search submit --follow --address http://127.0.0.1:<dashboard>`` (a Ray Job),
 both of the same space. The last test loses node 2 mid-search.
+
+The submitted search's run dir is on S3: moto's standalone S3 server runs INSIDE the cluster's
+network namespace (host loopback is not reachable from there), started with the harness's
+nsenter and stopped by its PID at the end; every cluster process has the dummy credentials
+(workers on both nodes write checkpoints to the bucket).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -24,7 +33,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cluster_harness import LoopbackCluster, available
+from cluster_harness import LoopbackCluster, available, session_pids
 
 pytestmark = [pytest.mark.ray, pytest.mark.skipif(available() is not None,
                                                   reason=f"no network namespaces: {available()}")]
@@ -47,6 +56,18 @@ MISSING = "/nonexistent/mnist.npz"
 # Trials long enough to overlap: a finished trial's warm actor takes a trial still waiting for
 # its actor on another node (Tune's reuse_actors), so short trials could all run on one node.
 SPREAD = {"resources": "{cpu: 2}", "epochs": 8, "subset": 600}
+# moto's S3 server in the namespace: a port outside the harness's Ray ranges (40001, 41000-41299,
+# 46379, 48265), taken before any node starts.
+S3_PORT = 45900
+S3_ENDPOINT = f"http://127.0.0.1:{S3_PORT}"
+BUCKET = "multinode"
+REGION = "us-east-1"
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+          "AWS_DEFAULT_REGION": REGION, "AWS_EC2_METADATA_DISABLED": "true"}
+S3_FS = ("from pyarrow.fs import S3FileSystem, FileSelector, FileType\n"
+         f"fs = S3FileSystem(endpoint_override={S3_ENDPOINT!r}, region={REGION!r}, "
+         "scheme='http', access_key='testing', secret_key='testing', "
+         "allow_bucket_creation=True)\n")
 
 
 @dataclass(frozen=True)
@@ -60,13 +81,20 @@ class Done:
 
 @pytest.fixture(scope="module")
 def started(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LoopbackCluster, Done]]:
-    """The cluster, and the failing job submitted to its fresh head while the nodes join."""
+    """The cluster, and the failing job submitted to its fresh head while the nodes join;
+    moto's S3 server (one bucket) in its namespace."""
     tmp = tmp_path_factory.mktemp("fresh")
     spec = tmp / "failing.yaml"
     spec.write_text(SPEC.format(name="failing", data=f"{{name: mnist, path: {MISSING}}}",
                                 n=2, epochs=1, resources="{cpu: 1}"))
-    c = LoopbackCluster()
+    # Every cluster process: S3 credentials, and the drivers' local copies of a run dir on a
+    # URI under the cluster's folder (not ~/.cache).
+    c = LoopbackCluster(env={**S3_ENV, "SPARSE_SEARCH_RUNS_CACHE": str(tmp / "cache")})
+    moto = None
     try:
+        with open(tmp / "moto.log", "w") as log:
+            moto = c.popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                            str(S3_PORT)], stdout=log, stderr=subprocess.STDOUT)
         c.start_head(num_cpus=2, wait=False)
         c.wait_job_server()
         with open(tmp / "out", "w") as o, open(tmp / "err", "w") as e:
@@ -80,10 +108,60 @@ def started(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Loopback
         finally:
             if job.poll() is None:
                 job.kill()
+        _make_bucket(c, moto, tmp / "moto.log")
         yield c, Done(job.returncode, (tmp / "out").read_text(), (tmp / "err").read_text())
     finally:
-        c.stop()
+        try:
+            c.stop()
+        finally:
+            if moto is not None:
+                _stop_session(moto)
     assert not any(n.pids() for n in c.nodes)
+
+
+def _make_bucket(c: LoopbackCluster, moto: subprocess.Popen, log: Path) -> None:
+    """Wait for moto's server (up to 60 s), then create the bucket, from inside the namespace."""
+    assert moto.poll() is None, log.read_text()[-2000:]
+    c.python("import time, urllib.request\n"
+             "deadline = time.monotonic() + 60\n"
+             "while True:\n"
+             "    try:\n"
+             f"        urllib.request.urlopen({S3_ENDPOINT!r}, timeout=2).close(); break\n"
+             "    except OSError:\n"
+             "        assert time.monotonic() < deadline, 'moto did not answer in 60 s'\n"
+             "        time.sleep(0.2)\n"
+             f"{S3_FS}fs.create_dir({BUCKET!r})\n", timeout=90)
+
+
+def _stop_session(proc: subprocess.Popen) -> None:
+    """SIGKILL a process started in its own session, then anything left in that session."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + 30
+    while pids := session_pids(proc.pid):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert time.monotonic() < deadline, f"moto's processes survive: {pids}"
+        time.sleep(0.2)
+
+
+def _s3_files(c: LoopbackCluster, prefix: str) -> dict[str, int]:
+    """Every object under BUCKET/prefix (relative path -> size), listed inside the namespace."""
+    base = f"{BUCKET}/{prefix}".rstrip("/")
+    out = c.python(f"{S3_FS}import json\n"
+                   f"infos = fs.get_file_info(FileSelector({base!r}, recursive=True))\n"
+                   f"print(json.dumps({{i.path[{len(base) + 1}:]: i.size for i in infos"
+                   " if i.type == FileType.File}))\n")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _s3_read(c: LoopbackCluster, path: str) -> str:
+    out = c.python(f"{S3_FS}import sys\n"
+                   f"sys.stdout.write(fs.open_input_stream({f'{BUCKET}/{path}'!r}).readall()"
+                   ".decode())\n")
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -189,34 +267,57 @@ def test_a_failing_job_submitted_to_a_fresh_head_exits_1(started):
     """Submitted the moment the head's job server answered (its job agent may register
     seconds later: submit retries "No available agent"); the job's search cannot find its
     data (exit 2 on the cluster), the job ends FAILED, ``submit --follow`` exits 1."""
-    _cluster, done = started
+    _cluster, done = started[:2]
     assert done.returncode == 1, _why(done)
     assert re.fullmatch(r"job \S+: FAILED", done.stdout.strip().splitlines()[-1]), _why(done)
     assert f"{MISSING}: no such file" in done.stdout, _why(done)
 
 
-def test_submit_follow_spreads_trials_over_nodes_and_mlflow_agrees(cluster, tmp_path):
-    """``submit --follow`` of the same space as a Ray Job: SUCCEEDED, exit 0, trials on two
-    nodes at least; MLflow: one parent, one child per trial tagged with its node, none
-    RUNNING."""
+def test_submit_follow_to_s3_spreads_trials_over_nodes_and_mlflow_agrees(cluster, tmp_path):
+    """``submit --follow`` of the same space as a Ray Job, its run dir on S3 (moto in the
+    namespace): SUCCEEDED, exit 0, trials on two nodes at least; the bucket holds the whole
+    run dir (spec, CSVs, trial models, Optuna journal, Ray's experiment state and the
+    checkpoints both nodes wrote); ``pareto URI`` reads it; MLflow: one parent, one child per
+    trial tagged with its node, none RUNNING."""
     from mlflow.tracking import MlflowClient
 
     from search.tracking.store import TAG_NODE, TAG_PARENT, TAG_ROLE, TAG_TRIAL_KEY
 
     spec = _spec(tmp_path, "submitted", **SPREAD)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage = f"s3://{BUCKET}/runs?endpoint_override={S3_ENDPOINT}&region={REGION}"
     before = cluster.trial_actors()
     done = cluster.run([CLI, "submit", str(spec), "--address", cluster.dashboard_url,
-                        "--follow", "--json", "--storage", str(tmp_path / "runs"),
+                        "--follow", "--json", "--storage", storage,
                         "--tracking-uri", uri], cwd=tmp_path, timeout=600)
     assert done.returncode == 0, _why(done)
     lines = done.stdout.strip().splitlines()
     assert re.fullmatch(r"job \S+: SUCCEEDED", lines[-1]), _why(done)
     summary = json.loads(next(ln for ln in reversed(lines) if ln.startswith("{")))
-    with open(Path(summary["run_dir"]) / "results.csv") as f:
-        rows = list(csv.DictReader(f))
+    names = {p.split("/")[0] for p in _s3_files(cluster, "runs")}
+    assert len(names) == 1, names  # the failing job's run dir is local
+    (name,) = names
+    run_uri = f"s3://{BUCKET}/runs/{name}?endpoint_override={S3_ENDPOINT}&region={REGION}"
+    assert summary["run_dir"] == run_uri, summary
+    files = _s3_files(cluster, f"runs/{name}")
+    rows = list(csv.DictReader(io.StringIO(_s3_read(cluster, f"runs/{name}/results.csv"))))
     assert summary["complete"] and summary["trials"] == 4 and len(rows) == 4
     _spread(cluster, rows, before)
+    keys = [r["trial_key"] for r in rows]
+    for needed in ("spec.yaml", "results.csv", "pareto.csv", "optuna.journal", "ray/tuner.pkl",
+                   *(f"trials/{k}/{f}" for k in keys
+                     for f in ("result.json", "arch.yaml", "model.pt"))):
+        assert files.get(needed), f"{needed} is not in the bucket: {sorted(files)}"
+    assert any(p.startswith("ray/experiment_state") for p in files), sorted(files)
+    # Ray's checkpoints, written to the bucket by the workers of every node that ran a trial.
+    ckpt = {p.split("/")[1] for p in files if p.startswith("ray/") and "/checkpoint_" in p}
+    assert len(ckpt) == 4, sorted(files)
+
+    front = cluster.run([CLI, "pareto", run_uri, "--json"], cwd=tmp_path, timeout=120)
+    assert front.returncode == 0, _why(front)
+    expected = list(csv.DictReader(io.StringIO(_s3_read(cluster, f"runs/{name}/pareto.csv"))))
+    assert [str(p["trial_key"]) for p in json.loads(front.stdout)["front"]] == \
+        [r["trial_key"] for r in expected] != []
 
     client = MlflowClient(uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
