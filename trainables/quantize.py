@@ -90,7 +90,8 @@ def deploy_model(model: nn.Module, input_shape: tuple[int, int, int]) -> nn.Modu
         # A stale non-leaf ``weight`` (after a forward with autograd) cannot be deep-copied.
         with torch.no_grad():
             setattr(m, name, getattr(m, name + "_orig") * getattr(m, name + "_mask"))
-    net = copy.deepcopy(model).cpu().eval()
+    # Contiguous: a channels_last training copy would export extra layout constants.
+    net = copy.deepcopy(model).cpu().eval().to(memory_format=torch.contiguous_format)
     pruning.finalize(net)
     for name, m in list(net.named_modules()):
         if isinstance(m, SparseLinear):

@@ -8,20 +8,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from ray import tune
 
 from trainables.arch import ArchConfig, StageConfig, StemConfig
 from trainables.data import DataConfig, Splits, load_dataset
+from trainables.models import build_model
 from trainables.quantize import (
     CALIBRATION_IMAGES,
     FP32_ONNX_FILE,
     INT8_ONNX_FILE,
     evaluate_onnx,
     onnx_weight_bytes,
+    quantize_int8,
     trial_int8,
 )
 from trainables.train import TrainConfig, TrainConfigError
-from trainables.trial import seeded_model, train_trial
+from trainables.trial import MODEL_FILE, seeded_model, train_trial
 
 ARCH = ArchConfig(in_channels=1, input_size=(8, 8), stem=StemConfig(width=8),
                   stages=(StageConfig(width=12, downsample="maxpool"),), pooling="gap")
@@ -62,6 +65,13 @@ def test_final_report_carries_the_int8_files_figures_and_the_switch_turns_it_off
         assert evaluate_onnx(int8, digits.x_val, digits.y_val, *args) == m["int8_val_accuracy"]
         assert evaluate_onnx(int8, digits.x_test, digits.y_test, *args) == m["int8_test_accuracy"]
         assert onnx_weight_bytes(int8).weights > 0  # QOperator: int8 weight initializers
+        # The trial's file is the one `export --format onnx-int8` makes from its saved weights
+        # (the trial quantized its channels_last training copy: same bytes).
+        model = build_model(ARCH)
+        model.load_state_dict(torch.load(Path(d) / MODEL_FILE, weights_only=True))
+        again = quantize_int8(model, digits, tmp_path / "again.onnx", split="val")
+        assert again.path.read_bytes() == int8.read_bytes()
+        assert again.accuracy_int8 == m["int8_val_accuracy"]
     assert not (INT8_KEYS - {"int8_accuracy"}) & set(off.metrics)
     assert off.metrics.get("int8_accuracy") is None
     with off.checkpoint.as_directory() as d:
