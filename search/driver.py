@@ -219,7 +219,8 @@ def _tracker(spec: SearchSpec, run: RunDir, tracking_uri: str) -> Any:
     from search.tracking import SearchTracker
 
     return SearchTracker(
-        tracking_uri, spec.name, run_dir=run.path, spec_dict=spec.to_dict(),
+        tracking_uri, spec.name, run_dir=run.path, location=run.location,
+        spec_dict=spec.to_dict(),
         spec_yaml_text=run.spec.read_text(), search_name=run.path.name,
         objectives={o.metric: o.mode for o in spec.objectives},
         max_params_ref=spec.constraints.max_params,

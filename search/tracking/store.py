@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import subprocess
 import threading
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from search.errors import UserError
+from search.rundir import ARCH_YAML, LAYERS_JSON
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -100,12 +102,14 @@ def resolve_tracking_uri(cli_value: str | None) -> str:
 
     The default is MLflow's own local layout: runs in ./mlflow.db, artifacts under ./mlruns.
     """
-    if cli_value:
-        return cli_value
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    uri = cli_value or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    rest = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else "/"
+    if not rest.startswith("/"):  # sqlite:///mlflow.db is relative to where the user started:
+        # absolute now, since the driver runs from its run dir (and a resume from anywhere)
+        return f"sqlite:///{Path(rest).absolute()}"
+    return uri
 
 
 def check_reachable(uri: str, *, timeout: float = 5.0) -> None:
@@ -286,6 +290,19 @@ def check_not_half_migrated(db: Path) -> None:
     )
 
 
+def artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Where a new experiment of a local sqlite store keeps its artifacts: ``mlruns/<name>``
+    beside the database, an absolute path. MLflow's own default is ``./mlruns`` of the working
+    directory when the store is opened, and a search's driver runs from its run dir (a
+    submitted job's working_dir may even vanish): the artifacts would scatter or be lost.
+    None (the store or server decides) for any other store."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = Path(tracking_uri[len("sqlite:///"):].split("?", 1)[0])
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", experiment).strip("-") or "experiment"
+    return str(db.resolve().parent / "mlruns" / slug)
+
+
 def ensure_experiment(client: MlflowClient, name: str) -> str:
     """The id of experiment ``name``, created (or restored from deletion) as a classic one.
 
@@ -298,7 +315,9 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
         exp = client.get_experiment_by_name(name)
         if exp is None:
             try:
-                return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+                return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+                                                artifact_location=artifact_location(
+                                                    client.tracking_uri, name))
             except MlflowException as e:
                 if e.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
@@ -325,10 +344,26 @@ def search_all(client: MlflowClient, experiment_ids: list[str], filter_string: s
             return runs
 
 
+def log_trial_files(client: MlflowClient, run_id: str, *, error: str | None, arch: Any,
+                    layers: Any) -> None:
+    """A finished trial's text artifacts: the whole error (when the failure tag had to cut it),
+    arch.yaml, and layers.json (a table) or layers.txt (a summary string)."""
+    if error:
+        client.log_text(run_id, error, "error.txt")
+    if arch is not None:
+        client.log_text(run_id, arch.to_yaml(), ARCH_YAML)
+    if layers is not None:
+        if isinstance(layers, str):
+            client.log_text(run_id, layers, "layers.txt")
+        else:
+            client.log_text(run_id, json.dumps(layers, indent=1, default=str), LAYERS_JSON)
+
+
 def find_parent(client: MlflowClient, *, run_dir: Path, tracking_uri: str,
-                experiment_id: str) -> Run | None:
+                experiment_id: str, location: str | None = None) -> Run | None:
     """The active parent run of the search in ``run_dir``: the one its mlflow.json names (when
-    it names this store), else the one tagged with this run dir in ``experiment_id``."""
+    it names this store), else the one tagged with this run dir in ``experiment_id`` (its
+    ``location``, a storage URI, for a run dir that lives on one; the local path before)."""
     state = read_state(run_dir)
     if state.get("parent_run_id") and state.get("tracking_uri") == tracking_uri:
         from mlflow.exceptions import MlflowException
@@ -340,7 +375,7 @@ def find_parent(client: MlflowClient, *, run_dir: Path, tracking_uri: str,
         if run is not None and run.info.lifecycle_stage == "active":
             return run
     for run in search_all(client, [experiment_id], f"tags.`{TAG_ROLE}` = 'search'"):
-        if run.data.tags.get(TAG_RUN_DIR) == str(run_dir):
+        if run.data.tags.get(TAG_RUN_DIR) in {str(run_dir), location}:
             return run
     return None
 

@@ -46,7 +46,8 @@ _STATUS_MAP = {"TERMINATED": "FINISHED", "EARLY_STOPPED": "FINISHED", "FINISHED"
 _NOT_METRICS = ("trial_key", "status", "error", "arch")
 
 
-def sync_run_dir(run_dir: str | Path, tracking_uri: str | None = None) -> dict[str, int]:
+def sync_run_dir(run_dir: str | Path, tracking_uri: str | None = None, *,
+                 location: str | None = None) -> dict[str, int]:
     """Bring MLflow in line with a run directory; idempotent (a second call changes nothing).
 
     Creates the parent/children MLflow never got, logs final metrics, artifacts and front
@@ -65,7 +66,7 @@ def sync_run_dir(run_dir: str | Path, tracking_uri: str | None = None) -> dict[s
         run = RunDir.fetch(run_dir, needed=())
         mirror = attach(run)
         try:
-            counts = sync_run_dir(run.path, tracking_uri)
+            counts = sync_run_dir(run.path, tracking_uri, location=str(run_dir))
         finally:
             error = mirror.close() if mirror is not None else None
         if error:
@@ -88,7 +89,7 @@ def sync_run_dir(run_dir: str | Path, tracking_uri: str | None = None) -> dict[s
     # The experiment the search itself used (the spec's name, see search/tuner.py _tracker).
     experiment = state.get("experiment") or spec_dict.get("name") or DEFAULT_EXPERIMENT
     tracker = SearchTracker(
-        uri, str(experiment), run_dir=run_dir,
+        uri, str(experiment), run_dir=run_dir, location=location or state.get("location"),
         spec_dict=spec_dict, spec_yaml_text=spec_text,
         search_name=state.get("search_name") or str(spec_dict.get("name") or run_dir.name),
         objectives=state.get("objectives") or spec_dict.get("objectives"),

@@ -23,7 +23,7 @@ import pandas as pd
 import yaml
 
 from search.latency_screen import latency_tags
-from search.rundir import ARCH_YAML, LAYERS_JSON, MODEL_FILE, SPEC_FILE, TRIALS_DIR
+from search.rundir import MODEL_FILE, SPEC_FILE, TRIALS_DIR
 from search.tracking.models import FrontModels, upload_weights
 from search.tracking.plots import front_metrics, front_table, rank_trials, write_front_files
 from search.tracking.store import (
@@ -49,6 +49,7 @@ from search.tracking.store import (
     log_metrics,
     log_params,
     log_tags,
+    log_trial_files,
     numeric,
     run_url,
     search_all,
@@ -108,6 +109,7 @@ class SearchTracker:
         experiment: str,
         *,
         run_dir: str | Path,
+        location: str | None = None,  # what users see: the storage URI, else the path
         spec_dict: Mapping[str, Any],
         spec_yaml_text: str,
         search_name: str,
@@ -121,7 +123,8 @@ class SearchTracker:
             raise ValueError(f"{front_interval_s=} must be >= 0")
         self.tracking_uri = tracking_uri
         self.experiment = experiment
-        self.run_dir = Path(run_dir).resolve()
+        self.run_dir = Path(run_dir).resolve()  # local (a URI's run dir: its local copy)
+        self.location = location or str(self.run_dir)
         self.spec_dict = dict(spec_dict)
         self.spec_yaml_text = spec_yaml_text
         self.search_name = search_name
@@ -158,6 +161,8 @@ class SearchTracker:
             "spec_yaml_text": self.spec_yaml_text, "search_name": self.search_name,
             "objectives": self.objectives, "max_params_ref": self.max_params_ref,
             "front_interval_s": self.front_interval_s, "ui_url": self.ui_url,
+            # only when it differs: a local search's callback pickles as before (tuner.pkl)
+            **({"location": self.location} if self.location != str(self.run_dir) else {}),
         }
 
     def start(self, *, resume: bool = False) -> SearchTracker:
@@ -188,7 +193,8 @@ class SearchTracker:
         client = self.client
         self.experiment_id = ensure_experiment(client, self.experiment)
         parent = find_parent(client, run_dir=self.run_dir, tracking_uri=self.tracking_uri,
-                             experiment_id=self.experiment_id) if resume else None
+                             experiment_id=self.experiment_id,
+                             location=self.location) if resume else None
         if parent is not None:
             self.experiment_id = parent.info.experiment_id
             self.parent_run_id = parent.info.run_id
@@ -203,13 +209,13 @@ class SearchTracker:
     def _create_parent(self) -> None:
         tags = {
             TAG_ROLE: "search",
-            TAG_RUN_DIR: str(self.run_dir),
+            TAG_RUN_DIR: self.location,
             "sparse_search.search_name": self.search_name,
             "sparse_search.spec_name": str(self.spec_dict.get("name", self.search_name)),
             "mlflow.source.name": "sparse-search",
             "mlflow.source.type": "LOCAL",
             "mlflow.note.content": (
-                f"sparse-search `{self.search_name}` (run dir `{self.run_dir}`): one child run per "
+                f"sparse-search `{self.search_name}` (run dir `{self.location}`): one child run per "
                 "trial; the Pareto front is tagged `on_front=true` and drawn in the artifacts "
                 "pareto.html / pareto.png / pareto.csv."
             ),
@@ -247,6 +253,7 @@ class SearchTracker:
             "experiment_id": self.experiment_id, "parent_run_id": self.parent_run_id,
             "search_name": self.search_name, "objectives": self.objectives,
             "max_params_ref": self.max_params_ref, "ui_url": self.ui_url,
+            "location": self.location,
         })
 
     def _go_offline(self, where: str, error: Exception) -> None:
@@ -259,7 +266,7 @@ class SearchTracker:
         self.failure = f"MLflow tracking at {self.tracking_uri} failed in {where} " \
                        f"({type(error).__name__}: {text})"
         message = (f"{self.failure}; tracking is off for the rest of this search. Results stay "
-                   f"in {self.run_dir}: upload them later with `sparse-search sync {self.run_dir}`")
+                   f"in {self.run_dir}: upload them later with `sparse-search sync {self.location}`")
         # The CLI configures no logging: the line goes to stderr itself. A configured logger
         # gets the record too (without handlers, logging's last resort would print it twice).
         print(f"warning: {message}", file=sys.stderr, flush=True)
@@ -371,16 +378,8 @@ class SearchTracker:
         metrics = numeric(final_metrics)
         step = int(metrics.get("epoch", 0))
         log_metrics(self.client, run_id, metrics, step, tags=tags)
-        if error and len(error) > len(tags[TAG_FAILURE]):
-            self.client.log_text(run_id, error, "error.txt")
-        arch = arch or self._archs.get(trial_key)
-        if arch is not None:
-            self.client.log_text(run_id, arch.to_yaml(), ARCH_YAML)
-        if layers is not None:
-            if isinstance(layers, str):
-                self.client.log_text(run_id, layers, "layers.txt")
-            else:
-                self.client.log_text(run_id, json.dumps(layers, indent=1, default=str), LAYERS_JSON)
+        log_trial_files(self.client, run_id, error=error if error and len(error) > len(
+            tags[TAG_FAILURE]) else None, arch=arch or self._archs.get(trial_key), layers=layers)
         if model_path is not None:
             self._models[trial_key] = Path(model_path)
         self.mark_terminated(trial_key, status)

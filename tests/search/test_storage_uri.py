@@ -259,8 +259,11 @@ def test_run_on_s3_sigkilled_resumes_from_the_uri_alone(s3: S3, tmp_path: Path) 
 
     client = MlflowClient(f"sqlite:///{db}")
     runs = client.search_runs([client.get_experiment_by_name("ons3").experiment_id])
-    assert [r.info.status for r in runs if r.data.tags.get("sparse_search.role") == "search"] \
-        == ["FINISHED"]
+    parents = [r for r in runs if r.data.tags.get("sparse_search.role") == "search"]
+    assert [r.info.status for r in parents] == ["FINISHED"]
+    # MLflow names where the run dir lives (the URI), not the driver's local copy of it.
+    assert parents[0].data.tags["sparse_search.run_dir"] == uri
+    assert uri in parents[0].data.tags["mlflow.note.content"]
     children = {r.data.tags["sparse_search.trial_key"]: r.info.status for r in runs
                 if r.data.tags.get("sparse_search.role") == "trial"}
     assert all(children[k] == "FINISHED" for k in keys) and "RUNNING" not in children.values()

@@ -331,3 +331,29 @@ def test_ui_restarts_at_once_on_the_same_port(tmp_path):
             proc.wait()
             proc.stdout.close()
             proc.stderr.close()
+
+
+def test_a_sqlite_store_keeps_artifacts_beside_it_wherever_the_driver_runs(tmp_path, monkeypatch):
+    """The driver runs from its run dir (and a submitted job from a working_dir that may
+    vanish): a relative sqlite URI is made absolute at start, and a new experiment's artifacts
+    go to mlruns/<name> beside the database, not to ./mlruns of whatever the cwd is then."""
+    from search.tracking.store import artifact_location, ensure_experiment, resolve_tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    uri = resolve_tracking_uri("sqlite:///stores/mlflow.db")
+    assert uri == f"sqlite:///{tmp_path / 'stores' / 'mlflow.db'}"
+    assert resolve_tracking_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
+    assert resolve_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert artifact_location("http://127.0.0.1:5000", "x") is None
+    (tmp_path / "stores").mkdir()
+    elsewhere = tmp_path / "run-dir"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # as the driver is when the background tracker starts
+    client = MlflowClient(uri)
+    exp = client.get_experiment(ensure_experiment(client, "my search/1"))
+    assert exp.artifact_location.removeprefix("file://") == str(tmp_path / "stores" / "mlruns" / "my-search-1")
+    run = client.create_run(exp.experiment_id)
+    client.log_text(run.info.run_id, "hello", "note.txt")
+    client.set_terminated(run.info.run_id)
+    assert list((tmp_path / "stores" / "mlruns").rglob("note.txt"))
+    assert not (elsewhere / "mlruns").exists()
