@@ -17,7 +17,8 @@ Multi-fidelity honesty:
   enters the front;
 - each completed pruning round of a TERMINATED trial is a candidate point (its last report
   before the next round starts), so one lottery-ticket run can put several sizes on the front;
-- a point over ``max_params`` / ``max_macs`` (e.g. an early, denser round) is not eligible.
+- a point over any budget (``Constraints.limits()``: params, MACs, flash, SRAM, latency; e.g. an
+  early, denser round) is not eligible.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import csv
 import io
 import json
 import logging
-import math
 import shutil
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from ray.tune.experiment import Trial
 
     from search.background import Background
-    from search.spec import SearchSpec
+    from search.spec import Objective
 
 log = logging.getLogger("sparse_search.results")
 
@@ -108,13 +108,12 @@ def _round_model(r: int) -> str:
 
 # ---------------------------------------------------------------------- the front
 def eligible(point: Mapping[str, Any], *, objectives: Sequence[tuple[str, str]],
-             max_params: int | None, max_macs: int | None) -> bool:
-    """Within every budget and with a finite value for every objective."""
+             budgets: Mapping[str, float]) -> bool:
+    """With a finite value for every objective and within every budget (``budgets``: metric ->
+    limit, ``Constraints.limits()``; a point without the budgeted metric is not within it)."""
     if not all(_finite(point.get(m)) for m, _ in objectives):
         return False
-    if max_params is not None and not point.get("nonzero_params", math.inf) <= max_params:
-        return False
-    return max_macs is None or point.get("macs", math.inf) <= max_macs
+    return all(_finite(v := point.get(m)) and float(v) <= limit for m, limit in budgets.items())
 
 
 def candidate_points(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -131,10 +130,10 @@ def candidate_points(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any
 
 
 def pareto_front(points: Sequence[Mapping[str, Any]], *, objectives: Sequence[tuple[str, str]],
-                 max_params: int | None, max_macs: int | None) -> list[int]:
+                 budgets: Mapping[str, float]) -> list[int]:
     """Indices into ``points`` of the non-dominated eligible ones, smallest model first."""
     ok = [i for i, p in enumerate(points)
-          if eligible(p, objectives=objectives, max_params=max_params, max_macs=max_macs)]
+          if eligible(p, objectives=objectives, budgets=budgets)]
     values = [[float(points[i][m]) for m, _ in objectives] for i in ok]
     front = [ok[j] for j in front_indices(values, [s for _, s in objectives])] if ok else []
     return sorted(front, key=lambda i: (points[i].get("nonzero_params", 0),
@@ -159,13 +158,16 @@ class Recorder(Callback):
     experiment checkpoint, so a resumed trial keeps the rounds it completed before the kill.
     """
 
-    def __init__(self, run: RunDir, spec: SearchSpec, *,
+    def __init__(self, run: RunDir, objectives: Sequence[Objective], *,
+                 budgets: Mapping[str, float] | None = None,
                  background: Background | None = None) -> None:
+        # All it reads of the spec: the objectives, and the budgets (metric -> limit,
+        # Constraints.limits()) a point must stay within to be on the front: the screen judged
+        # the delivered net before training; a lottery ticket's dense rounds can be over.
         self.run = run
         self.background = background  # layers.json off Tune's event loop when given
-        self.objectives = [(o.metric, o.mode) for o in spec.objectives]
-        self.max_params = spec.constraints.max_params
-        self.max_macs = spec.constraints.max_macs
+        self.objectives = [(o.metric, o.mode) for o in objectives]
+        self.budgets = dict(budgets or {})
         self.records: dict[str, dict[str, Any]] = {}
         self._last: dict[str, dict[str, Any]] = {}  # trial key -> last report (METRIC_KEYS)
         self._points: dict[str, list[dict[str, Any]]] = {}  # trial key -> rounds completed
@@ -198,12 +200,10 @@ class Recorder(Callback):
 
     def _recompute(self) -> None:
         self.points = candidate_points(self.records.values())
-        on_front = pareto_front(self.points, objectives=self.objectives,
-                                max_params=self.max_params, max_macs=self.max_macs)
+        on_front = pareto_front(self.points, objectives=self.objectives, budgets=self.budgets)
         front_set = set(on_front)
         for i, p in enumerate(self.points):
-            p["eligible"] = eligible(p, objectives=self.objectives, max_params=self.max_params,
-                                     max_macs=self.max_macs)
+            p["eligible"] = eligible(p, objectives=self.objectives, budgets=self.budgets)
             p["on_front"] = i in front_set
         self.front = [self.points[i] for i in on_front]
 

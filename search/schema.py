@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
-    "DEFAULT_OBJECTIVES", "FRONT_COLUMNS", "INT8_COLUMNS", "METRICS", "OBJECTIVE_MODES", "SCREENED_METRICS",
+    "DEFAULT_OBJECTIVES", "DEPLOY_METRICS", "FRONT_COLUMNS", "INT8_COLUMNS", "METRICS", "OBJECTIVE_MODES", "SCREENED_METRICS",
     "TRAINED_METRICS", "Metric", "budget_fields", "rung_metric",
 ]
 
@@ -68,6 +68,9 @@ FRONT_COLUMNS = ("trial_key", "val_accuracy", "val_accuracy_se", "val_loss", "te
                  "prune_round")
 # The int8 columns of results.csv / points.csv / pareto.csv (empty when not measured).
 INT8_COLUMNS = ("int8_val_accuracy", "int8_test_accuracy", "int8_drop")
+# A spec that budgets or optimises any of these is a deployment search: its trials get the
+# int8 step by default (train.int8_eval left out; ~3-8 s a trial on 2 cores, mostly the export).
+DEPLOY_METRICS = ("flash_bytes", "sram_bytes", "latency_ms", "int8_accuracy")
 
 
 def rung_metric(name: str) -> str:

@@ -225,6 +225,7 @@ class SearchSpace:
                     kw[name] = dim  # fixed values pass through (they cost nothing)
                 continue
             kw[name] = suggest(trial, f"train/{name}", dim)
+        kw.setdefault("int8_eval", self.spec.int8_eval())  # left out: on for deployment searches
         return kw
 
 

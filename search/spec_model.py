@@ -19,7 +19,13 @@ import yaml
 
 from search.dims import plain
 from search.errors import UserError
-from search.schema import DEFAULT_OBJECTIVES, OBJECTIVE_MODES, TRAINED_METRICS
+from search.schema import (
+    DEFAULT_OBJECTIVES,
+    DEPLOY_METRICS,
+    OBJECTIVE_MODES,
+    TRAINED_METRICS,
+    budget_fields,
+)
 from trainables.arch import ArchConfig
 from trainables.data import DataConfig
 
@@ -90,6 +96,12 @@ class Constraints:
     # Milliseconds per image at batch 1: the untrained net exported to ONNX and timed with ONNX
     # Runtime (1 thread) on the CPU of the machine that screens (the driver), before training
     max_latency_ms: float | None = None
+
+    def limits(self) -> dict[str, float]:
+        """{metric: the budget set on it} (``nonzero_params: 50000``, ...; search/schema.py
+        says which field bounds which metric): what a front member must stay within."""
+        return {metric: limit for field_, metric in budget_fields().items()
+                if (limit := getattr(self, field_)) is not None}
 
 
 @dataclass(frozen=True)
@@ -248,6 +260,17 @@ class SearchSpec:
     train: dict[str, Any] = field(default_factory=dict)
     space: ArchSpace = field(default_factory=ArchSpace)
     source: str = field(default="<spec>", compare=False)  # the file it came from (for errors)
+
+    def int8_eval(self) -> bool:
+        """Whether a trial gets the post-training int8 step: ``train.int8_eval`` when given,
+        else on for a deployment search (one that budgets or optimises flash, SRAM, latency or
+        int8 accuracy: schema.DEPLOY_METRICS) and off otherwise: the step costs seconds a trial
+        (mostly the ONNX export), which a 30-s quickstart or a params-only search should not pay."""
+        if "int8_eval" in self.train:
+            return bool(self.train["int8_eval"])
+        deploy = set(DEPLOY_METRICS)
+        return bool(deploy & {o.metric for o in self.objectives}
+                    or deploy & set(self.constraints.limits()))
 
     @property
     def directions(self) -> list[str]:

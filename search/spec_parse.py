@@ -133,7 +133,7 @@ def parse_spec(
     objectives = _objectives(r, d.get("objectives"))
     resources = _resources(r, d.get("resources", {}))
     train = _train(r, d.get("train", {}))
-    int8_eval = train.get("int8_eval", True)  # TrainConfig's default: on
+    int8_eval = train.get("int8_eval", True)  # left out: SearchSpec.int8_eval() decides
     if int8_eval is not True and any(o.metric == "int8_accuracy" for o in objectives):
         r.invalid("train.int8_eval", plain(int8_eval), "true (or left out) with objectives."
                   "int8_accuracy: that objective is measured by the int8 step")

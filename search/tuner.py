@@ -88,7 +88,8 @@ def fit(spec: SearchSpec, run: RunDir, splits: Any, *, resuming: bool, tracker: 
     from trainables.trial import train_trial
 
     space = SearchSpace(spec, input_shape=splits.input_shape, num_classes=splits.num_classes)
-    recorder = Recorder(run, spec, background=background)
+    recorder = Recorder(run, spec.objectives, budgets=spec.constraints.limits(),
+                        background=background)
     if resuming and tracker is not None and recorder.records:
         # The trials recorded before the kill keep their recorded end (the tracking callback
         # ignores any rerun of them): close the MLflow runs the dead driver left open. The

@@ -12,7 +12,8 @@ train_loss, train_accuracy, nonzero_params, macs, nonzero_macs, epoch, fidelity,
 epoch_seconds, train_seconds, node_id (the Ray node running it), done (True only on the last report, which adds test_accuracy and
 test_loss).
 
-The last report also carries the trial's int8 evaluation (unless ``train.int8_eval: false``;
+The last report also carries the trial's int8 evaluation (when ``train.int8_eval``: the spec turns it on
+for deployment searches, search/spec_model.py ``SearchSpec.int8_eval``;
 :func:`trainables.quantize.trial_int8`): int8_val_accuracy (= int8_accuracy, the objective),
 int8_test_accuracy, int8_drop, int8_calibration_images, int8_seconds, or int8_error when the
 quantization failed; its checkpoint adds model.onnx and model-int8.onnx (FP32_ONNX_FILE,

@@ -128,3 +128,34 @@ def test_rungs_rank_val_accuracy_for_the_int8_objective() -> None:
          "search": {"early_stopping": {"scheduler": "asha", "grace_epochs": 1}}}
     assert make_scheduler((s := parse_spec(d)).search.early_stopping, s.objectives,
                           max_t=max_epochs(s.train)).metric == "val_accuracy"
+
+
+@pytest.mark.parametrize(("objectives", "constraints", "train", "on"), [
+    ("{val_accuracy: max, nonzero_params: min}", "{max_params: 3000}", "", False),
+    ("{val_accuracy: max, nonzero_params: min}", "{max_params: 3000}", ", int8_eval: true", True),
+    ("{val_accuracy: max, nonzero_params: min}", "{max_sram_bytes: 9000}", "", True),
+    ("{val_accuracy: max, latency_ms: min}", "{max_params: 3000}", "", True),
+    ("{int8_accuracy: max, flash_bytes: min}", "{max_params: 3000}", ", int8_eval: false", None),
+])
+def test_int8_step_left_out_is_on_for_deployment_searches_only(tmp_path: Path, objectives: str,
+                                                               constraints: str, train: str,
+                                                               on: bool | None) -> None:
+    """Left out, train.int8_eval follows the spec: a search that budgets or optimises flash,
+    SRAM, latency or int8 accuracy pays the int8 step a trial, a params-only one does not."""
+    import yaml
+
+    from search.spec import SpecError
+
+    text = (SPEC % train).replace("{int8_accuracy: max, flash_bytes: min}", objectives).replace(
+        "constraints: {max_params: 3000}", f"constraints: {constraints}")
+    if on is None:
+        with pytest.raises(SpecError, match="int8_eval"):
+            parse_spec(yaml.safe_load(text))
+        return
+    spec = parse_spec(yaml.safe_load(text))
+    assert spec.int8_eval() is on
+    from search.spec import load_spec
+
+    for name in ("quickstart", "mnist"):  # the shipped params-only spaces stay fast
+        assert load_spec(REPO / "spaces" / f"{name}.yaml").int8_eval() is False
+    assert load_spec(REPO / "spaces" / "mcu-cifar10.yaml").int8_eval() is True

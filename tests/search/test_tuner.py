@@ -271,8 +271,18 @@ def test_pareto_front_only_from_eligible_points():
         {"val_accuracy": 0.89, "nonzero_params": 200, "macs": 10},  # dominated by the first
         {"val_accuracy": math.nan, "nonzero_params": 50, "macs": 10},
     ]
-    assert pareto_front(points, objectives=objectives, max_params=500, max_macs=50) == [0, 3]
-    assert pareto_front(points, objectives=objectives, max_params=None, max_macs=None) == [0, 3, 2, 1]
+    assert pareto_front(points, objectives=objectives,
+                        budgets={"nonzero_params": 500, "macs": 50}) == [0, 3]
+    assert pareto_front(points, objectives=objectives, budgets={}) == [0, 3, 2, 1]
+    # Every budget of the spec counts (Constraints.limits()), deployment ones included; a point
+    # that lacks the budgeted figure is not within it.
+    flash = [{**p, "flash_bytes": 1000 * (i + 1)} for i, p in enumerate(points)]
+    flash[3].pop("flash_bytes")
+    assert pareto_front(flash, objectives=objectives, budgets={"flash_bytes": 2500}) == [0, 1]
+    from search.spec import Constraints
+
+    assert Constraints(max_params=500, max_flash_bytes=2500, max_latency_ms=1.5).limits() == {
+        "nonzero_params": 500, "flash_bytes": 2500, "latency_ms": 1.5}
 
 
 def test_asha_spans_every_pruning_round(tmp_path):
