@@ -46,7 +46,7 @@ from search.rundir import (
     write_atomic,
     write_json,
 )
-from search.schema import INT8_COLUMNS
+from search.schema import METRICS, SCREENED_COLUMNS, TRAINED_COLUMNS
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
@@ -62,32 +62,25 @@ INITIAL_KEY = "meta/initial"  # set on a trial of search.initial: the entry's la
 # what early stopping compares at a rung, where a pruning trial still reports dense counts.
 SCREENED_KEY = "meta/screened_params"
 TERMINATED, EARLY_STOPPED, ERROR = "TERMINATED", "EARLY_STOPPED", "ERROR"
-# Report keys kept in records and points (the trainable reports more; Ray adds bookkeeping).
-# val_accuracy_se: the binomial standard error of val_accuracy (what the split can tell apart).
-# flash_bytes, sram_bytes: int8 deployment (search/schema.py). int8_*: the final report's
-# post-training int8 evaluation (trainables/quantize.py trial_int8; int8_accuracy is the
-# objective's name for int8_val_accuracy); int8_error when it failed (the trial did not).
-METRIC_KEYS = ("val_accuracy", "val_accuracy_se", "val_loss", "test_accuracy", "test_loss",
-               "train_loss", "nonzero_params", "macs", "nonzero_macs", "flash_bytes",
-               "sram_bytes", "epoch", "prune_round", "fidelity", "train_seconds", "node_id",
-               *INT8_COLUMNS, "int8_accuracy", "int8_error", "int8_calibration_images",
-               "int8_seconds", "latency_ms")
+# Report keys kept in records and points (the trainable reports more; Ray adds bookkeeping):
+# every metric of the vocabulary (search/schema.py METRICS: accuracies and their SE, the
+# int8 scores of the final report, the counted and measured budgets), and the trial's own
+# bookkeeping: int8_error when the int8 step failed (the trial did not), node_id (where it ran).
+METRIC_KEYS = (*METRICS, "test_loss", "train_loss", "nonzero_macs", "epoch", "prune_round",
+               "fidelity", "train_seconds", "node_id", "int8_error", "int8_calibration_images",
+               "int8_seconds")
+# The tables' columns: the vocabulary's (trained, then counted) between each table's own.
 # node: the Ray node id (hex) of the worker that ran the trial's last attempt (the trainable
 # reports it as ``node_id``); retries: attempts that failed and were retried (Ray's
 # ``max_failures``: a lost node, a killed worker); retry_error: ``node: error`` of each.
-RESULT_COLUMNS = ("trial_key", "trial_id", "status", "error", "arch", "nonzero_params", "macs",
-                  "flash_bytes", "sram_bytes", "latency_ms", "val_accuracy", "val_accuracy_se", "val_loss", "test_accuracy",
-                  *INT8_COLUMNS, "int8_error", "train_seconds", "int8_seconds",
-                  "epochs", "prune_round", "fidelity", "initial", "node", "retries",
-                  "retry_error")
-POINT_COLUMNS = ("trial_key", "trial_id", "prune_round", "epoch", "nonzero_params", "macs",
-                 "flash_bytes", "sram_bytes", "latency_ms", "val_accuracy", "val_accuracy_se", "val_loss", "test_accuracy",
-                 *INT8_COLUMNS, "eligible",
-                 "on_front", "model", "arch")
-PARETO_COLUMNS = ("trial_key", "trial_id", "prune_round", "nonzero_params", "macs",
-                  "flash_bytes", "sram_bytes", "latency_ms", "val_accuracy", "val_accuracy_se", "test_accuracy",
-                  *INT8_COLUMNS, "model", "arch", "initial")
-
+RESULT_COLUMNS = ("trial_key", "trial_id", "status", "error", "arch", *SCREENED_COLUMNS,
+                  *TRAINED_COLUMNS, "int8_error", "train_seconds", "int8_seconds", "epochs",
+                  "prune_round", "fidelity", "initial", "node", "retries", "retry_error")
+POINT_COLUMNS = ("trial_key", "trial_id", "prune_round", "epoch", *SCREENED_COLUMNS,
+                 *TRAINED_COLUMNS, "eligible", "on_front", "model", "arch")
+# pareto.csv: what a front member is judged by (its val_loss stays in results.csv).
+PARETO_COLUMNS = ("trial_key", "trial_id", "prune_round", *SCREENED_COLUMNS,
+                  *(c for c in TRAINED_COLUMNS if c != "val_loss"), "model", "arch", "initial")
 
 def trial_key(trial: Trial) -> str:
     return str(trial.config.get(TRIAL_KEY, trial.trial_id))
@@ -326,15 +319,9 @@ class Recorder(Callback):
             model = f"{self.run.trials.name}/{key}/{MODEL_FILE}"
         elif (self.run.trial(key) / _round_model(r)).is_file():
             model = f"{self.run.trials.name}/{key}/{_round_model(r)}"
-        return {"prune_round": r, "epoch": rep.get("epoch"),
-                "nonzero_params": rep.get("nonzero_params"), "macs": rep.get("macs"),
-                "flash_bytes": rep.get("flash_bytes"), "sram_bytes": rep.get("sram_bytes"),
-                "latency_ms": rep.get("latency_ms"),
-                "val_accuracy": rep.get("val_accuracy"),
-                "val_accuracy_se": rep.get("val_accuracy_se"), "val_loss": rep.get("val_loss"),
-                "test_accuracy": rep.get("test_accuracy"),
-                # int8: the final point only (earlier rounds' weights are not quantized)
-                **{k: rep.get(k) for k in (*INT8_COLUMNS, "int8_accuracy")},
+        # Every metric of the vocabulary (int8 ones: the final point only; earlier rounds'
+        # weights are not quantized, their reports lack them).
+        return {"prune_round": r, "epoch": rep.get("epoch"), **{m: rep.get(m) for m in METRICS},
                 "model": model}
 
     def _save(self, trial: Trial, key: str, *, status: str, error: str | None,

@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
-    "DEFAULT_OBJECTIVES", "DEPLOY_METRICS", "FRONT_COLUMNS", "INT8_COLUMNS", "METRICS", "OBJECTIVE_MODES", "SCREENED_METRICS",
+    "DEFAULT_OBJECTIVES", "DEPLOY_METRICS", "FRONT_COLUMNS", "INT8_COLUMNS", "METRICS",
+    "OBJECTIVE_MODES", "SCREENED_COLUMNS", "SCREENED_METRICS", "TRAINED_COLUMNS",
     "TRAINED_METRICS", "Metric", "budget_fields", "rung_metric",
 ]
 
@@ -30,11 +31,24 @@ class Metric:
     # What an early-stopping rung ranks in its place: a metric that exists only in the final
     # report (int8_accuracy: quantized after training) is ranked at rungs by this proxy.
     rung_proxy: str | None = None
+    # Another name for a metric that has its own column (int8_accuracy, the objective, is
+    # int8_val_accuracy): reported and ranked by, never a column of its own.
+    alias_of: str | None = None
 
 
 METRICS: dict[str, Metric] = {m.name: m for m in (
+    # In the order of the tables' columns (trained first, then counted; see *_COLUMNS below).
     Metric("val_accuracy", "max", trained=True),
+    Metric("val_accuracy_se", None, trained=True),  # binomial SE: what the val split tells apart
     Metric("val_loss", "min", trained=True),
+    Metric("test_accuracy", None, trained=True),
+    # Post-training static int8 of the finished trial (trainables/quantize.py trial_int8),
+    # accuracies as fractions; selection never sees test; rungs rank val_accuracy instead.
+    Metric("int8_val_accuracy", None, trained=True),
+    Metric("int8_test_accuracy", None, trained=True),
+    Metric("int8_drop", None, trained=True),  # val_accuracy - int8_val_accuracy
+    Metric("int8_accuracy", "max", trained=True, rung_proxy="val_accuracy",
+           alias_of="int8_val_accuracy"),
     Metric("nonzero_params", "min", trained=False, budget="max_params", unit="params"),
     Metric("macs", "min", trained=False, budget="max_macs", unit="MACs"),
     # int8 deployment (trainables/accounting.py, formats in trainables/deploy.py): weights,
@@ -45,29 +59,23 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     # Measured, not counted: the untrained net's ONNX Runtime time at batch 1 on the CPU of the
     # machine that screens (search/latency_screen.py), before training.
     Metric("latency_ms", "min", trained=False, budget="max_latency_ms", unit="ms"),
-    # Post-training static int8 of the finished trial (trainables/quantize.py trial_int8),
-    # accuracies as fractions. int8_accuracy is the objective's name for int8_val_accuracy (the
-    # final report carries both; selection never sees test); rungs rank val_accuracy instead.
-    Metric("int8_accuracy", "max", trained=True, rung_proxy="val_accuracy"),
-    Metric("val_accuracy_se", None, trained=True),
-    Metric("test_accuracy", None, trained=True),
-    Metric("int8_val_accuracy", None, trained=True),
-    Metric("int8_test_accuracy", None, trained=True),
-    Metric("int8_drop", None, trained=True),  # val_accuracy - int8_val_accuracy
 )}
 # Metrics a trial reports that can be objectives, with the only sensible direction of each.
 OBJECTIVE_MODES: dict[str, str] = {m.name: m.mode for m in METRICS.values() if m.mode}
 TRAINED_METRICS = tuple(n for n, m in METRICS.items() if m.trained and m.mode)
 SCREENED_METRICS = tuple(n for n, m in METRICS.items() if not m.trained)
 DEFAULT_OBJECTIVES = (("val_accuracy", "max"), ("nonzero_params", "min"))
+# The columns the run dir's tables and the MLflow front carry, derived from METRICS: a new
+# metric is a line above and the code that computes it. Trained ones, then counted ones.
+TRAINED_COLUMNS = tuple(n for n, m in METRICS.items() if m.trained and m.alias_of is None)
+SCREENED_COLUMNS = tuple(n for n, m in METRICS.items() if not m.trained)
 # What a front row carries for MLflow (the tracker's table), in order: every objective's
 # column (int8_accuracy too: the tracker ranks by the objectives' names).
-FRONT_COLUMNS = ("trial_key", "val_accuracy", "val_accuracy_se", "val_loss", "test_accuracy",
-                 "int8_val_accuracy", "int8_test_accuracy", "int8_drop", "int8_accuracy",
-                 "nonzero_params", "macs", "flash_bytes", "sram_bytes", "latency_ms", "arch",
-                 "prune_round")
+FRONT_COLUMNS = ("trial_key", *TRAINED_COLUMNS,
+                 *(n for n, m in METRICS.items() if m.alias_of is not None),
+                 *SCREENED_COLUMNS, "arch", "prune_round")
 # The int8 columns of results.csv / points.csv / pareto.csv (empty when not measured).
-INT8_COLUMNS = ("int8_val_accuracy", "int8_test_accuracy", "int8_drop")
+INT8_COLUMNS = tuple(n for n in TRAINED_COLUMNS if n.startswith("int8_"))
 # A spec that budgets or optimises any of these is a deployment search: its trials get the
 # int8 step by default (train.int8_eval left out; ~3-8 s a trial on 2 cores, mostly the export).
 DEPLOY_METRICS = ("flash_bytes", "sram_bytes", "latency_ms", "int8_accuracy")
