@@ -41,7 +41,18 @@ def _hooks() -> dict[str, bool]:
         "ray.tune.Tuner._local_tuner": "_local_tuner" in Tuner.__init__.__code__.co_names,
         "ray.tune.experiment.Trial.pickled_error_file": hasattr(Trial, "pickled_error_file"),
         "optuna FrozenTrial.system_attrs": hasattr(optuna.trial.FrozenTrial, "system_attrs"),
+        "ray.tune TuneController._create_checkpoint_manager": _snapshot_hook_present(),
     }
+
+
+def _snapshot_hook_present() -> bool:
+    import inspect
+
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+    from ray.tune.execution.tune_controller import TuneController
+
+    return hasattr(TuneController, "_create_checkpoint_manager") and \
+        "sync_every_n_trial_checkpoints" in inspect.signature(_ExperimentCheckpointManager).parameters
 
 
 def check() -> None:
@@ -150,6 +161,35 @@ def replace_restored(tuner: Any, *, search_alg: Any, callbacks: list[Any]) -> No
     internal._run_config.callbacks = callbacks
 
 
+
+
+@contextlib.contextmanager
+def snapshot_every_trial_checkpoint() -> Iterator[None]:
+    """While Tune runs: an experiment snapshot after every trial checkpoint.
+
+    Ray Tune 2.60 (tune/execution/tune_controller.py ``_create_checkpoint_manager``) forces a
+    snapshot every ``CheckpointConfig.num_to_keep`` trial checkpoints. With num_to_keep=2 the
+    snapshot can name a checkpoint two epochs old, which the next registration deletes: a
+    driver SIGKILLed in that window leaves a snapshot that resumes into "Could not recover from
+    checkpoint as it does not exist on storage anymore" (the trial lost). Every checkpoint: the
+    snapshot always names one of the two kept. The snapshot is small (trial states, the
+    searcher's and callbacks' state); a per-epoch write of it costs milliseconds.
+    """
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+    from ray.tune.execution.tune_controller import TuneController
+
+    original = TuneController._create_checkpoint_manager
+
+    def every_checkpoint(self: Any) -> Any:
+        return _ExperimentCheckpointManager(storage=self._storage,
+                                            checkpoint_period=self._checkpoint_period,
+                                            sync_every_n_trial_checkpoints=1)
+
+    TuneController._create_checkpoint_manager = every_checkpoint
+    try:
+        yield
+    finally:
+        TuneController._create_checkpoint_manager = original
 
 
 def trial_error_file(trial: Any) -> Path | None:

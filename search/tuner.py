@@ -136,7 +136,7 @@ def fit(spec: SearchSpec, run: RunDir, splits: Any, *, resuming: bool, tracker: 
         summary=summary(run_dir=str(run.path), recorder=recorder, rejected=searcher.rejected,
                         complete=complete, stopped_by=ended if complete else None,
                         wall_s=searcher.spent, duplicates=searcher.duplicates),
-        front_table=front_table(recorder.front),
+        front_table=front_table(recorder.front, [o.metric for o in spec.objectives]),
     )
 
 
@@ -164,12 +164,14 @@ def _tune(spec: SearchSpec, run: RunDir, *, resuming: bool, trainable: Any, sear
                 name=EXPERIMENT_NAME, storage_path=run.tune_storage, verbose=0,
                 callbacks=callbacks,
                 failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
-                # The trainable saves a checkpoint per epoch; keep the last two. Ray then forces
-                # an experiment snapshot every second checkpoint of a trial (so a snapshot never
-                # points at a deleted one): resume loses at most ~2 epochs per trial.
+                # The trainable saves a checkpoint per epoch; keep the last two, and snapshot
+                # the experiment after each (ray_compat.snapshot_every_trial_checkpoint: Ray's
+                # own every-second-checkpoint snapshot can name a deleted one): a resume loses
+                # at most an epoch per trial.
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
         )
-    tuner.fit()
+    with ray_compat.snapshot_every_trial_checkpoint():  # a SIGKILL never loses a trial
+        tuner.fit()
 
 
 def make_scheduler(early_stopping: EarlyStopping | None, objectives: Sequence[Objective],
