@@ -201,10 +201,11 @@ def pareto(
         raise UserError(f"two run directories given ({run_dir_arg} and --run-dir {run_dir}): give one")
     if run_dir_arg is not None and not final:
         from search.progress import front_table
-        from search.run_front import read_front
+        from search.run_front import read_front, read_objectives
 
         rows = read_front(run_dir_arg)
-        typer.echo(json.dumps({"run_dir": run_dir_arg, "front": rows}) if as_json else front_table(rows))
+        typer.echo(json.dumps({"run_dir": run_dir_arg, "front": rows}) if as_json
+                   else front_table(rows, read_objectives(run_dir_arg)))
         return
     run_dir = run_dir or run_dir_arg
 

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
+from search.schema import SCREENED_COLUMNS, TRAINED_COLUMNS
+
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
 
@@ -79,26 +81,48 @@ def _fmt(v: Any, spec: str) -> str:
     return "-"
 
 
-def front_table(front: Sequence[Mapping[str, Any]]) -> str:
-    """The Pareto front, smallest model first: params, accuracies, trial and architecture."""
+# Columns the front table adds for the objectives it does not show by default: (header,
+# the point's key, format). int8_accuracy shows the int8 val and test scores it stands for.
+_OBJECTIVE_COLUMNS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "int8_accuracy": (("int8_val", "int8_val_accuracy", ".4f"),
+                      ("int8_test", "int8_test_accuracy", ".4f")),
+    "macs": (("macs", "macs", ",d"),),
+    "flash_bytes": (("flash_B", "flash_bytes", ",d"),),
+    "sram_bytes": (("sram_B", "sram_bytes", ",d"),),
+    "latency_ms": (("lat_ms", "latency_ms", ".3f"),),
+    "val_loss": (("val_loss", "val_loss", ".4f"),),
+}
+
+
+def front_table(front: Sequence[Mapping[str, Any]], objectives: Sequence[str] = ()) -> str:
+    """The Pareto front, smallest model first: params, accuracies, a column for each of the
+    search's ``objectives`` beyond those (int8 accuracy, flash and SRAM bytes, latency, ...),
+    trial and architecture."""
     if not front:
         return "Pareto front: empty (no trial finished within the budget)"
     rounds = any(p.get("prune_round") for p in front)
+    extra = [c for o in objectives for c in _OBJECTIVE_COLUMNS.get(o, ())]
     # val_acc +- its standard error: front neighbours closer than about two of these are
     # ranked by the validation split's noise, not told apart.
-    head = f"{'nonzero_params':>14}  {'val_acc':>7} {'+-se':>6}  {'test_acc':>8}  {'trial':>5}"
+    head = f"{'nonzero_params':>14}  {'val_acc':>7} {'+-se':>6}  {'test_acc':>8}"
+    head += "".join(f"  {h:>9}" for h, _, _ in extra) + f"  {'trial':>5}"
     head += f"  {'round':>5}" if rounds else ""
     lines = [f"Pareto front ({len(front)}):", head + "  arch"]
     for p in front:
         trial = f"{p['trial_key']}{'*' if p.get('initial') else ''}"
         row = (f"{_fmt(p.get('nonzero_params'), ',d'):>14}  {_fmt(p.get('val_accuracy'), '.4f'):>7}"
                f" {_fmt(p.get('val_accuracy_se'), '.4f'):>6}"
-               f"  {_fmt(p.get('test_accuracy'), '.4f'):>8}  {trial:>5}")
+               f"  {_fmt(p.get('test_accuracy'), '.4f'):>8}")
+        row += "".join(f"  {_fmt(p.get(k), f):>9}" for _, k, f in extra)
+        row += f"  {trial:>5}"
         row += f"  {p.get('prune_round', 0):>5}" if rounds else ""
         lines.append(row + f"  {p['arch']}")
     if any(p.get("initial") for p in front):
         lines.append("* a network of search.initial (not found by the sampler)")
     return "\n".join(lines)
+
+
+_JSON_FIRST = ("nonzero_params", "macs", "val_accuracy", "val_accuracy_se", "test_accuracy")
 
 
 def _json_number(v: Any) -> Any:
@@ -133,6 +157,9 @@ def summary(*, run_dir: str, recorder: Recorder, rejected: int, complete: bool,
              "val_accuracy": _json_number(p.get("val_accuracy")),
              "val_accuracy_se": _json_number(p.get("val_accuracy_se")),
              "test_accuracy": _json_number(p.get("test_accuracy")),
+             # every other figure of the vocabulary (int8 scores, flash, SRAM, latency)
+             **{m: _json_number(p.get(m)) for m in (*SCREENED_COLUMNS, *TRAINED_COLUMNS)
+                if m not in _JSON_FIRST},
              "arch": p["arch"], "model": p.get("model")}
             for p in recorder.front
         ],

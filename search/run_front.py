@@ -8,7 +8,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from search.rundir import PARETO_FILE
+from search.rundir import PARETO_FILE, SPEC_FILE
 from search.storage import read_file
 
 
@@ -30,3 +30,18 @@ def read_front(run_dir: str | Path) -> list[dict[str, Any]]:
     """The rows of ``run_dir``'s pareto.csv (smallest model first, as the search wrote them)."""
     text = read_file(run_dir, PARETO_FILE).decode()
     return [{k: _value(v) for k, v in row.items()} for row in csv.DictReader(io.StringIO(text))]
+
+
+def read_objectives(run_dir: str | Path) -> list[str]:
+    """The metrics the search optimised, from its spec.yaml (the front table shows them)."""
+    import yaml
+
+    from search.errors import UserError
+    from search.schema import DEFAULT_OBJECTIVES
+
+    try:
+        spec = yaml.safe_load(read_file(run_dir, SPEC_FILE).decode()) or {}
+    except (UserError, yaml.YAMLError, UnicodeDecodeError):  # no readable spec: the defaults
+        spec = {}
+    objectives = spec.get("objectives") if isinstance(spec, dict) else None
+    return list(objectives) if isinstance(objectives, dict) else [m for m, _ in DEFAULT_OBJECTIVES]

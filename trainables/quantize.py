@@ -136,10 +136,27 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
-def export_onnx(model: nn.Module, input_shape: tuple[int, int, int], out: str | Path) -> Path:
-    """fp32 ONNX of an eval-mode CPU model: input "images" (N, C, H, W) with any N, "logits"."""
+def export_onnx(model: nn.Module, input_shape: tuple[int, int, int], out: str | Path, *,
+                fast: bool = False) -> Path:
+    """fp32 ONNX of an eval-mode CPU model: input "images" (N, C, H, W) with any N, "logits".
+
+    ``fast``: TorchScript's exporter first, ~10x faster than dynamo for a small net (0.3 s vs
+    3-9 s on a busy 2-core box) with the same graph for ONNX Runtime; for an fp32 file only:
+    ONNX Runtime's static quantizer cannot read its biases (the int8 path keeps dynamo)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if fast:
+        import warnings
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # its deprecation notice
+                torch.onnx.export(model.eval(), (torch.randn(2, *input_shape),), str(out),
+                                  dynamo=False, input_names=["images"], output_names=["logits"],
+                                  dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+            return out
+        except Exception:  # removed in a later torch, or a module it cannot script
+            pass  # the dynamo export below
     example = torch.randn(2, *input_shape)
     batch = torch.export.Dim("batch", min=1)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)

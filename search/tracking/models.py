@@ -322,7 +322,7 @@ def _export_fp32(arch: ArchConfig, weights: Path, out: Path) -> Path:
     model.load_state_dict(state)
     finalize(model)
     shape = (arch.in_channels, *arch.input_size)
-    return export_onnx(deploy_model(model.eval(), shape), shape, out)
+    return export_onnx(deploy_model(model.eval(), shape), shape, out, fast=True)  # fp32 only
 
 
 def _save_onnx_model(fp32: Path, out: Path, arch: ArchConfig, *, model_id: str,

@@ -77,6 +77,14 @@ def test_run_with_objective_int8_accuracy(tmp_path: Path) -> None:
     pareto = _rows(run_dir / "pareto.csv")
     assert set(INT8_COLUMNS) <= set(pareto[0])
     assert {p["trial_key"] for p in pareto} == _front_by_hand(ok)
+    # The printed front and the --json one show what the search optimised.
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    head = next(ln for ln in done.stdout.splitlines() if ln.lstrip().startswith("nonzero_params"))
+    assert head.split()[4:7] == ["int8_val", "int8_test", "flash_B"]
+    by_key = {r["trial_key"]: r for r in ok}
+    for p in summary["front"]:
+        assert p["int8_val_accuracy"] == pytest.approx(float(by_key[p["trial_key"]]["int8_val_accuracy"]))
+        assert p["flash_bytes"] == int(by_key[p["trial_key"]]["flash_bytes"])
     # MLflow: each trial's child run has the int8 metrics; nothing left RUNNING.
     client = MlflowClient(f"sqlite:///{db}")
     runs = client.search_runs([client.get_experiment_by_name("int8run").experiment_id])
