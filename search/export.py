@@ -23,7 +23,7 @@ import dataclasses
 import tempfile
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from search.errors import UserError
 
@@ -70,7 +70,6 @@ def recorded_data(run_id: str, tracking_uri: str) -> DataConfig:
     import yaml
 
     from search.tracking import TAG_PARENT, client_for
-    from trainables.data import DataConfig, DataError
 
     client = client_for(tracking_uri)
     parent = client.get_run(run_id).data.tags.get(TAG_PARENT)
@@ -82,14 +81,8 @@ def recorded_data(run_id: str, tracking_uri: str) -> DataConfig:
         raise UserError(f"search run {parent} has no spec_resolved.yaml artifact: {hint}")
     with tempfile.TemporaryDirectory() as tmp:
         spec = yaml.safe_load(Path(client.download_artifacts(parent, "spec_resolved.yaml", tmp)).read_text())
-    data = spec.get("data") if isinstance(spec, dict) else None
-    if not isinstance(data, dict) or "name" not in data:
-        raise UserError(f"search run {parent}'s spec_resolved.yaml has no data section: {hint}")
-    known = {f.name for f in dataclasses.fields(DataConfig)}
-    try:
-        return DataConfig(**{k: v for k, v in data.items() if k in known})
-    except DataError as e:
-        raise UserError(f"search run {parent}'s recorded data is invalid: {e}") from None
+    return _data_config(spec, missing=f"search run {parent}'s spec_resolved.yaml has no data "
+                        f"section: {hint}", invalid=f"search run {parent}'s recorded data")
 
 
 def export_int8(model: nn.Module, arch: ArchConfig, data: DataConfig, out: str | Path, *,
@@ -191,17 +184,25 @@ def run_dir_data(run_dir: str | Path) -> DataConfig:
 
     from search.rundir import SPEC_FILE
     from search.storage import read_file
-    from trainables.data import DataConfig, DataError
 
     spec = yaml.safe_load(read_file(run_dir, SPEC_FILE))
+    return _data_config(spec, missing=f"{run_dir}: spec.yaml has no data section",
+                        invalid=f"{run_dir}: spec.yaml's data section")
+
+
+def _data_config(spec: Any, *, missing: str, invalid: str) -> DataConfig:
+    """The DataConfig of a recorded spec's ``data:`` section (keys it does not know ignored);
+    a UserError saying ``missing`` without one, ``invalid is invalid: ...`` for a bad one."""
+    from trainables.data import DataConfig, DataError
+
     data = spec.get("data") if isinstance(spec, dict) else None
     if not isinstance(data, dict) or "name" not in data:
-        raise UserError(f"{run_dir}: spec.yaml has no data section")
+        raise UserError(missing)
     known = {f.name for f in dataclasses.fields(DataConfig)}
     try:
         return DataConfig(**{k: v for k, v in data.items() if k in known})
     except DataError as e:
-        raise UserError(f"{run_dir}: spec.yaml's data section is invalid: {e}") from None
+        raise UserError(f"{invalid} is invalid: {e}") from None
 
 
 def export_trial(run_dir: str | Path, trial_key: str, *, fmt: str, out: str | Path,

@@ -105,9 +105,9 @@ def resolve_tracking_uri(cli_value: str | None) -> str:
     uri = cli_value or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    rest = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else "/"
-    if not rest.startswith("/"):  # sqlite:///mlflow.db is relative to where the user started:
-        # absolute now, since the driver runs from its run dir (and a resume from anywhere)
+    rest = uri.removeprefix("sqlite:///")
+    if rest != uri and not rest.startswith(("/", ":memory:")) and sqlite_path(uri) is not None:
+        # relative to where the user started: absolute now (the driver runs from its run dir)
         return f"sqlite:///{Path(rest).absolute()}"
     return uri
 
@@ -291,14 +291,11 @@ def check_not_half_migrated(db: Path) -> None:
 
 
 def artifact_location(tracking_uri: str, experiment: str) -> str | None:
-    """Where a new experiment of a local sqlite store keeps its artifacts: ``mlruns/<name>``
-    beside the database, an absolute path. MLflow's own default is ``./mlruns`` of the working
-    directory when the store is opened, and a search's driver runs from its run dir (a
-    submitted job's working_dir may even vanish): the artifacts would scatter or be lost.
-    None (the store or server decides) for any other store."""
-    if not tracking_uri.startswith("sqlite:///"):
+    """A new experiment's artifact folder on a local sqlite store: ``mlruns/<name>`` beside the
+    database (MLflow's default, ``./mlruns`` of the cwd when the store opens, follows a driver
+    that runs from its run dir or a job's vanishing working_dir). None: the store decides."""
+    if (db := sqlite_path(tracking_uri)) is None:
         return None
-    db = Path(tracking_uri[len("sqlite:///"):].split("?", 1)[0])
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", experiment).strip("-") or "experiment"
     return str(db.resolve().parent / "mlruns" / slug)
 
@@ -346,8 +343,7 @@ def search_all(client: MlflowClient, experiment_ids: list[str], filter_string: s
 
 def log_trial_files(client: MlflowClient, run_id: str, *, error: str | None, arch: Any,
                     layers: Any) -> None:
-    """A finished trial's text artifacts: the whole error (when the failure tag had to cut it),
-    arch.yaml, and layers.json (a table) or layers.txt (a summary string)."""
+    """A finished trial's text artifacts: error.txt, arch.yaml, layers.json (or layers.txt)."""
     if error:
         client.log_text(run_id, error, "error.txt")
     if arch is not None:
