@@ -34,6 +34,7 @@ the first :func:`prune_step` registers that mask as the layer's initial pruning 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -167,6 +168,21 @@ def nonzero_fraction(model: nn.Module) -> float:
     total = sum(_trainable_weight(m).numel() for m, _ in params)
     nonzero = sum(int(torch.count_nonzero(_effective(m, n))) for m, n in params)
     return nonzero / total
+
+
+@contextmanager
+def copyable(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` with each pruned tensor's computed attribute (``weight = weight_orig * mask``, a
+    non-leaf that ``copy.deepcopy`` refuses) detached for the block, then put back. A copy made
+    inside recomputes it in its own pruning pre-hook at its first forward."""
+    computed = [(m, n, getattr(m, n)) for m, n in _pruned(model)]
+    for m, n, t in computed:
+        setattr(m, n, t.detach())
+    try:
+        yield model
+    finally:
+        for m, n, t in computed:
+            setattr(m, n, t)
 
 
 def finalize(model: nn.Module) -> None:

@@ -34,12 +34,13 @@ from trainables import flat, pruning
 from trainables.accounting import count_built
 from trainables.data import Splits
 from trainables.errors import ConfigError
-from trainables.train_loop import _Batcher, _train_epoch, accuracy_se, evaluate
+from trainables.train_loop import _Batcher, _train_epoch, accuracy_se, evaluate, make_ema
 from trainables.train_loop import lr_factor as lr_factor  # re-exported: was defined here
 
 FLAT_PREFIX = "train"
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULES = ("onecycle", "cosine", "constant")
+TTAS = ("none", "flip")
 AUGMENTS = ("auto", "none", "crop", "flip", "crop+flip")
 # What "auto" means per dataset: digit shapes are not mirror-symmetric, 8x8 digits too small to crop.
 AUTO_AUGMENT = {
@@ -70,12 +71,21 @@ class TrainConfig:
     lr: float = 0.05  # peak learning rate (reached at the end of warm-up)
     momentum: float = 0.9  # SGD momentum (Adam: beta1)
     nesterov: bool = True  # SGD Nesterov momentum
-    weight_decay: float = 5e-4  # L2 (SGD/Adam) or decoupled (AdamW); never on BN, biases, 1-d params
+    weight_decay: float = 5e-4  # L2 (SGD/Adam) or decoupled (AdamW); on BN, biases, 1-d params only with decay_norms
+    decay_norms: bool = False  # weight decay on BN scales/shifts and biases too (1-d params)
     schedule: str = "onecycle"  # onecycle (warm-up, linear to 0) | cosine (warm-up, cosine to 0) | constant
     warmup_fraction: float = 0.15  # share of each phase's steps spent ramping linearly to the peak lr
     label_smoothing: float = 0.1  # cross-entropy target smoothing (training loss only)
     augment: str = "auto"  # auto | none | crop | flip | crop+flip (auto: by dataset, see AUTO_AUGMENT)
     crop_padding: int = 4  # random crop: pixels of zero padding per side, i.e. shifts of +-crop_padding
+    cutout: int = 0  # side (pixels) of one square per training image set to the data mean; 0 = off
+    # Exponential moving average of the weights and BN statistics, per optimizer step; 0 = off.
+    # The average is what is evaluated every epoch and what a phase ends with (model.pt, test).
+    # Its decay warms up as min(ema, (1 + n) / (10 + n)) after n steps, so epoch 1 is not init.
+    ema: float = 0.0
+    # Test-time augmentation of every val/test evaluation: "flip" averages the logits of each
+    # image and its mirror (2x evaluation cost). The int8 ONNX figures stay single-view.
+    tta: str = "none"
     early_stop_patience: int = 0  # epochs without a val-accuracy gain that end a phase; 0 = off
     prune_rounds: int = 0  # lottery-ticket rounds after the dense run; 0 = no pruning
     prune_rate: float = 0.2  # share of the surviving weights removed per round (classifier: half)
@@ -105,13 +115,13 @@ class TrainConfig:
 
         for name, lo in (("epochs", 1), ("batch_size", 1), ("eval_batch_size", 1), ("seed", 0),
                          ("crop_padding", 0), ("early_stop_patience", 0), ("prune_rounds", 0),
-                         ("rewind_epoch", 0)):
+                         ("rewind_epoch", 0), ("cutout", 0)):
             if not is_int(getattr(self, name)) or getattr(self, name) < lo:
                 raise bad(name, f"an integer >= {lo}")
         if self.threads is not None and (not is_int(self.threads) or self.threads < 1):
             raise bad("threads", "an integer >= 1 or null")
         for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
-                              ("augment", AUGMENTS), ("prune_scope", pruning.SCOPES)):
+                              ("augment", AUGMENTS), ("prune_scope", pruning.SCOPES), ("tta", TTAS)):
             if getattr(self, name) not in choices:
                 raise bad(name, "one of " + ", ".join(choices))
         if not is_num(self.lr) or self.lr <= 0:
@@ -120,12 +130,12 @@ class TrainConfig:
             raise bad("momentum", "a number in [0, 1)")
         if not is_num(self.weight_decay) or self.weight_decay < 0:
             raise bad("weight_decay", "a number >= 0")
-        for name in ("warmup_fraction", "label_smoothing"):
+        for name in ("warmup_fraction", "label_smoothing", "ema"):
             if not is_num(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
                 raise bad(name, "a number in [0, 1)")
         if not is_num(self.prune_rate) or not 0 < self.prune_rate < 1:
             raise bad("prune_rate", "a number in (0, 1)")
-        for name in ("nesterov", "amp", "channels_last", "int8_eval"):
+        for name in ("nesterov", "amp", "channels_last", "int8_eval", "decay_norms"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
         if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
@@ -163,21 +173,21 @@ def _batcher(splits: Splits, cfg: TrainConfig, data_name: str, device: torch.dev
     std = torch.tensor(splits.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     return _Batcher(scale=1.0 / (255.0 * std), shift=-mean / std,
                     crop=cfg.crop_padding if crop else 0, flip=flip,
-                    channels_last=cfg.channels_last)
+                    channels_last=cfg.channels_last, cutout=cfg.cutout)
 
 
 # ---------------------------------------------------------------------------- helpers
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay only matrices and conv kernels: BN scales/shifts and biases (1-d) stay undecayed."""
+def _param_groups(model: nn.Module, weight_decay: float, decay_norms: bool = False) -> list[dict[str, Any]]:
+    """Decay matrices and conv kernels; BN scales/shifts and biases (1-d) only with ``decay_norms``."""
     params = [p for p in model.parameters() if p.requires_grad]
     return [
         {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": weight_decay if decay_norms else 0.0},
     ]
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = _param_groups(model, cfg.weight_decay)
+    groups = _param_groups(model, cfg.weight_decay, cfg.decay_norms)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     betas = (cfg.momentum, 0.999)
@@ -301,6 +311,7 @@ def fit(
     prog = _Progress()
     snap: dict[str, Tensor] = {}  # the rewind point; empty until taken
     opt: torch.optim.Optimizer | None = None
+    ema = None  # train.ema: the phase's weight average (torch AveragedModel), evaluated instead
     if start_state is not None:
         pruning.apply_masks(model, start_state["model"])
         model.load_state_dict(start_state["model"])
@@ -314,6 +325,9 @@ def fit(
             opt = make_optimizer(model, cfg)
             opt.load_state_dict(start_state["optimizer"])
             scaler.load_state_dict(start_state["scaler"])
+            if cfg.ema:
+                ema = make_ema(model, cfg.ema)
+                ema.load_state_dict(start_state["ema"])
     elif cfg.prune_rounds and cfg.rewind_epoch == 0:
         snap = pruning.snapshot(model)
 
@@ -331,6 +345,7 @@ def fit(
                 if cfg.channels_last:
                     model.to(memory_format=torch.channels_last)
             opt = make_optimizer(model, cfg)
+            ema = make_ema(model, cfg.ema) if cfg.ema else None
             prog = dataclasses.replace(prog, phase=phase, epoch_in_phase=0, phase_done=False,
                                        best_val=-1.0, bad_epochs=0)
         counts = count_built(model, splits.input_shape)  # nonzeros change only when pruned
@@ -339,14 +354,16 @@ def fit(
             t0 = time.perf_counter()
             train_loss, train_acc, lr = _train_epoch(model, opt, scaler, batcher, x_train, y_train,
                                                      gen, cfg=cfg, epoch=e, batch_size=bs,
-                                                     amp_dtype=amp_dtype)
+                                                     amp_dtype=amp_dtype, ema=ema)
             if not math.isfinite(train_loss):
                 raise TrainingDiverged(
                     f"training loss became {train_loss} in epoch {prog.epoch + 1} (round {phase}, "
                     f"peak lr {cfg.lr}, {cfg.optimizer}): lower train.lr or check the data"
                 )
-            val_acc, val_loss = evaluate(model, x_val, y_val, batcher, batch_size=cfg.eval_batch_size,
-                                         device=dev, amp_dtype=amp_dtype)
+            tta = cfg.tta == "flip"
+            val_acc, val_loss = evaluate(ema.module if ema is not None else model, x_val, y_val,
+                                         batcher, batch_size=cfg.eval_batch_size, device=dev,
+                                         amp_dtype=amp_dtype, tta_flip=tta)
             improved = val_acc > prog.best_val
             prog.best_val = max(prog.best_val, val_acc)
             prog.bad_epochs = 0 if improved else prog.bad_epochs + 1
@@ -354,6 +371,8 @@ def fit(
             prog.epoch_in_phase = e + 1
             stop = cfg.early_stop_patience > 0 and prog.bad_epochs >= cfg.early_stop_patience
             prog.phase_done = stop or prog.epoch_in_phase == cfg.epochs
+            if prog.phase_done and ema is not None:  # the phase ends with the average's weights
+                model.load_state_dict(ema.module.state_dict())
             if phase == 0 and cfg.prune_rounds and not snap and (
                     prog.epoch_in_phase == cfg.rewind_epoch or prog.phase_done):
                 snap = pruning.snapshot(model)  # the rewind point (at phase end if stopped early)
@@ -382,12 +401,13 @@ def fit(
             if last:
                 test_acc, test_loss = evaluate(model, splits.x_test.to(dev), splits.y_test.to(dev),
                                                batcher, batch_size=cfg.eval_batch_size,
-                                               device=dev, amp_dtype=amp_dtype)
+                                               device=dev, amp_dtype=amp_dtype, tta_flip=tta)
                 metrics["test_accuracy"], metrics["test_loss"] = test_acc, test_loss
             metrics["train_seconds"] = prog.train_seconds + time.perf_counter() - started
             history.append(metrics)
             if on_epoch is not None:
-                on_epoch(dict(metrics), _checkpointer(model, opt, scaler, gen, prog, snap, metrics, dev))
+                on_epoch(dict(metrics), _checkpointer(model, opt, scaler, gen, prog, snap, metrics, dev,
+                                                      ema))
             if prog.phase_done:
                 break
         opt = None
@@ -403,6 +423,7 @@ def _checkpointer(
     snap: dict[str, Tensor],
     metrics: dict[str, Any],
     dev: torch.device,
+    ema: nn.Module | None = None,
 ) -> Callable[[], dict[str, Any]]:
     """A zero-argument function returning the resumable state right after this epoch."""
 
@@ -417,6 +438,7 @@ def _checkpointer(
             "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
             "rewind": snap,
             "progress": {**dataclasses.asdict(prog), "train_seconds": metrics["train_seconds"]},
+            "ema": None if ema is None else {k: v.detach().clone() for k, v in ema.state_dict().items()},
         }
 
     return state
