@@ -126,7 +126,7 @@ def train(
 @app.command()
 def finalize(
     run_dir: str = typer.Argument(..., help="a search's run directory (runs/<name>-<timestamp>) or its URI (s3://...)"),
-    top: int | None = typer.Option(None, "--top", help="retrain at most this many front members, smallest first (overrides search.finalize.top; default: all)"),
+    top: int | None = typer.Option(None, "--top", help="retrain at most this many front members, the best (search.finalize.pick) (overrides search.finalize.top; default: all)"),
     seeds: int | None = typer.Option(None, "--seeds", help="repeats per member (overrides search.finalize.seeds; default 2)"),
     epochs: int | None = typer.Option(None, "--epochs", help="epochs per phase (overrides search.finalize.epochs; default: the trial's)"),
     address: str | None = typer.Option(None, "--address", help="Ray cluster to attach to (default: $RAY_ADDRESS, else a local Ray)"),

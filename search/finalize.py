@@ -1,10 +1,11 @@
 """Finalization: retrain a search's front at full fidelity, over several seeds.
 
 A search's trials are short (few epochs, early stopping); NAS practice retrains the front
-before reporting it. ``sparse-search finalize RUN_DIR`` takes pareto.csv's members (smallest
-first, at most ``search.finalize.top``), retrains each with its own recorded architecture
-(``trials/<key>/arch.yaml``) and recorded recipe (the trial's flat ``train/`` config, from
-``trials/<key>/result.json``: the record results.csv is written from), ``seeds`` times (seed
+before reporting it. ``sparse-search finalize RUN_DIR`` takes pareto.csv's members (at most
+``search.finalize.top``: the most accurate by default, the smallest with ``pick: smallest``),
+retrains each with its own recorded architecture (``trials/<key>/arch.yaml``) and recorded
+recipe (the trial's flat ``train/`` config, from ``trials/<key>/result.json``: the record
+results.csv is written from), ``seeds`` times (seed
 recorded, +1, +2, ...) and with ``epochs`` per phase when given, on the search's own data
 splits (the run's spec.yaml ``data`` section). A front point of an earlier pruning round is
 retrained with ``prune_rounds`` cut to that round.
@@ -150,12 +151,24 @@ def trial_recipe(run: RunDir, key: str, *, epochs: int | None = None, seed: int 
     return arch, cfg.replace(**changes) if changes else cfg
 
 
-def front_members(run: RunDir, *, top: int | None, epochs: int | None) -> list[Member]:
-    """pareto.csv's points in order of params (smallest first), at most ``top``."""
+def front_members(run: RunDir, *, top: int | None, epochs: int | None, pick: str = "smallest",
+                  objective: tuple[str, str] = ("val_accuracy", "max")) -> list[Member]:
+    """pareto.csv's points in order of params (smallest first), at most ``top``: the smallest,
+    or (``pick="best"``) the best in ``objective`` (its column, max | min)."""
     if not run.pareto_csv.is_file():
         raise UserError(f"{run.path}: {run.pareto_csv.name} is missing: no trial finished yet")
     with run.pareto_csv.open(newline="") as f:
         rows = sorted(csv.DictReader(f), key=lambda r: float(r["nonzero_params"] or "inf"))
+    if top is not None and pick == "best":
+        metric, mode = objective
+        worst = "-inf" if mode == "max" else "inf"
+
+        def rank(r: Mapping[str, str]) -> float:  # ascending = best first
+            v = float(r.get(metric) or worst)
+            return -v if mode == "max" else v
+
+        best = {r["trial_key"] + "/" + (r.get("prune_round") or "0") for r in sorted(rows, key=rank)[:top]}
+        rows = [r for r in rows if r["trial_key"] + "/" + (r.get("prune_round") or "0") in best]
     members = []
     for row in rows[:top] if top is not None else rows:
         key, r = row["trial_key"], int(row.get("prune_round") or 0)
@@ -325,6 +338,17 @@ def _load_records(run: RunDir) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _headline_objective(spec: Any) -> tuple[str, str]:
+    """The spec's first maximised objective (its accuracy), as pareto.csv names the column."""
+    from search.schema import METRICS
+
+    for o in spec.objectives:
+        if o.mode == "max":
+            return METRICS[o.metric].alias_of or o.metric, "max"
+    o = spec.objectives[0]
+    return METRICS[o.metric].alias_of or o.metric, o.mode
+
+
 def finalize_run(run_dir: str | Path, *, top: int | None = None, seeds: int | None = None,
                  epochs: int | None = None, mlflow: bool = True, tracking_uri: str | None = None,
                  address: str | None = None,
@@ -358,7 +382,8 @@ def _finalize(run: RunDir, *, top: int | None, seeds: int | None, epochs: int | 
     top = top if top is not None else settings.top
     seeds = seeds if seeds is not None else settings.seeds
     epochs = epochs if epochs is not None else settings.epochs
-    members = front_members(run, top=top, epochs=epochs)
+    members = front_members(run, top=top, epochs=epochs, pick=settings.pick,
+                            objective=_headline_objective(spec))
     if not members:
         raise UserError(f"{run.pareto_csv} holds no front member: nothing to finalize")
     offsets = range(seeds)

@@ -58,6 +58,7 @@ __all__ = [
 FLAT_PREFIX = "spec"
 SAMPLERS = ("tpe", "nsga2", "random")
 SCHEDULERS = ("asha", "moasha")
+FINALIZE_PICKS = ("best", "smallest")
 # OBJECTIVE_MODES, TRAINED_METRICS, DEFAULT_OBJECTIVES: the shared vocabulary (search/schema.py).
 AGGREGATING_BLOCKS = ("densenet", "sparsenet")
 MAX_STAGES = 16
@@ -129,7 +130,11 @@ class Finalize:
     """``search.finalize``: retrain the front at full fidelity (``sparse-search finalize``),
     each member with its own recorded architecture and recipe, on the search's data splits."""
 
-    top: int | None = None  # members retrained: pareto.csv's, smallest first, at most top; null: all
+    top: int | None = None  # members retrained: at most top of pareto.csv's (see pick); null: all
+    # Which ``top`` members: "best" (highest in the spec's first maximised objective, e.g.
+    # val_accuracy: the headline figures) or "smallest" (fewest nonzero params). Either way
+    # they are retrained and listed smallest first.
+    pick: str = "best"
     seeds: int = 2  # repeats per member (seeds recorded, +1, +2, ...): a spread needs two
     epochs: int | None = None  # epochs per phase of the retraining; null: the trial's train.epochs
 

@@ -23,6 +23,7 @@ from search.dims import FloatRange, is_int, is_number, plain
 from search.spec_arch import read_arch_space
 from search.spec_model import (
     DEFAULT_OBJECTIVES,
+    FINALIZE_PICKS,
     OBJECTIVE_MODES,
     SAMPLERS,
     SCHEDULERS,
@@ -217,6 +218,7 @@ def _search_settings(r: Reader, d: Any) -> SearchSettings:
     if final is not None:
         final = r.dataclass(Finalize, final, "search.finalize", {
             "top": int_check(1, nullable=True),
+            "pick": one_of(FINALIZE_PICKS),
             "seeds": int_check(1),
             "epochs": int_check(1, nullable=True),
         })

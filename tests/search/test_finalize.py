@@ -50,7 +50,9 @@ def test_finalize_top2_seeds2_then_rerun_skips(searched: tuple[Path, str]) -> No
     run_dir, uri = searched
     pareto_before = hashlib.sha256((run_dir / "pareto.csv").read_bytes()).hexdigest()
     with (run_dir / "pareto.csv").open() as f:
-        front_keys = [r["trial_key"] for r in csv.DictReader(f)][:2]
+        front = list(csv.DictReader(f))
+    # pick: best (the default): the two most accurate members, whatever their size
+    front_keys = [r["trial_key"] for r in sorted(front, key=lambda r: -float(r["val_accuracy"]))][:2]
 
     out = finalize_run(run_dir)  # top 2, seeds 2, 1 epoch: the spec's search.finalize
     assert (out.trained, out.skipped, out.failed, out.tracking_error) == (4, 0, 0, None)
@@ -105,6 +107,30 @@ def test_spec_section_defaults_and_errors() -> None:
                                         r"integer >= 1 or null"):
         parse_spec({"data": {"name": "digits"}, "search": {"finalize": {"top": 0}}},
                    source="x.yaml")
+    assert spec.search.finalize.pick == "best"
+    with pytest.raises(UserError, match=r"x.yaml: search.finalize.pick='largest' is invalid: "
+                                        r"expected one of best, smallest"):
+        parse_spec({"data": {"name": "digits"}, "search": {"finalize": {"pick": "largest"}}},
+                   source="x.yaml")
+
+
+def test_pick_smallest_or_best_of_the_front(searched: tuple[Path, str]) -> None:
+    from search.finalize import front_members, open_run
+
+    run_dir, _ = searched
+    with (run_dir / "pareto.csv").open() as f:
+        front = sorted(csv.DictReader(f), key=lambda r: int(r["nonzero_params"]))
+    run = open_run(run_dir)
+    assert len(front) >= 2 and front[0]["val_accuracy"] < front[-1]["val_accuracy"]
+    smallest = front_members(run, top=1, epochs=1, pick="smallest")
+    assert [m.trial_key for m in smallest] == [front[0]["trial_key"]]
+    best = front_members(run, top=1, epochs=1, pick="best", objective=("val_accuracy", "max"))
+    assert [m.trial_key for m in best] == [front[-1]["trial_key"]]  # a front: the largest is best
+    fewest = front_members(run, top=1, epochs=1, pick="best", objective=("nonzero_params", "min"))
+    assert [m.trial_key for m in fewest] == [front[0]["trial_key"]]  # a minimised objective
+    params = [int(m.search_point["nonzero_params"]) for m in front_members(run, top=2, epochs=1)]
+    assert params == sorted(params)  # listed smallest first
+    assert len(front_members(run, top=None, epochs=1, pick="best")) == len(front)
 
 
 class _M:  # the Member fields final_front reads
