@@ -142,7 +142,8 @@ def finalize(
     over seeds per member; on_front marks the final front). Exit 0 done, 1 some retraining (or
     MLflow) failed, 2 bad input, 130 interrupted (rerun to continue).
     """
-    from search.finalize import FinalizeInterrupted, finalize_run, front_text
+    from search.final_front import front_text
+    from search.finalize import FinalizeInterrupted, finalize_run
 
     try:
         outcome = finalize_run(run_dir, top=top, seeds=seeds, epochs=epochs, mlflow=not no_mlflow,
@@ -210,7 +211,7 @@ def pareto(
     run_dir = run_dir or run_dir_arg
 
     if final or run_dir is not None:
-        from search.finalize import front_text, read_final_csv
+        from search.final_front import front_text, read_final_csv
         from search.finalize_mlflow import final_from_store
 
         rows = read_final_csv(run_dir) if run_dir is not None else \

@@ -28,10 +28,9 @@ import dataclasses
 import io
 import json
 import math
-import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from typing import Any
 import yaml
 
 from search.errors import UserError
+from search.final_front import FINAL_PARETO, FINAL_PNG, FINISHED, final_csv, final_front, final_png
 from search.rundir import (
     ARCH_YAML,
     MODEL_FILE,
@@ -49,21 +49,13 @@ from search.rundir import (
     write_atomic,
     write_json,
 )
-from search.storage import attach, is_uri, read_file
+from search.storage import attach
 
-__all__ = ["FINAL_COLUMNS", "FINAL_DIR", "FINAL_PARETO", "FinalizeOutcome", "Member",
-           "final_front", "finalize_run", "front_members", "open_run", "trial_recipe"]
+__all__ = ["FINAL_DIR", "FinalizeOutcome", "Member", "finalize_run", "front_members", "open_run",
+           "trial_recipe"]
 
 FINAL_DIR = "final"  # run_dir/final/<member>-s<seed>/result.json, model.pt
-FINAL_PARETO = "final-pareto.csv"
-FINISHED, FAILED = "FINISHED", "FAILED"
-# Metrics averaged over seeds (mean and std columns) where the retraining reports them.
-AVERAGED = ("val_accuracy", "test_accuracy")
-# Counts of the delivered model (the same for every seed, up to pruning ties): their mean.
-COUNTS = ("nonzero_params", "macs", "nonzero_macs", "flash_bytes", "sram_bytes")
-FINAL_COLUMNS = ("trial_key", "prune_round", "nonzero_params", "macs", "val_accuracy_mean",
-                 "val_accuracy_std", "test_accuracy_mean", "test_accuracy_std", "seeds",
-                 "epochs", "search_val_accuracy", "on_front", "arch")
+FAILED = "FAILED"
 
 
 class FinalizeInterrupted(Exception):
@@ -222,91 +214,6 @@ def _plain(m: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-# ---------------------------------------------------------------------- the front
-def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
-    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    if not vals:
-        return None, None
-    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else None
-
-
-def final_front(members: Sequence[Member], records: Mapping[str, Mapping[str, Any]],
-                seeds: Sequence[int], *, objectives: Sequence[tuple[str, str]]) -> list[dict]:
-    """One row per member with a finished seed (FINAL_COLUMNS; metrics averaged over seeds),
-    ``on_front`` marking the non-dominated rows by the search's objectives on the means."""
-    from search.pareto import front_indices
-
-    rows = []
-    for m in members:
-        recs = [records[m.job_id(s)] for s in seeds
-                if records.get(m.job_id(s), {}).get("status") == FINISHED]
-        if not recs:
-            continue
-        row: dict[str, Any] = {"trial_key": m.trial_key, "prune_round": m.prune_round,
-                               "seeds": len(recs), "epochs": m.train.epochs,
-                               "search_val_accuracy": m.search_point.get("val_accuracy"),
-                               "arch": m.arch.canonical()}
-        wanted = {*AVERAGED, *COUNTS, *(m for m, _ in objectives)}
-        for k in sorted(wanted & {k for r in recs for k in r["metrics"]}):
-            vals = [r["metrics"].get(k) for r in recs]
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
-                continue
-            mean, std = _mean_std(vals)
-            if k in AVERAGED:
-                row[f"{k}_mean"], row[f"{k}_std"] = mean, std
-            else:
-                row[k] = mean if mean is None or not float(mean).is_integer() else int(mean)
-        rows.append(row)
-
-    def value(row: Mapping[str, Any], metric: str) -> float:
-        v = row.get(f"{metric}_mean", row.get(metric))
-        return float(v) if v is not None else math.nan
-
-    ok = [i for i, r in enumerate(rows) if all(math.isfinite(value(r, m)) for m, _ in objectives)]
-    front = {ok[j] for j in front_indices([[value(rows[i], m) for m, _ in objectives] for i in ok],
-                                          [s for _, s in objectives])} if ok else set()
-    for i, r in enumerate(rows):
-        r["on_front"] = i in front
-    return sorted(rows, key=lambda r: (r.get("nonzero_params") or 0, -(r.get("val_accuracy_mean") or 0)))
-
-
-def _csv(rows: Sequence[Mapping[str, Any]]) -> str:
-    extra = sorted({k for r in rows for k in r} - set(FINAL_COLUMNS))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=[*FINAL_COLUMNS, *extra], lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: "" if v is None else v for k, v in r.items()})
-    return buf.getvalue()
-
-
-def front_text(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The final front as a table (every member; ``*`` marks the front)."""
-    def f(v: Any, spec: str) -> str:
-        return "-" if v is None or v == "" else format(float(v), spec)
-
-    lines = [f"{'':1} {'trial':>6} {'params':>10} {'macs':>12} {'val_acc':>15} "
-             f"{'test_acc':>15} {'seeds':>5} {'epochs':>6}  arch"]
-    for r in rows:
-        lines.append(
-            f"{'*' if str(r.get('on_front')).lower() == 'true' else ' '} {r['trial_key']:>6} "
-            f"{f(r.get('nonzero_params'), ',.0f'):>10} {f(r.get('macs'), ',.0f'):>12} "
-            f"{f(r.get('val_accuracy_mean'), '.4f'):>7}+-{f(r.get('val_accuracy_std'), '.4f'):<6} "
-            f"{f(r.get('test_accuracy_mean'), '.4f'):>7}+-{f(r.get('test_accuracy_std'), '.4f'):<6} "
-            f"{r.get('seeds', ''):>5} {r.get('epochs', ''):>6}  {r.get('arch', '')}")
-    return "\n".join(lines)
-
-
-def read_final_csv(run_dir: str | Path) -> list[dict[str, str]]:
-    if is_uri(run_dir):  # read in place (search.storage): nothing else copied
-        return list(csv.DictReader(io.StringIO(read_file(run_dir, FINAL_PARETO).decode())))
-    path = Path(run_dir) / FINAL_PARETO
-    if not path.is_file():
-        raise UserError(f"{path} is missing: run `sparse-search finalize {run_dir}` first")
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
 # ---------------------------------------------------------------------- the command
 @dataclass(frozen=True)
 class FinalizeOutcome:
@@ -425,10 +332,12 @@ def _finalize(run: RunDir, *, top: int | None, seeds: int | None, epochs: int | 
     seed_lists = {m.label: [m.train.seed + i for i in offsets] for m in members}
     rows = final_front(members, records, sorted({s for v in seed_lists.values() for s in v}),
                        objectives=[(o.metric, o.mode) for o in spec.objectives])
-    write_atomic(run.path / FINAL_PARETO, _csv(rows))
+    write_atomic(run.path / FINAL_PARETO, final_csv(rows))
+    final_png(rows, run.path / FINAL_PNG, title=f"{spec.name}: final front")
     error = None
     if tracker is not None:
         tracker.log_front(run.path / FINAL_PARETO)
+        tracker.log_front(run.path / FINAL_PNG)
         error = tracker.failure
     return FinalizeOutcome(run.path, rows, trained, skipped, failed, tracking_error=error)
 

@@ -11,7 +11,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from search.errors import UserError
-from search.finalize import final_front, finalize_run
+from search.final_front import final_front
+from search.finalize import finalize_run
 from search.finalize_mlflow import ROLE_FINAL, final_from_store
 from search.spec import parse_spec
 from search.spec_model import Finalize
@@ -64,7 +65,10 @@ def test_finalize_top2_seeds2_then_rerun_skips(searched: tuple[Path, str]) -> No
         assert 0 <= float(r["val_accuracy_mean"]) <= 1 and float(r["val_accuracy_std"]) >= 0
         assert r["test_accuracy_mean"] and r["test_accuracy_std"] != ""
         assert int(r["nonzero_params"]) > 0
+        # pareto.csv's names carry the means, for tools that read a front
+        assert (r["val_accuracy"], r["test_accuracy"]) == (r["val_accuracy_mean"], r["test_accuracy_mean"])
     assert any(r["on_front"] == "True" for r in rows)
+    assert (run_dir / "final-pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (run_dir / "final").iterdir()) == sorted(
         f"{k}-s{s}" for k in front_keys for s in (0, 1))
     assert all((run_dir / "final" / f"{k}-s0" / "model.pt").is_file() for k in front_keys)
@@ -82,7 +86,7 @@ def test_finalize_top2_seeds2_then_rerun_skips(searched: tuple[Path, str]) -> No
     client = MlflowClient(uri)
     every = client.search_runs([read_state(run_dir)["experiment_id"]], "")
     assert not [r.info.run_id for r in every if r.info.status == "RUNNING"]
-    assert "final-pareto.csv" in {a.path for a in client.list_artifacts(parent)}
+    assert {"final-pareto.csv", "final-pareto.png"} <= {a.path for a in client.list_artifacts(parent)}
     assert sorted(r["trial_key"] for r in final_from_store(uri)) == sorted(front_keys)
 
     again = finalize_run(run_dir)
