@@ -3,7 +3,7 @@
 Two shipped ~45k-param nets (``spaces/archs/cifar10-50k-best.yaml``: the 30-minute search's
 best, separable; ``spaces/archs/resnet8-44k.yaml``: MLPerf Tiny's ResNet-8 scaled to 12/24/48
 channels), all 45,000 training images (val: the other 5,000, the search's split; test: all
-10,000), a fixed epoch budget (``--epochs``, default 6: a search trial's), the same seed. Each
+10,000), a fixed epoch budget (``--epochs``, default 8: cifar10-50k-long's trials), the same seed. Each
 variant changes ONE thing of the baseline recipe (``BASE``: cifar10-50k.yaml's recipe at
 lr 0.1); ``base-seed1`` is the baseline with seed 1, the seed-to-seed noise the deltas are
 read against. Flip test-time augmentation is free to measure: the baseline's and the EMA
@@ -14,7 +14,12 @@ is appended to ``--out`` (JSON lines) and a rerun skips what is there, so an int
 resumes. Prints the table of val/test accuracy and each variant's delta against the baseline
 of the same net (measured in this run), and seconds per epoch; the LAST line is JSON.
 
-    .venv/bin/python bench/recipe.py --data-path ../shared/datasets/cifar10.npz          # ~50 min
+    .venv/bin/python bench/recipe.py --data-path ../shared/datasets/cifar10.npz \
+        --variants base,base-seed1,lr0.2,bs256-lr0.2,cosine,decay-norms,ls0.2,crop2,cutout8,ema0.995
+                                          # the one-change rows: 20 runs, ~65 min on 2 idle cores
+    .venv/bin/python bench/recipe.py --data-path ... --variants lr0.4,winners   # then these
+    .venv/bin/python bench/recipe.py --data-path ... --epochs 24 --archs resnet8-44k \
+        --variants winners-crop4,winners --baseline winners-crop4   # the crop at a finalize budget
     .venv/bin/python bench/recipe.py --data-path ... --epochs 1 --subset 4000 --quick    # smoke
 """
 
@@ -46,9 +51,13 @@ VARIANTS: dict[str, dict[str, object]] = {
     "crop2": {"crop_padding": 2},
     "cutout8": {"cutout": 8},
     "ema0.995": {"ema": 0.995},
+    # after the one-change rows: the biggest lever once more, and the winners together
+    "lr0.4": {"lr": 0.4},
+    "winners": {"lr": 0.2, "crop_padding": 2},
+    "winners-crop4": {"lr": 0.2},  # at a longer budget: does the crop's sign flip?
 }
 QUICK = ("base", "ema0.995")
-TTA_OF = ("base", "ema0.995")  # runs whose final model is scored again with flip TTA
+TTA_OF = ("base", "ema0.995", "winners", "winners-crop4")  # runs whose final model is scored again with flip TTA
 
 
 def one(arch: str, variant: str, *, data_path: str, epochs: int, subset: int | None) -> dict:
@@ -84,10 +93,13 @@ def one(arch: str, variant: str, *, data_path: str, epochs: int, subset: int | N
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-path", required=True, help="cifar10 .npz (or torchvision root)")
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--subset", type=int, default=None, help="train+val images (default: all 50,000)")
     ap.add_argument("--out", default="bench-recipe.jsonl", help="JSON lines, one per finished run (resume)")
     ap.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
+    ap.add_argument("--variants", default=None, help="comma-separated subset of the variants")
+    ap.add_argument("--archs", default=",".join(ARCHS), help="comma-separated subset of the nets")
+    ap.add_argument("--baseline", default="base", help="the variant deltas are taken against")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     ap.add_argument("--one", nargs=2, metavar=("ARCH", "VARIANT"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -102,9 +114,15 @@ def main(argv: list[str] | None = None) -> int:
             r = json.loads(line)
             if r["epochs"] == a.epochs:
                 done[(r["arch"], r["variant"])] = r
-    variants = QUICK if a.quick else tuple(VARIANTS)
+    variants = QUICK if a.quick else tuple(a.variants.split(",") if a.variants else VARIANTS)
+    archs = a.archs.split(",")
+    for name, known in (("variant", VARIANTS), ("net", ARCHS)):
+        bad = [v for v in (variants if name == "variant" else archs) if v not in known]
+        if bad:
+            ap.error(f"unknown {name} {bad}: expected some of {', '.join(known)}")
     # the ResNet (2.4x the MACs) first: the longest runs start first
-    todo = [(arch, v) for arch in reversed(ARCHS) for v in variants if (arch, v) not in done]
+    todo = [(arch, v) for arch in reversed(ARCHS) if arch in archs for v in variants
+            if (arch, v) not in done]
     started = time.perf_counter()
 
     def run(job: tuple[str, str]) -> dict:
@@ -127,11 +145,11 @@ def main(argv: list[str] | None = None) -> int:
 
     n = a.subset or 50_000
     print(f"\n{a.epochs} epochs, {n - round(0.1 * n):,} train / {round(0.1 * n):,} val / 10,000 test, "
-          "seed 0 (base-seed1: 1); deltas in accuracy points against the same net's base")
+          f"seed 0 (base-seed1: 1); deltas in accuracy points against the same net's {a.baseline}")
     print(f"{'net':<12} {'variant':<14} {'val':>7} {'d val':>6} {'test':>7} {'d test':>6} {'s/epoch':>8}")
     summary: dict[str, dict[str, float]] = {}
-    for arch in ARCHS:
-        base = done.get((arch, "base"))
+    for arch in (x for x in ARCHS if x in archs):
+        base = done.get((arch, a.baseline))
         for v in variants:
             r = done.get((arch, v))
             if r is None or base is None:
@@ -144,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 summary.setdefault(name, {})[arch] = round(dv, 2)
                 print(f"{arch:<12} {name:<14} {val:7.4f} {dv:+6.2f} {test:7.4f} {dt:+6.2f} "
                       f"{r['epoch_seconds']:8.1f}")
-    print(json.dumps({"bench": "recipe", "epochs": a.epochs, "wall_s": round(wall, 1),
+    print(json.dumps({"bench": "recipe", "epochs": a.epochs, "baseline": a.baseline, "wall_s": round(wall, 1),
                       "val_delta_pp": summary}))
     return 0
 

@@ -121,9 +121,11 @@ def recorded_config(run: RunDir, key: str) -> dict[str, Any]:
 
 
 def trial_recipe(run: RunDir, key: str, *, epochs: int | None = None, seed: int | None = None,
-                 prune_round: int | None = None) -> tuple[Any, Any]:
+                 prune_round: int | None = None,
+                 overrides: Mapping[str, Any] | None = None) -> tuple[Any, Any]:
     """(ArchConfig, TrainConfig) of a recorded trial: its arch.yaml and its ``train/`` config,
-    with ``epochs``, ``seed`` and (an earlier front round) ``prune_rounds`` replaced."""
+    with ``overrides`` (search.finalize.train), ``epochs``, ``seed`` and (an earlier front
+    round) ``prune_rounds`` replaced."""
     from trainables.arch import ArchConfig
     from trainables.train import TrainConfig
 
@@ -131,7 +133,7 @@ def trial_recipe(run: RunDir, key: str, *, epochs: int | None = None, seed: int 
     arch_file = run.trial(key) / ARCH_YAML
     arch = ArchConfig.load(arch_file) if arch_file.is_file() else ArchConfig.from_flat(config)
     cfg = TrainConfig.from_flat({k: v for k, v in config.items() if k.startswith("train/")})
-    changes: dict[str, Any] = {}
+    changes: dict[str, Any] = dict(overrides or {})
     if prune_round is not None and prune_round < cfg.prune_rounds:
         changes["prune_rounds"] = prune_round
     if epochs is not None:
@@ -144,7 +146,8 @@ def trial_recipe(run: RunDir, key: str, *, epochs: int | None = None, seed: int 
 
 
 def front_members(run: RunDir, *, top: int | None, epochs: int | None, pick: str = "smallest",
-                  objective: tuple[str, str] = ("val_accuracy", "max")) -> list[Member]:
+                  objective: tuple[str, str] = ("val_accuracy", "max"),
+                  overrides: Mapping[str, Any] | None = None) -> list[Member]:
     """pareto.csv's points in order of params (smallest first), at most ``top``: the smallest,
     or (``pick="best"``) the best in ``objective`` (its column, max | min)."""
     if not run.pareto_csv.is_file():
@@ -164,7 +167,7 @@ def front_members(run: RunDir, *, top: int | None, epochs: int | None, pick: str
     members = []
     for row in rows[:top] if top is not None else rows:
         key, r = row["trial_key"], int(row.get("prune_round") or 0)
-        arch, cfg = trial_recipe(run, key, epochs=epochs, prune_round=r)
+        arch, cfg = trial_recipe(run, key, epochs=epochs, prune_round=r, overrides=overrides)
         recorded_rounds = int(recorded_config(run, key).get("train/prune_rounds") or 0)
         label = key if r >= recorded_rounds else f"{key}r{r}"  # an earlier round: its own label
         members.append(Member(key, r, label, arch, cfg, search_point=row))
@@ -290,7 +293,7 @@ def _finalize(run: RunDir, *, top: int | None, seeds: int | None, epochs: int | 
     seeds = seeds if seeds is not None else settings.seeds
     epochs = epochs if epochs is not None else settings.epochs
     members = front_members(run, top=top, epochs=epochs, pick=settings.pick,
-                            objective=_headline_objective(spec))
+                            objective=_headline_objective(spec), overrides=settings.train)
     if not members:
         raise UserError(f"{run.pareto_csv} holds no front member: nothing to finalize")
     offsets = range(seeds)

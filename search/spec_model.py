@@ -137,6 +137,9 @@ class Finalize:
     pick: str = "best"
     seeds: int = 2  # repeats per member (seeds recorded, +1, +2, ...): a spread needs two
     epochs: int | None = None  # epochs per phase of the retraining; null: the trial's train.epochs
+    # TrainConfig values that replace the trial's own for the retraining (a longer budget may
+    # want e.g. more augmentation: {crop_padding: 4}); fixed values only, never epochs or seed.
+    train: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

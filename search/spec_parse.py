@@ -216,12 +216,18 @@ def _search_settings(r: Reader, d: Any) -> SearchSettings:
                    f"({{float: [lo, hi]}}), but fraction is {plain(fill.fraction)!r}: drop bands "
                    "or search the fraction")
     if final is not None:
+        final_train = None
+        if isinstance(final, Mapping) and "train" in final:
+            final = dict(final)
+            final_train = _finalize_train(r, final.pop("train"))
         final = r.dataclass(Finalize, final, "search.finalize", {
             "top": int_check(1, nullable=True),
             "pick": one_of(FINALIZE_PICKS),
             "seeds": int_check(1),
             "epochs": int_check(1, nullable=True),
         })
+        if final_train:
+            final = dataclasses.replace(final, train=final_train)
     return dataclasses.replace(settings, early_stopping=early, fill_budget=fill, initial=initial,
                                finalize=final)
 
@@ -325,6 +331,25 @@ def _data(r: Reader, d: Any) -> DataConfig:
     except ValueError as e:
         # DataConfig's messages already read "data.<field>=<value> is invalid: expected ...".
         raise SpecError(f"{r.source}: {e}") from None
+
+
+def _finalize_train(r: Reader, d: Any) -> dict[str, Any]:
+    """``search.finalize.train``: fixed TrainConfig values, each checked by TrainConfig's rules."""
+    names = [f.name for f in fields(TrainConfig) if f.name not in ("epochs", "seed")]
+    for k, why in (("epochs", "search.finalize.epochs sets them"),
+                   ("seed", "each repeat's seed is the trial's +0, +1, ...")):
+        if isinstance(d, Mapping) and k in d:
+            r.fail(f"search.finalize.train.{k}", f"is not allowed here: {why}")
+    kw = r.mapping(d, "search.finalize.train", names)
+    for k, v in kw.items():
+        path = f"search.finalize.train.{k}"
+        if isinstance(v, (Mapping, list)):
+            r.invalid(path, v, "a fixed value (the retraining searches nothing)")
+        try:
+            TrainConfig(**{k: v})
+        except ValueError as e:
+            r.invalid(path, v, expected_of(e) if str(e).startswith(f"train.{k}=") else str(e))
+    return dict(kw)
 
 
 # ---------------------------------------------------------------------- train section

@@ -111,7 +111,19 @@ def test_spec_section_defaults_and_errors() -> None:
                                         r"integer >= 1 or null"):
         parse_spec({"data": {"name": "digits"}, "search": {"finalize": {"top": 0}}},
                    source="x.yaml")
-    assert spec.search.finalize.pick == "best"
+    assert spec.search.finalize.pick == "best" and spec.search.finalize.train == {}
+    longer = parse_spec({"data": {"name": "digits"},
+                         "search": {"finalize": {"epochs": 30, "train": {"crop_padding": 4, "ema": 0.99}}}})
+    assert longer.search.finalize.train == {"crop_padding": 4, "ema": 0.99}
+    assert parse_spec(longer.to_dict()).search.finalize == longer.search.finalize
+    for bad, match in (({"epochs": 3}, r"train\.epochs is not allowed here: search\.finalize\.epochs"),
+                       ({"lrr": 0.1}, r"search\.finalize\.train\.lrr is not a known key"),
+                       ({"seed": 3}, r"x.yaml: search\.finalize\.train\.seed is not allowed here: each repeat's seed"),
+                       ({"ema": 1.5}, r"search\.finalize\.train\.ema=1\.5 is invalid: expected a number in \[0, 1\)"),
+                       ({"lr": {"float": [0.1, 0.2]}}, r"search\.finalize\.train\.lr=.* is invalid: expected a fixed value")):
+        with pytest.raises(UserError, match=match):
+            parse_spec({"data": {"name": "digits"}, "search": {"finalize": {"train": bad}}},
+                       source="x.yaml")
     with pytest.raises(UserError, match=r"x.yaml: search.finalize.pick='largest' is invalid: "
                                         r"expected one of best, smallest"):
         parse_spec({"data": {"name": "digits"}, "search": {"finalize": {"pick": "largest"}}},
@@ -132,6 +144,9 @@ def test_pick_smallest_or_best_of_the_front(searched: tuple[Path, str]) -> None:
     assert [m.trial_key for m in best] == [front[-1]["trial_key"]]  # a front: the largest is best
     fewest = front_members(run, top=1, epochs=1, pick="best", objective=("nonzero_params", "min"))
     assert [m.trial_key for m in fewest] == [front[0]["trial_key"]]  # a minimised objective
+    over = front_members(run, top=1, epochs=5, overrides={"crop_padding": 1, "ema": 0.9})
+    recorded = front_members(run, top=1, epochs=None)[0].train
+    assert over[0].train == recorded.replace(epochs=5, crop_padding=1, ema=0.9)
     params = [int(m.search_point["nonzero_params"]) for m in front_members(run, top=2, epochs=1)]
     assert params == sorted(params)  # listed smallest first
     assert len(front_members(run, top=None, epochs=1, pick="best")) == len(front)
