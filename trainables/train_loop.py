@@ -2,9 +2,10 @@
 training pass and the evaluation pass.
 
 Owns what runs per step: :func:`lr_factor` (warmup then onecycle / cosine / constant),
-:class:`_Batcher` (uint8 batches -> normalised float, crop and flip in one gather),
-:func:`_train_epoch` (one permutation, device-side loss and hits, no per-step host sync) and
-:func:`evaluate` / :func:`accuracy_se`. Phases, pruning rounds, early stopping and
+:class:`_Batcher` (uint8 batches -> normalised float, crop and flip in one gather, cutout),
+:func:`make_ema` (the weight average of ``train.ema``), :func:`_train_epoch` (one permutation,
+device-side loss and hits, no per-step host sync) and :func:`evaluate` (flip TTA optional) /
+:func:`accuracy_se`. Phases, pruning rounds, early stopping and
 checkpoints stay in :mod:`trainables.train`, which re-exports these names.
 """
 
