@@ -76,7 +76,9 @@ def front_table(ranked: pd.DataFrame, front: set[str], *, objectives: Mapping[st
         })
     columns = ["trial_key", "pareto_rank", "val_accuracy", "nonzero_params", "arch",
                "run_id", "url", "on_front"]
-    table = pd.DataFrame(rows) if rows else pd.DataFrame(columns=columns)
+    # An empty table keeps on_front boolean: table[table["on_front"]] on an empty object column
+    # would select columns, not rows (a search stopped before any trial finished).
+    table = pd.DataFrame(rows) if rows else pd.DataFrame(columns=columns).astype({"on_front": bool})
     x_col = _axes(objectives)[1]
     return table.sort_values(["pareto_rank", x_col], kind="stable").reset_index(drop=True)
 
