@@ -162,8 +162,8 @@ def front_members(run: RunDir, *, top: int | None, epochs: int | None, pick: str
             v = float(r.get(metric) or worst)
             return -v if mode == "max" else v
 
-        best = {r["trial_key"] + "/" + (r.get("prune_round") or "0") for r in sorted(rows, key=rank)[:top]}
-        rows = [r for r in rows if r["trial_key"] + "/" + (r.get("prune_round") or "0") in best]
+        best = {id(r) for r in sorted(rows, key=rank)[:top]}
+        rows = [r for r in rows if id(r) in best]
     members = []
     for row in rows[:top] if top is not None else rows:
         key, r = row["trial_key"], int(row.get("prune_round") or 0)

@@ -312,6 +312,7 @@ def fit(
     snap: dict[str, Tensor] = {}  # the rewind point; empty until taken
     opt: torch.optim.Optimizer | None = None
     ema = None  # train.ema: the phase's weight average (torch AveragedModel), evaluated instead
+    tta = cfg.tta == "flip"  # every val/test evaluation scores the image and its mirror
     if start_state is not None:
         pruning.apply_masks(model, start_state["model"])
         model.load_state_dict(start_state["model"])
@@ -360,7 +361,6 @@ def fit(
                     f"training loss became {train_loss} in epoch {prog.epoch + 1} (round {phase}, "
                     f"peak lr {cfg.lr}, {cfg.optimizer}): lower train.lr or check the data"
                 )
-            tta = cfg.tta == "flip"
             val_acc, val_loss = evaluate(ema.module if ema is not None else model, x_val, y_val,
                                          batcher, batch_size=cfg.eval_batch_size, device=dev,
                                          amp_dtype=amp_dtype, tta_flip=tta)
