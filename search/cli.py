@@ -129,6 +129,7 @@ def finalize(
     top: int | None = typer.Option(None, "--top", help="retrain at most this many front members, the best (search.finalize.pick) (overrides search.finalize.top; default: all)"),
     seeds: int | None = typer.Option(None, "--seeds", help="repeats per member (overrides search.finalize.seeds; default 2)"),
     epochs: int | None = typer.Option(None, "--epochs", help="epochs per phase (overrides search.finalize.epochs; default: the trial's)"),
+    time_budget: str | None = typer.Option(None, "--time-budget", help="wall time for this call, e.g. 75m or 2h: members are trained in pick order and none starts whose estimated end (its trial's measured pace) is later (overrides search.finalize.time_budget)"),
     address: str | None = typer.Option(None, "--address", help="Ray cluster to attach to (default: $RAY_ADDRESS, else a local Ray)"),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="default: the store the search used (run_dir/mlflow.json)"),
     no_mlflow: bool = typer.Option(False, "--no-mlflow", help="do not log the retrainings to MLflow"),
@@ -146,7 +147,8 @@ def finalize(
     from search.finalize import FinalizeInterrupted, finalize_run
 
     try:
-        outcome = finalize_run(run_dir, top=top, seeds=seeds, epochs=epochs, mlflow=not no_mlflow,
+        outcome = finalize_run(run_dir, top=top, seeds=seeds, epochs=epochs,
+                               time_budget=time_budget, mlflow=not no_mlflow,
                                tracking_uri=tracking_uri, address=address)
     except (FinalizeInterrupted, KeyboardInterrupt):  # any moment: what finished is kept
         print(str(FinalizeInterrupted(run_dir)), file=sys.stderr)
@@ -157,6 +159,9 @@ def finalize(
     typer.echo(f"final front: final-pareto.csv in {run_dir}" if is_uri(run_dir) else
                f"final front: {outcome.run_dir / 'final-pareto.csv'}")
     code = 0
+    if outcome.left_out:  # a budget is the user's choice, as the search's is: not an error
+        print(f"note: the time budget left out {', '.join(outcome.left_out)}: rerun finalize with "
+              "a larger --time-budget to train them", file=sys.stderr)
     if outcome.failed:
         print(f"error: {outcome.failed} retraining(s) failed: see final/*/result.json in "
               f"{outcome.run_dir}; rerun finalize to retry them", file=sys.stderr)

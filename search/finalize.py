@@ -17,6 +17,11 @@ the same recipe, so an interrupted finalize is resumable. At the end ``final-par
 one row per member (mean and sample std over its seeds) with ``on_front`` marking the final
 front; pareto.csv (the search's front) is left as it was.
 
+With ``search.finalize.time_budget`` (``--time-budget``) the members are trained in pick order
+and only those whose retrainings are estimated to end within the budget
+(:mod:`search.finalize_budget`); the rest are listed as left out, and a rerun with a larger
+budget trains them.
+
 MLflow (:mod:`search.finalize_mlflow`), when the run was tracked: one run per (member, seed)
 nested under the search's parent run, and ``final-pareto.csv`` as a parent artifact.
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -52,7 +58,7 @@ from search.rundir import (
 from search.storage import attach
 
 __all__ = ["FINAL_DIR", "FinalizeOutcome", "Member", "finalize_run", "front_members", "open_run",
-           "trial_recipe"]
+           "pick_order", "trial_recipe"]
 
 FINAL_DIR = "final"  # run_dir/final/<member>-s<seed>/result.json, model.pt
 FAILED = "FAILED"
@@ -145,6 +151,22 @@ def trial_recipe(run: RunDir, key: str, *, epochs: int | None = None, seed: int 
     return arch, cfg.replace(**changes) if changes else cfg
 
 
+def _rank(pick: str, objective: tuple[str, str]) -> Callable[[Mapping[str, Any]], float]:
+    """Sort key of a pareto.csv row, ascending = picked first: fewest params (``smallest``) or
+    best in ``objective`` (its column, max | min)."""
+    if pick != "best":
+        return lambda r: float(r["nonzero_params"] or "inf")
+    metric, mode = objective
+    worst = "-inf" if mode == "max" else "inf"
+    return lambda r: -float(r.get(metric) or worst) if mode == "max" else float(r.get(metric) or worst)
+
+
+def pick_order(members: list[Member], pick: str,
+               objective: tuple[str, str] = ("val_accuracy", "max")) -> list[Member]:
+    """``members`` in the order ``pick`` prefers them (a time budget trains them in it)."""
+    return sorted(members, key=lambda m: _rank(pick, objective)(m.search_point))
+
+
 def front_members(run: RunDir, *, top: int | None, epochs: int | None, pick: str = "smallest",
                   objective: tuple[str, str] = ("val_accuracy", "max"),
                   overrides: Mapping[str, Any] | None = None) -> list[Member]:
@@ -153,16 +175,9 @@ def front_members(run: RunDir, *, top: int | None, epochs: int | None, pick: str
     if not run.pareto_csv.is_file():
         raise UserError(f"{run.path}: {run.pareto_csv.name} is missing: no trial finished yet")
     with run.pareto_csv.open(newline="") as f:
-        rows = sorted(csv.DictReader(f), key=lambda r: float(r["nonzero_params"] or "inf"))
+        rows = sorted(csv.DictReader(f), key=_rank("smallest", objective))
     if top is not None and pick == "best":
-        metric, mode = objective
-        worst = "-inf" if mode == "max" else "inf"
-
-        def rank(r: Mapping[str, str]) -> float:  # ascending = best first
-            v = float(r.get(metric) or worst)
-            return -v if mode == "max" else v
-
-        best = {id(r) for r in sorted(rows, key=rank)[:top]}
+        best = {id(r) for r in sorted(rows, key=_rank(pick, objective))[:top]}
         rows = [r for r in rows if id(r) in best]
     members = []
     for row in rows[:top] if top is not None else rows:
@@ -226,10 +241,12 @@ class FinalizeOutcome:
     skipped: int  # finished by an earlier call with the same recipe
     failed: int
     tracking_error: str | None = None
+    left_out: tuple[str, ...] = ()  # job ids the time budget did not start (rerun to train them)
 
     def summary(self) -> dict[str, Any]:
         return {"run_dir": str(self.run_dir), "trained": self.trained, "skipped": self.skipped,
-                "failed": self.failed, "final_pareto": str(self.run_dir / FINAL_PARETO),
+                "failed": self.failed, "left_out": list(self.left_out),
+                "final_pareto": str(self.run_dir / FINAL_PARETO),
                 "front": [r for r in self.rows if r.get("on_front")]}
 
 
@@ -260,19 +277,26 @@ def _headline_objective(spec: Any) -> tuple[str, str]:
 
 
 def finalize_run(run_dir: str | Path, *, top: int | None = None, seeds: int | None = None,
-                 epochs: int | None = None, mlflow: bool = True, tracking_uri: str | None = None,
-                 address: str | None = None,
+                 epochs: int | None = None, time_budget: str | float | None = None,
+                 mlflow: bool = True, tracking_uri: str | None = None, address: str | None = None,
                  echo: Callable[[str], Any] = lambda s: print(s, file=sys.stderr)) -> FinalizeOutcome:
-    """Retrain the run's front (see the module docstring); ``top`` / ``seeds`` / ``epochs``
-    override ``search.finalize``. Raises UserError (bad input, before anything is trained)
-    or FinalizeInterrupted (Ctrl-C: rerun to continue)."""
+    """Retrain the run's front (see the module docstring); ``top`` / ``seeds`` / ``epochs`` /
+    ``time_budget`` (seconds, or 75m, 2h) override ``search.finalize``. Raises UserError (bad
+    input, before anything is trained) or FinalizeInterrupted (Ctrl-C: rerun to continue)."""
+    from search.spec_parse import DURATION, parse_duration
+
     for name, v in (("top", top), ("seeds", seeds), ("epochs", epochs)):
         _positive(name, v)
+    budget_s = None
+    if time_budget is not None:
+        budget_s = parse_duration(time_budget)
+        if budget_s is None:
+            raise UserError(f"--time-budget {time_budget!r} is invalid: expected {DURATION}")
     run = open_run(run_dir)
     mirror = attach(run)  # a run dir on a URI: final/ and final-pareto.csv copied there
     try:
-        outcome = _finalize(run, top=top, seeds=seeds, epochs=epochs, mlflow=mlflow,
-                            tracking_uri=tracking_uri, address=address, echo=echo)
+        outcome = _finalize(run, top=top, seeds=seeds, epochs=epochs, budget_s=budget_s,
+                            mlflow=mlflow, tracking_uri=tracking_uri, address=address, echo=echo)
     finally:
         storage_error = mirror.close() if mirror is not None else None
     if storage_error:
@@ -282,7 +306,7 @@ def finalize_run(run_dir: str | Path, *, top: int | None = None, seeds: int | No
 
 
 def _finalize(run: RunDir, *, top: int | None, seeds: int | None, epochs: int | None,
-              mlflow: bool, tracking_uri: str | None, address: str | None,
+              budget_s: float | None, mlflow: bool, tracking_uri: str | None, address: str | None,
               echo: Callable[[str], Any]) -> FinalizeOutcome:
     from search.spec import load_spec
     from search.spec_model import Finalize
@@ -292,12 +316,16 @@ def _finalize(run: RunDir, *, top: int | None, seeds: int | None, epochs: int | 
     top = top if top is not None else settings.top
     seeds = seeds if seeds is not None else settings.seeds
     epochs = epochs if epochs is not None else settings.epochs
+    budget_s = budget_s if budget_s is not None else settings.time_budget
+    objective = _headline_objective(spec)
     members = front_members(run, top=top, epochs=epochs, pick=settings.pick,
-                            objective=_headline_objective(spec), overrides=settings.train)
+                            objective=objective, overrides=settings.train)
     if not members:
         raise UserError(f"{run.pareto_csv} holds no front member: nothing to finalize")
     offsets = range(seeds)
-    jobs = {m.job_id(m.train.seed + i): (m, m.train.seed + i) for m in members for i in offsets}
+    # In pick order: with a time budget the first ones are trained first (and the last left out).
+    jobs = {m.job_id(m.train.seed + i): (m, m.train.seed + i)
+            for m in pick_order(members, settings.pick, objective) for i in offsets}
     records = _load_records(run)
     recipe = {jid: m.train.replace(seed=s).to_flat() for jid, (m, s) in jobs.items()}
     todo = [jid for jid in jobs if not (records.get(jid, {}).get("status") == FINISHED
@@ -330,8 +358,14 @@ def _finalize(run: RunDir, *, top: int | None, seeds: int | None, epochs: int | 
         for jid in jobs:
             if jid not in todo:
                 tracker.log(jid, records[jid], jobs[jid][0])
+    budget = None
+    if budget_s is not None and todo:
+        budget = functools.partial(_budget_plan, run, pick_order(members, settings.pick, objective),
+                                   [jobs[jid][0].label for jid in todo], todo, budget_s, echo)
+    left_out: list[str] = []
     if todo:
-        _train_on_ray(run, spec, {jid: jobs[jid] for jid in todo}, recipe, address, record)
+        left_out = _train_on_ray(run, spec, {jid: jobs[jid] for jid in todo}, recipe, address,
+                                 record, budget=budget, echo=echo)
     seed_lists = {m.label: [m.train.seed + i for i in offsets] for m in members}
     rows = final_front(members, records, sorted({s for v in seed_lists.values() for s in v}),
                        objectives=[(o.metric, o.mode) for o in spec.objectives])
@@ -342,13 +376,33 @@ def _finalize(run: RunDir, *, top: int | None, seeds: int | None, epochs: int | 
         tracker.log_front(run.path / FINAL_PARETO)
         tracker.log_front(run.path / FINAL_PNG)
         error = tracker.failure
-    return FinalizeOutcome(run.path, rows, trained, skipped, failed, tracking_error=error)
+    return FinalizeOutcome(run.path, rows, trained, skipped, failed, tracking_error=error,
+                           left_out=tuple(left_out))
+
+
+def _budget_plan(run: RunDir, ranked: list[Member], labels: list[str], todo: list[str],
+                 budget_s: float, echo: Callable[[str], Any], slots: int) -> Any:
+    """The time budget's plan (search.finalize_budget) for ``todo`` on ``slots`` lanes, echoed."""
+    from search.finalize_budget import plan_budget, trial_pace
+
+    by_member: dict[str, list[str]] = {}
+    for label, jid in zip(labels, todo, strict=True):
+        by_member.setdefault(label, []).append(jid)
+    plan = plan_budget(ranked, by_member, slots=slots, budget_s=budget_s,
+                       pace=trial_pace(run.results_csv))
+    for line in plan.lines():
+        echo(line)
+    return plan
 
 
 def _train_on_ray(run: RunDir, spec: Any, jobs: Mapping[str, tuple[Member, int]],
                   recipe: Mapping[str, dict[str, Any]], address: str | None,
-                  record: Callable[[str, dict[str, Any]], None]) -> None:
-    """One Ray task per (member, seed), with the search's per-trial resources."""
+                  record: Callable[[str, dict[str, Any]], None], *,
+                  budget: Callable[[int], Any] | None = None,
+                  echo: Callable[[str], Any] = print) -> list[str]:
+    """One Ray task per (member, seed), with the search's per-trial resources; with ``budget``
+    (slots -> finalize_budget.BudgetPlan) only the planned ones, at most a slot's worth in
+    flight, each started only while its estimate fits. Returns the job ids not started."""
     from concurrent.futures import ThreadPoolExecutor
 
     from search.interrupt import sigterm_as_sigint
@@ -372,17 +426,35 @@ def _train_on_ray(run: RunDir, spec: Any, jobs: Mapping[str, tuple[Member, int]]
             num_cpus=plan.cpu, num_gpus=plan.gpu, resources=dict(plan.custom) or None,
             max_retries=spec.search.max_failures)
         threads = max(1, int(plan.cpu))
-        pending = {}
-        for jid, (m, seed) in jobs.items():
-            cfg = m.train.replace(seed=seed)
-            cfg = cfg if cfg.threads is not None else cfg.replace(threads=threads)
-            pending[task.remote(m.arch.to_yaml(), cfg.to_flat(), splits_ref, plan.gpu > 0)] = \
-                (jid, m, seed, time.time())
+        slots = max(1, plan.concurrent)
+        chosen = budget(slots) if budget is not None else None
+        queue = list(chosen.admitted if chosen is not None else jobs)
+        left_out = [jid for jid in jobs if jid not in queue]
+        in_flight = slots if chosen is not None else len(queue)  # no budget: Ray queues them all
+        began = time.monotonic()
+        pending: dict[Any, tuple[str, Member, int, float]] = {}
+
+        def submit() -> None:
+            while queue and len(pending) < in_flight:
+                jid = queue.pop(0)
+                if chosen is not None and not chosen.fits_now(jid, time.monotonic() - began):
+                    echo(f"left out {jid}: ~{chosen.estimates[jid] / 60:.0f} min no longer fits "
+                         f"in the {chosen.budget_s / 60:.0f}-min budget")
+                    left_out.append(jid)
+                    continue
+                m, seed = jobs[jid]
+                cfg = m.train.replace(seed=seed)
+                cfg = cfg if cfg.threads is not None else cfg.replace(threads=threads)
+                pending[task.remote(m.arch.to_yaml(), cfg.to_flat(), splits_ref, plan.gpu > 0)] = \
+                    (jid, m, seed, time.time())
+
         try:
+            submit()
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 jid, m, seed, t0 = pending.pop(ready[0])
                 _save(run, jid, m, seed, recipe[jid], ready[0], t0, record)
+                submit()
         except KeyboardInterrupt:
             for ref in pending:
                 ray.cancel(ref, force=True)
@@ -390,6 +462,7 @@ def _train_on_ray(run: RunDir, spec: Any, jobs: Mapping[str, tuple[Member, int]]
     finally:
         if started:
             ray.shutdown()
+    return left_out
 
 
 def _save(run: RunDir, jid: str, m: Member, seed: int, train_flat: dict[str, Any], ref: Any,

@@ -140,6 +140,9 @@ class Finalize:
     # TrainConfig values that replace the trial's own for the retraining (a longer budget may
     # want e.g. more augmentation: {crop_padding: 4}); fixed values only, never epochs or seed.
     train: Mapping[str, Any] = field(default_factory=dict)
+    # Wall seconds of one finalize call (written 75m, 2h, ...): no retraining starts whose
+    # estimated end (its search trial's measured s/epoch x its epochs) is later; null: no limit.
+    time_budget: float | None = None
 
 
 @dataclass(frozen=True)

@@ -225,7 +225,10 @@ def _search_settings(r: Reader, d: Any) -> SearchSettings:
             "pick": one_of(FINALIZE_PICKS),
             "seeds": int_check(1),
             "epochs": int_check(1, nullable=True),
+            "time_budget": lambda v: None if v is None or parse_duration(v) is not None else DURATION,
         })
+        if final.time_budget is not None:
+            final = dataclasses.replace(final, time_budget=parse_duration(final.time_budget))
         if final_train:
             final = dataclasses.replace(final, train=final_train)
     return dataclasses.replace(settings, early_stopping=early, fill_budget=fill, initial=initial,

@@ -87,6 +87,8 @@ def test_bad_inputs_exit_2(run_dir: Path, tmp_path: Path) -> None:
     cases = [
         (("finalize", str(tmp_path / "nowhere")), "no such run directory"),
         (("finalize", str(run_dir), "--seeds", "0"), "--seeds 0 is invalid"),
+        (("finalize", str(run_dir), "--time-budget", "soon"),
+         "--time-budget 'soon' is invalid: expected a positive duration"),
         (("train", str(run_dir), "99", "--epochs", "1"), "trial '99' is not in"),
         (("train", str(run_dir)), "name the trial to retrain"),
         (("train", str(run_dir), "0", "--data", "digits"), "is a run directory"),
@@ -95,3 +97,14 @@ def test_bad_inputs_exit_2(run_dir: Path, tmp_path: Path) -> None:
         out = _cli(*args)
         assert out.returncode == 2, (args, out.stderr)
         assert message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+
+
+def test_a_time_budget_too_small_for_any_member_trains_nothing_and_says_so(run_dir: Path) -> None:
+    # 10,000 epochs at the trials' measured pace cannot end in 1 minute: all left out, exit 0
+    # (a budget is the user's choice, as the search's is), the note names them.
+    out = _cli("finalize", str(run_dir), "--epochs", "10000", "--time-budget", "1m", "--no-mlflow")
+    assert out.returncode == 0, out.stderr
+    assert "time budget 1 min: 0 retrainings planned" in out.stderr
+    assert "past the budget" in out.stderr and "note: the time budget left out" in out.stderr
+    assert not list((run_dir / "final").glob("*-s*/result.json")) or all(
+        '"epochs": 10000' not in p.read_text() for p in (run_dir / "final").glob("*/result.json"))

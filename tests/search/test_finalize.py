@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,33 @@ def test_finalize_top2_seeds2_then_rerun_skips(searched: tuple[Path, str]) -> No
     assert len(_final_runs(uri, run_dir)) == 4  # no second run for a finished retraining
 
 
+def test_time_budget_trains_in_pick_order_and_leaves_out_what_cannot_fit(
+        searched: tuple[Path, str]) -> None:
+    run_dir, _ = searched
+    with (run_dir / "pareto.csv").open() as f:
+        ranked = [r["trial_key"] for r in sorted(csv.DictReader(f),
+                                                 key=lambda r: -float(r["val_accuracy"]))][:2]
+    # A budget every planned retraining fits in: all 4 trained, the best member's seeds first
+    # (2 epochs: a recipe not trained before).
+    out = finalize_run(run_dir, epochs=2, time_budget="2h", mlflow=False)
+    assert (out.trained, out.failed, out.left_out) == (4, 0, ())
+    started = {p.parent.name: json.loads(p.read_text())["started_at"]
+               for p in (run_dir / "final").glob("*/result.json")}
+    first = [k for k in started if k.startswith(f"{ranked[0]}-s")]
+    assert len(first) == 2 and all(started[k] <= min(started[j] for j in started if j not in first)
+                                   for k in first)
+    # 5,000 epochs at the trials' measured pace cannot end in 30 s: nothing starts.
+    lines: list[str] = []
+    none = finalize_run(run_dir, epochs=5000, time_budget=30, mlflow=False, echo=lines.append)
+    assert (none.trained, none.failed) == (0, 0)
+    assert sorted(none.left_out) == sorted(f"{k}-s{s}" for k in ranked for s in (0, 1))
+    assert any("0 retrainings planned" in line for line in lines)
+    assert sum("past the budget" in line for line in lines) == 2
+    assert none.summary()["left_out"] == list(none.left_out)
+    with pytest.raises(UserError, match=r"--time-budget '3 weeks' is invalid"):
+        finalize_run(run_dir, time_budget="3 weeks")
+
+
 def test_bad_overrides_are_user_errors(searched: tuple[Path, str], tmp_path: Path) -> None:
     run_dir, _ = searched
     with pytest.raises(UserError, match="--seeds 0 is invalid"):
@@ -124,6 +152,13 @@ def test_spec_section_defaults_and_errors() -> None:
         with pytest.raises(UserError, match=match):
             parse_spec({"data": {"name": "digits"}, "search": {"finalize": {"train": bad}}},
                        source="x.yaml")
+    timed = parse_spec({"data": {"name": "digits"}, "search": {"finalize": {"time_budget": "75m"}}})
+    assert timed.search.finalize.time_budget == 4500.0
+    assert parse_spec(timed.to_dict()).search.finalize == timed.search.finalize
+    with pytest.raises(UserError, match=r"x.yaml: search.finalize.time_budget='soon' is invalid: "
+                                        r"expected a positive duration"):
+        parse_spec({"data": {"name": "digits"}, "search": {"finalize": {"time_budget": "soon"}}},
+                   source="x.yaml")
     with pytest.raises(UserError, match=r"x.yaml: search.finalize.pick='largest' is invalid: "
                                         r"expected one of best, smallest"):
         parse_spec({"data": {"name": "digits"}, "search": {"finalize": {"pick": "largest"}}},
