@@ -190,11 +190,14 @@ def front_members(run: RunDir, *, top: int | None, epochs: int | None, pick: str
 
 
 # ---------------------------------------------------------------------- one retraining
-def retrain(arch_yaml: str, cfg_flat: Mapping[str, Any], splits: Any, use_gpu: bool) -> dict:
+def retrain(arch_yaml: str, cfg_flat: Mapping[str, Any], splits: Any, use_gpu: bool,
+            progress: Any = None, job_id: str = "") -> dict:
     """Train one (member, seed) (a Ray task body; plain data in and out): the final report,
-    per-epoch reports, the delivered weights (``torch.save`` bytes) and the node it ran on."""
+    per-epoch reports, the delivered weights (``torch.save`` bytes) and the node it ran on.
+    ``progress``: a Ray queue its epochs are reported to (search.finalize_progress)."""
     import torch
 
+    from search.finalize_progress import report_epochs
     from trainables.arch import ArchConfig
     from trainables.train import TrainConfig, fold_pruning
     from trainables.trial import train_arch
@@ -203,8 +206,11 @@ def retrain(arch_yaml: str, cfg_flat: Mapping[str, Any], splits: Any, use_gpu: b
     cfg = TrainConfig.from_flat(cfg_flat)
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
     weights: dict[str, Any] = {}
+    report = report_epochs(progress, job_id, cfg.total_epochs) if progress is not None else None
 
     def on_epoch(metrics: dict[str, Any], state: Any) -> None:
+        if report is not None:
+            report(metrics)
         if "test_accuracy" in metrics:  # the last report: keep the delivered weights
             weights["model"] = fold_pruning(state()["model"])
 
@@ -279,10 +285,12 @@ def _headline_objective(spec: Any) -> tuple[str, str]:
 def finalize_run(run_dir: str | Path, *, top: int | None = None, seeds: int | None = None,
                  epochs: int | None = None, time_budget: str | float | None = None,
                  mlflow: bool = True, tracking_uri: str | None = None, address: str | None = None,
-                 echo: Callable[[str], Any] = lambda s: print(s, file=sys.stderr)) -> FinalizeOutcome:
+                 echo: Callable[[str], Any] = lambda s: print(s, file=sys.stderr, flush=True),
+                 progress_s: float = 30.0) -> FinalizeOutcome:
     """Retrain the run's front (see the module docstring); ``top`` / ``seeds`` / ``epochs`` /
     ``time_budget`` (seconds, or 75m, 2h) override ``search.finalize``. Raises UserError (bad
-    input, before anything is trained) or FinalizeInterrupted (Ctrl-C: rerun to continue)."""
+    input, before anything is trained) or FinalizeInterrupted (Ctrl-C: rerun to continue).
+    ``progress_s``: seconds between progress lines while training."""
     from search.spec_parse import DURATION, parse_duration
 
     for name, v in (("top", top), ("seeds", seeds), ("epochs", epochs)):
@@ -296,7 +304,8 @@ def finalize_run(run_dir: str | Path, *, top: int | None = None, seeds: int | No
     mirror = attach(run)  # a run dir on a URI: final/ and final-pareto.csv copied there
     try:
         outcome = _finalize(run, top=top, seeds=seeds, epochs=epochs, budget_s=budget_s,
-                            mlflow=mlflow, tracking_uri=tracking_uri, address=address, echo=echo)
+                            mlflow=mlflow, tracking_uri=tracking_uri, address=address, echo=echo,
+                            progress_s=progress_s)
     finally:
         storage_error = mirror.close() if mirror is not None else None
     if storage_error:
@@ -307,7 +316,7 @@ def finalize_run(run_dir: str | Path, *, top: int | None = None, seeds: int | No
 
 def _finalize(run: RunDir, *, top: int | None, seeds: int | None, epochs: int | None,
               budget_s: float | None, mlflow: bool, tracking_uri: str | None, address: str | None,
-              echo: Callable[[str], Any]) -> FinalizeOutcome:
+              echo: Callable[[str], Any], progress_s: float) -> FinalizeOutcome:
     from search.spec import load_spec
     from search.spec_model import Finalize
 
@@ -365,7 +374,7 @@ def _finalize(run: RunDir, *, top: int | None, seeds: int | None, epochs: int | 
     left_out: list[str] = []
     if todo:
         left_out = _train_on_ray(run, spec, {jid: jobs[jid] for jid in todo}, recipe, address,
-                                 record, budget=budget, echo=echo)
+                                 record, budget=budget, echo=echo, progress_s=progress_s)
     seed_lists = {m.label: [m.train.seed + i for i in offsets] for m in members}
     rows = final_front(members, records, sorted({s for v in seed_lists.values() for s in v}),
                        objectives=[(o.metric, o.mode) for o in spec.objectives])
@@ -399,12 +408,13 @@ def _train_on_ray(run: RunDir, spec: Any, jobs: Mapping[str, tuple[Member, int]]
                   recipe: Mapping[str, dict[str, Any]], address: str | None,
                   record: Callable[[str, dict[str, Any]], None], *,
                   budget: Callable[[int], Any] | None = None,
-                  echo: Callable[[str], Any] = print) -> list[str]:
+                  echo: Callable[[str], Any] = print, progress_s: float = 30.0) -> list[str]:
     """One Ray task per (member, seed), with the search's per-trial resources; with ``budget``
     (slots -> finalize_budget.BudgetPlan) only the planned ones, at most a slot's worth in
     flight, each started only while its estimate fits. Returns the job ids not started."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from search.finalize_progress import Board
     from search.interrupt import sigterm_as_sigint
     from search.preflight import preflight
     from search.ray_runtime import init_ray
@@ -414,8 +424,17 @@ def _train_on_ray(run: RunDir, spec: Any, jobs: Mapping[str, tuple[Member, int]]
     plan = checked.plan
     print(plan.line, file=sys.stderr, flush=True)
     started = checked.attached
+    slots = max(1, plan.concurrent)
+    chosen = budget(slots) if budget is not None else None
+    order = list(chosen.admitted if chosen is not None else jobs)
+    left_out = [jid for jid in jobs if jid not in order]
     import ray
+    from ray.util.queue import Queue
 
+    if not order:  # the budget admits nothing: no data, no Ray
+        if started:
+            ray.shutdown()
+        return left_out
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparse-search-data") as pool:
             splits = pool.submit(load_dataset, spec.data)
@@ -426,39 +445,46 @@ def _train_on_ray(run: RunDir, spec: Any, jobs: Mapping[str, tuple[Member, int]]
             num_cpus=plan.cpu, num_gpus=plan.gpu, resources=dict(plan.custom) or None,
             max_retries=spec.search.max_failures)
         threads = max(1, int(plan.cpu))
-        slots = max(1, plan.concurrent)
-        chosen = budget(slots) if budget is not None else None
-        queue = list(chosen.admitted if chosen is not None else jobs)
-        left_out = [jid for jid in jobs if jid not in queue]
-        in_flight = slots if chosen is not None else len(queue)  # no budget: Ray queues them all
+        in_flight = slots if chosen is not None else len(order)  # no budget: Ray queues them all
         began = time.monotonic()
         pending: dict[Any, tuple[str, Member, int, float]] = {}
+        reports = Queue(actor_options={"num_cpus": 0})  # the tasks' epochs, for the board
+        board = Board(reports, total=len(order), echo=echo, interval_s=progress_s,
+                      budget_s=chosen.budget_s if chosen is not None else None)
 
         def submit() -> None:
-            while queue and len(pending) < in_flight:
-                jid = queue.pop(0)
+            while order and len(pending) < in_flight:
+                jid = order.pop(0)
                 if chosen is not None and not chosen.fits_now(jid, time.monotonic() - began):
                     echo(f"left out {jid}: ~{chosen.estimates[jid] / 60:.0f} min no longer fits "
                          f"in the {chosen.budget_s / 60:.0f}-min budget")
                     left_out.append(jid)
+                    board.total -= 1
                     continue
                 m, seed = jobs[jid]
                 cfg = m.train.replace(seed=seed)
                 cfg = cfg if cfg.threads is not None else cfg.replace(threads=threads)
-                pending[task.remote(m.arch.to_yaml(), cfg.to_flat(), splits_ref, plan.gpu > 0)] = \
-                    (jid, m, seed, time.time())
+                pending[task.remote(m.arch.to_yaml(), cfg.to_flat(), splits_ref, plan.gpu > 0,
+                                    reports, jid)] = (jid, m, seed, time.time())
 
         try:
             submit()
             while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
+                # (a timeout, so the board prints while nothing finishes: retrainings are long)
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=min(5.0, progress_s))
+                board.tick([v[0] for v in pending.values()])
+                if not ready:
+                    continue
                 jid, m, seed, t0 = pending.pop(ready[0])
-                _save(run, jid, m, seed, recipe[jid], ready[0], t0, record)
+                rec = _save(run, jid, m, seed, recipe[jid], ready[0], t0, record)
+                board.finished(jid, rec["status"] == FINISHED)
                 submit()
         except KeyboardInterrupt:
-            for ref in pending:
-                ray.cancel(ref, force=True)
+            for ref in pending:  # (not force=True: a task ending meanwhile then aborts
+                ray.cancel(ref)     # the driver in Ray 2.60's task manager, "not pending")
             raise FinalizeInterrupted(run.path) from None
+        finally:
+            reports.shutdown(force=True)
     finally:
         if started:
             ray.shutdown()
@@ -466,8 +492,8 @@ def _train_on_ray(run: RunDir, spec: Any, jobs: Mapping[str, tuple[Member, int]]
 
 
 def _save(run: RunDir, jid: str, m: Member, seed: int, train_flat: dict[str, Any], ref: Any,
-          t0: float, record: Callable[[str, dict[str, Any]], None]) -> None:
-    """result.json (and model.pt) of one finished (member, seed), written at once."""
+          t0: float, record: Callable[[str, dict[str, Any]], None]) -> dict[str, Any]:
+    """result.json (and model.pt) of one finished (member, seed), written at once; its record."""
     import ray
 
     out = run.path / FINAL_DIR / jid
@@ -487,3 +513,4 @@ def _save(run: RunDir, jid: str, m: Member, seed: int, train_flat: dict[str, Any
                "history": res["history"], "node": res["node"]}
     write_json(out / RESULT_JSON, rec)
     record(jid, rec)
+    return rec

@@ -27,7 +27,11 @@ class Interrupted(Exception):
 
 
 def _as_sigint(signum: int, frame: Any) -> None:
-    signal.raise_signal(signal.SIGINT)
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):  # Tune's (a clean stop) or Python's own: the Ctrl-C path, either way
+        handler(signal.SIGINT, frame)
+    else:  # SIGINT ignored (a shell's `cmd &` or nohup) or default: raising it would do nothing
+        raise KeyboardInterrupt
 
 
 def sigterm_as_sigint() -> None:

@@ -183,12 +183,18 @@ def _wait_for_trial_dir(work: Path, proc: subprocess.Popen, timeout: float) -> f
     return None
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell's `cmd &` or nohup starts it
+
+
 @contextlib.contextmanager
-def _search(args: list[str], work: Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
+def _search(args: list[str], work: Path, env: dict[str, str], *,
+            sigint_ignored: bool = False) -> Iterator[subprocess.Popen]:
     """A search in its own process group; whatever is left of it is killed at the end."""
     out = open(work.parent / "search.log", "w")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen([CLI, *args], cwd=work, env=env, stdout=out,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=_ignore_sigint if sigint_ignored else None)
     try:
         yield proc
     finally:
@@ -234,14 +240,16 @@ def test_cifar10_auto_resources_plan_cpu_trials_here(newcomer):
 
 # ---------------------------------------------------------------------- signals and resume
 def test_sigterm_exits_130_and_the_search_resumes_with_mlflow_closed(newcomer):
-    # (SIGINT: every test_with_its_data_the_first_trial_starts_within_60_s case sends it)
+    # (SIGINT: every test_with_its_data_the_first_trial_starts_within_60_s case sends it.)
+    # Started with SIGINT ignored, as a shell's `sparse-search run ... &` or nohup starts it:
+    # SIGTERM, which the CLI turns into Ctrl-C, must stop it all the same.
     sig = signal.SIGTERM
     from mlflow.tracking import MlflowClient
 
     work, env = newcomer
     spec = work.parent / "quick.yaml"
     spec.write_text(QUICK.replace("num_samples: 3", "num_samples: 6"))
-    with _search(["run", str(spec)], work, env) as proc:
+    with _search(["run", str(spec)], work, env, sigint_ignored=True) as proc:
         assert _wait_for_trial_dir(work, proc, timeout=120) is not None
         proc.send_signal(sig)
         assert proc.wait(timeout=180) == 130

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -102,9 +103,16 @@ def test_time_budget_trains_in_pick_order_and_leaves_out_what_cannot_fit(
         ranked = [r["trial_key"] for r in sorted(csv.DictReader(f),
                                                  key=lambda r: -float(r["val_accuracy"]))][:2]
     # A budget every planned retraining fits in: all 4 trained, the best member's seeds first
-    # (2 epochs: a recipe not trained before).
-    out = finalize_run(run_dir, epochs=2, time_budget="2h", mlflow=False)
+    # (40 epochs: a recipe not trained before), a progress line with their epochs meanwhile.
+    shown: list[str] = []
+    out = finalize_run(run_dir, epochs=40, time_budget="2h", mlflow=False, echo=shown.append,
+                       progress_s=0.2)
     assert (out.trained, out.failed, out.left_out) == (4, 0, ())
+    board = [line for line in shown if line.startswith("final ") and " | " in line]
+    assert board and all(re.fullmatch(r"final [0-4]/4 done, [0-4] running, 0 failed \| .+ \| "
+                                      r"\d+/120 min", line) for line in board), shown
+    assert any(re.search(r"-s[01] epoch ([1-9]|[1-3]\d|40)/40 val 0\.\d{4}", line)
+               for line in board), board
     started = {p.parent.name: json.loads(p.read_text())["started_at"]
                for p in (run_dir / "final").glob("*/result.json")}
     first = [k for k in started if k.startswith(f"{ranked[0]}-s")]
