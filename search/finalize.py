@@ -17,10 +17,8 @@ the same recipe, so an interrupted finalize is resumable. At the end ``final-par
 one row per member (mean and sample std over its seeds) with ``on_front`` marking the final
 front; pareto.csv (the search's front) is left as it was.
 
-With ``search.finalize.time_budget`` (``--time-budget``) the members are trained in pick order
-and only those whose retrainings are estimated to end within the budget
-(:mod:`search.finalize_budget`); the rest are listed as left out, and a rerun with a larger
-budget trains them.
+``search.finalize.time_budget``: members in pick order, those estimated to end past it left out
+(:mod:`search.finalize_budget`); progress lines meanwhile (:mod:`search.finalize_progress`).
 
 MLflow (:mod:`search.finalize_mlflow`), when the run was tracked: one run per (member, seed)
 nested under the search's parent run, and ``final-pareto.csv`` as a parent artifact.
@@ -271,17 +269,6 @@ def _load_records(run: RunDir) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _headline_objective(spec: Any) -> tuple[str, str]:
-    """The spec's first maximised objective (its accuracy), as pareto.csv names the column."""
-    from search.schema import METRICS
-
-    for o in spec.objectives:
-        if o.mode == "max":
-            return METRICS[o.metric].alias_of or o.metric, "max"
-    o = spec.objectives[0]
-    return METRICS[o.metric].alias_of or o.metric, o.mode
-
-
 def finalize_run(run_dir: str | Path, *, top: int | None = None, seeds: int | None = None,
                  epochs: int | None = None, time_budget: str | float | None = None,
                  mlflow: bool = True, tracking_uri: str | None = None, address: str | None = None,
@@ -317,6 +304,7 @@ def finalize_run(run_dir: str | Path, *, top: int | None = None, seeds: int | No
 def _finalize(run: RunDir, *, top: int | None, seeds: int | None, epochs: int | None,
               budget_s: float | None, mlflow: bool, tracking_uri: str | None, address: str | None,
               echo: Callable[[str], Any], progress_s: float) -> FinalizeOutcome:
+    from search.schema import headline_objective
     from search.spec import load_spec
     from search.spec_model import Finalize
 
@@ -326,15 +314,15 @@ def _finalize(run: RunDir, *, top: int | None, seeds: int | None, epochs: int | 
     seeds = seeds if seeds is not None else settings.seeds
     epochs = epochs if epochs is not None else settings.epochs
     budget_s = budget_s if budget_s is not None else settings.time_budget
-    objective = _headline_objective(spec)
+    objective = headline_objective(spec)
     members = front_members(run, top=top, epochs=epochs, pick=settings.pick,
                             objective=objective, overrides=settings.train)
     if not members:
         raise UserError(f"{run.pareto_csv} holds no front member: nothing to finalize")
     offsets = range(seeds)
+    ranked = pick_order(members, settings.pick, objective)
     # In pick order: with a time budget the first ones are trained first (and the last left out).
-    jobs = {m.job_id(m.train.seed + i): (m, m.train.seed + i)
-            for m in pick_order(members, settings.pick, objective) for i in offsets}
+    jobs = {m.job_id(m.train.seed + i): (m, m.train.seed + i) for m in ranked for i in offsets}
     records = _load_records(run)
     recipe = {jid: m.train.replace(seed=s).to_flat() for jid, (m, s) in jobs.items()}
     todo = [jid for jid in jobs if not (records.get(jid, {}).get("status") == FINISHED
@@ -369,8 +357,12 @@ def _finalize(run: RunDir, *, top: int | None, seeds: int | None, epochs: int | 
                 tracker.log(jid, records[jid], jobs[jid][0])
     budget = None
     if budget_s is not None and todo:
-        budget = functools.partial(_budget_plan, run, pick_order(members, settings.pick, objective),
-                                   [jobs[jid][0].label for jid in todo], todo, budget_s, echo)
+        from search.finalize_budget import plan_for
+
+        by_member: dict[str, list[str]] = {}
+        for jid in todo:
+            by_member.setdefault(jobs[jid][0].label, []).append(jid)
+        budget = functools.partial(plan_for, run.results_csv, ranked, by_member, budget_s, echo)
     left_out: list[str] = []
     if todo:
         left_out = _train_on_ray(run, spec, {jid: jobs[jid] for jid in todo}, recipe, address,
@@ -389,29 +381,14 @@ def _finalize(run: RunDir, *, top: int | None, seeds: int | None, epochs: int | 
                            left_out=tuple(left_out))
 
 
-def _budget_plan(run: RunDir, ranked: list[Member], labels: list[str], todo: list[str],
-                 budget_s: float, echo: Callable[[str], Any], slots: int) -> Any:
-    """The time budget's plan (search.finalize_budget) for ``todo`` on ``slots`` lanes, echoed."""
-    from search.finalize_budget import plan_budget, trial_pace
-
-    by_member: dict[str, list[str]] = {}
-    for label, jid in zip(labels, todo, strict=True):
-        by_member.setdefault(label, []).append(jid)
-    plan = plan_budget(ranked, by_member, slots=slots, budget_s=budget_s,
-                       pace=trial_pace(run.results_csv))
-    for line in plan.lines():
-        echo(line)
-    return plan
-
-
 def _train_on_ray(run: RunDir, spec: Any, jobs: Mapping[str, tuple[Member, int]],
                   recipe: Mapping[str, dict[str, Any]], address: str | None,
                   record: Callable[[str, dict[str, Any]], None], *,
                   budget: Callable[[int], Any] | None = None,
                   echo: Callable[[str], Any] = print, progress_s: float = 30.0) -> list[str]:
     """One Ray task per (member, seed), with the search's per-trial resources; with ``budget``
-    (slots -> finalize_budget.BudgetPlan) only the planned ones, at most a slot's worth in
-    flight, each started only while its estimate fits. Returns the job ids not started."""
+    (slots -> BudgetPlan) only the planned ones, a slot's worth in flight, each started only
+    while its estimate fits. Returns the job ids not started."""
     from concurrent.futures import ThreadPoolExecutor
 
     from search.finalize_progress import Board

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import csv
 import heapq
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BudgetPlan", "plan_budget", "trial_pace"]
+__all__ = ["BudgetPlan", "plan_budget", "plan_for", "trial_pace"]
 
 
 def trial_pace(results_csv: Path) -> dict[str, float]:
@@ -98,3 +98,13 @@ def plan_budget(members: Sequence[Any], jobs: Mapping[str, Sequence[str]], *, sl
         estimates.update(dict.fromkeys(todo, est))
     end = max(lanes) if admitted else 0.0
     return BudgetPlan(budget_s, tuple(admitted), estimates, tuple(left_out), end)
+
+
+def plan_for(results_csv: Path, ranked: Sequence[Any], jobs: Mapping[str, Sequence[str]],
+             budget_s: float, echo: Callable[[str], Any], slots: int) -> BudgetPlan:
+    """:func:`plan_budget` with the pace of ``results_csv``'s trials, its lines echoed (a
+    finalize calls it once it knows how many retrainings run at once)."""
+    plan = plan_budget(ranked, jobs, slots=slots, budget_s=budget_s, pace=trial_pace(results_csv))
+    for line in plan.lines():
+        echo(line)
+    return plan

@@ -13,11 +13,12 @@ A leaf module: imports nothing of the package's.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "DEFAULT_OBJECTIVES", "DEPLOY_METRICS", "FRONT_COLUMNS", "INT8_COLUMNS", "METRICS",
     "OBJECTIVE_MODES", "SCREENED_COLUMNS", "SCREENED_METRICS", "TRAINED_COLUMNS",
-    "TRAINED_METRICS", "Metric", "budget_fields", "rung_metric",
+    "TRAINED_METRICS", "Metric", "budget_fields", "headline_objective", "rung_metric",
 ]
 
 
@@ -90,3 +91,13 @@ def rung_metric(name: str) -> str:
 def budget_fields() -> dict[str, str]:
     """constraints field -> the metric it bounds (max_params -> nonzero_params, ...)."""
     return {m.budget: n for n, m in METRICS.items() if m.budget}
+
+
+def headline_objective(spec: Any) -> tuple[str, str]:
+    """The spec's first maximised objective (its accuracy), as pareto.csv names the column, and
+    its mode (else the first objective's)."""
+    for o in spec.objectives:
+        if o.mode == "max":
+            return METRICS[o.metric].alias_of or o.metric, "max"
+    o = spec.objectives[0]
+    return METRICS[o.metric].alias_of or o.metric, o.mode

@@ -178,6 +178,10 @@ def parse_duration(v: Any) -> float | None:
 DURATION = "a positive duration: seconds, or a string like 90s, 45m, 1.5h"
 
 
+def _duration_or_null(v: Any) -> str | None:
+    return None if v is None or parse_duration(v) is not None else DURATION
+
+
 def _search_settings(r: Reader, d: Any) -> SearchSettings:
     kw = r.mapping(d, "search", [f.name for f in fields(SearchSettings)])
     early, fill = kw.pop("early_stopping", None), kw.pop("fill_budget", None)
@@ -190,7 +194,7 @@ def _search_settings(r: Reader, d: Any) -> SearchSettings:
         "seed": int_check(0),
         "max_failures": int_check(0),
         "max_rejects": int_check(1),
-        "time_budget": lambda v: None if v is None or parse_duration(v) is not None else DURATION,
+        "time_budget": _duration_or_null,
     })
     if settings.time_budget is not None:
         settings = dataclasses.replace(settings, time_budget=parse_duration(settings.time_budget))
@@ -225,7 +229,7 @@ def _search_settings(r: Reader, d: Any) -> SearchSettings:
             "pick": one_of(FINALIZE_PICKS),
             "seeds": int_check(1),
             "epochs": int_check(1, nullable=True),
-            "time_budget": lambda v: None if v is None or parse_duration(v) is not None else DURATION,
+            "time_budget": _duration_or_null,
         })
         if final.time_budget is not None:
             final = dataclasses.replace(final, time_budget=parse_duration(final.time_budget))
