@@ -99,7 +99,8 @@ def front_table(front: Sequence[Mapping[str, Any]], objectives: Sequence[str] = 
     search's ``objectives`` beyond those (int8 accuracy, flash and SRAM bytes, latency, ...),
     trial and architecture."""
     if not front:
-        return "Pareto front: empty (no trial finished within the budget)"
+        # (said of a search stopped by its budget and of one interrupted before any trial ended)
+        return "Pareto front: empty (no trial finished)"
     rounds = any(p.get("prune_round") for p in front)
     extra = [c for o in objectives for c in _OBJECTIVE_COLUMNS.get(o, ())]
     # val_acc +- its standard error: front neighbours closer than about two of these are
