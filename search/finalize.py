@@ -394,7 +394,7 @@ def _train_on_ray(run: RunDir, spec: Any, jobs: Mapping[str, tuple[Member, int]]
     from search.finalize_progress import Board
     from search.interrupt import sigterm_as_sigint
     from search.preflight import preflight
-    from search.ray_runtime import init_ray
+    from search.ray_runtime import cluster_address, init_ray
     from trainables.data import load_dataset
 
     checked = preflight(spec, address=address, tracking_uri=None, mlflow=False)
@@ -457,8 +457,14 @@ def _train_on_ray(run: RunDir, spec: Any, jobs: Mapping[str, tuple[Member, int]]
                 board.finished(jid, rec["status"] == FINISHED)
                 submit()
         except KeyboardInterrupt:
-            for ref in pending:  # (not force=True: a task ending meanwhile then aborts
-                ray.cancel(ref)     # the driver in Ray 2.60's task manager, "not pending")
+            # A Ray this process started goes down with its workers in the `finally` below:
+            # no cancel, since a task that ends while it is being cancelled aborts the driver
+            # in Ray 2.60's task manager ("Tried to complete task that was not pending", exit
+            # 1 instead of 130; seen with and without force). A Ray we only attached to (a
+            # cluster, a notebook's) needs them cancelled to be free; not forced: rarer so.
+            if not (started and cluster_address(address) is None):
+                for ref in pending:
+                    ray.cancel(ref)
             raise FinalizeInterrupted(run.path) from None
         finally:
             reports.shutdown(force=True)
