@@ -300,13 +300,17 @@ def test_ui_restarts_at_once_on_the_same_port(tmp_path):
            "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
            "--artifact-root", str(tmp_path / "mlruns")]
     for attempt in ("first", "restarted"):
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                cwd=tmp_path, start_new_session=True)
+        # stderr (the server's log) to a file: an undrained pipe fills at 64 KiB and blocks
+        # the server, and the UI with it, in the middle of their shutdown.
+        log = tmp_path / f"ui-{attempt}.log"
+        with log.open("w") as err:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
+                                    cwd=tmp_path, start_new_session=True)
         groups, browser = [proc.pid], []
         try:
             line = read_line(proc, 180)
             assert line.startswith(f"MLflow UI: http://127.0.0.1:{port}/"), (
-                attempt, line, proc.stderr.read() if proc.poll() is not None else "")
+                attempt, line, log.read_text())
             groups += [os.getpgid(c) for c in children_of(proc.pid)]  # the server's group
             # Kept-alive connections, as a browser holds them: stopping the server closes them
             # from its side, which leaves the port's end in FIN-WAIT/TIME-WAIT for a while (a
@@ -317,7 +321,7 @@ def test_ui_restarts_at_once_on_the_same_port(tmp_path):
                 assert conn.getresponse().read() == b"OK"
                 browser.append(conn)
             os.kill(proc.pid, signal.SIGINT)  # Ctrl-C
-            assert proc.wait(timeout=60) == 0, proc.stderr.read()
+            assert proc.wait(timeout=60) == 0, log.read_text()
             deadline = time.monotonic() + 30
             while any(map(group_alive, groups)) and time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -330,7 +334,6 @@ def test_ui_restarts_at_once_on_the_same_port(tmp_path):
                     os.killpg(g, signal.SIGKILL)
             proc.wait()
             proc.stdout.close()
-            proc.stderr.close()
 
 
 def test_a_sqlite_store_keeps_artifacts_beside_it_wherever_the_driver_runs(tmp_path, monkeypatch):
