@@ -23,12 +23,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/sparse-search run spaces/quickstart.yaml
 
-# Two workers, each test file on one (its module fixtures built once): the suite waits on
-# subprocesses and Ray start-ups much of the time, so 2 workers keep 2 cores ~93% busy and
-# take it from ~27 to ~17 min here.
 test: $(STAMP) browser
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=10
+	$(BIN)/python -m pytest --durations=10
 
 # No Ray, no browser, nothing slow: the edit-test loop (under a minute here).
 test-fast: $(STAMP)
