@@ -45,8 +45,9 @@ class Board:
         self._last = time.monotonic()  # the first line comes after one interval
 
     def drain(self) -> None:
-        try:
-            items = self.queue.get_nowait_batch(self.queue.qsize()) if self.queue.qsize() else []
+        try:  # (each qsize is a round trip to the queue's actor: asked once)
+            waiting = self.queue.qsize()
+            items = self.queue.get_nowait_batch(waiting) if waiting else []
         except Exception:  # (best effort, as the reports are)
             items = []
         for job_id, epoch, total, val in items:
