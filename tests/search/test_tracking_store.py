@@ -292,6 +292,19 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _signal_masks(pid: int) -> str:
+    """The SigIgn / SigCgt lines of /proc/PID/status (hex masks, bit 1 = SIGINT)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError as e:
+        return f"status unreadable ({e})"
+    return ", ".join(ln.replace("\t", " ") for ln in lines if ln.startswith(("SigIgn", "SigCgt")))
+
+
 def test_ui_restarts_at_once_on_the_same_port(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -304,8 +317,12 @@ def test_ui_restarts_at_once_on_the_same_port(tmp_path):
         # the server, and the UI with it, in the middle of their shutdown.
         log = tmp_path / f"ui-{attempt}.log"
         with log.open("w") as err:
+            # SIGINT at its default, as an interactive shell starts a command: a SIG_IGN that
+            # the test process inherited (a pytest-xdist worker's, say) survives exec, and a
+            # Python started with SIGINT ignored never raises KeyboardInterrupt.
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
-                                    cwd=tmp_path, start_new_session=True)
+                                    cwd=tmp_path, start_new_session=True,
+                                    preexec_fn=_sigint_default)
         groups, browser = [proc.pid], []
         try:
             line = read_line(proc, 180)
@@ -320,8 +337,14 @@ def test_ui_restarts_at_once_on_the_same_port(tmp_path):
                 conn.request("GET", "/health")
                 assert conn.getresponse().read() == b"OK"
                 browser.append(conn)
+            masks = _signal_masks(proc.pid)  # for the failure message: is SIGINT caught?
             os.kill(proc.pid, signal.SIGINT)  # Ctrl-C
-            assert proc.wait(timeout=60) == 0, log.read_text()
+            try:
+                code = proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"{attempt}: the UI not gone 60 s after SIGINT; its {masks}; "
+                            f"log: {log.read_text()[-3000:]}")
+            assert code == 0, log.read_text()
             deadline = time.monotonic() + 30
             while any(map(group_alive, groups)) and time.monotonic() < deadline:
                 time.sleep(0.1)
