@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sigint
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).with_name("sparse-search"))
@@ -195,7 +196,7 @@ def _search(args: list[str], work: Path, env: dict[str, str], *,
     out = open(work.parent / "search.log", "w")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen([CLI, *args], cwd=work, env=env, stdout=out,
                             stderr=subprocess.STDOUT, start_new_session=True,
-                            preexec_fn=_ignore_sigint if sigint_ignored else None)
+                            preexec_fn=_ignore_sigint if sigint_ignored else sigint.interactive)
     try:
         yield proc
     finally:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import sigint
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
@@ -560,7 +561,8 @@ def test_ui_serves_and_prints_the_runs_list(mlflow_server, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "search.cli", "ui", "--port", str(port), "--backend-store-uri",
          mlflow_server.backend_store_uri, "--artifact-root", str(mlflow_server.artifact_root)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+        preexec_fn=sigint.interactive)  # Ctrl-C must reach it, whatever this process ignores
     try:
         line = proc.stdout.readline()
         eid = MlflowClient(mlflow_server.url).get_experiment_by_name("ui-latest").experiment_id

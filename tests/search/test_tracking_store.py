@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+import sigint
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -292,17 +293,13 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
-def _sigint_default() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def _signal_masks(pid: int) -> str:
-    """The SigIgn / SigCgt lines of /proc/PID/status (hex masks, bit 1 = SIGINT)."""
+    """The SigBlk / SigIgn / SigCgt lines of /proc/PID/status (hex masks, bit 1 = SIGINT)."""
     try:
         lines = Path(f"/proc/{pid}/status").read_text().splitlines()
     except OSError as e:
         return f"status unreadable ({e})"
-    return ", ".join(ln.replace("\t", " ") for ln in lines if ln.startswith(("SigIgn", "SigCgt")))
+    return ", ".join(ln.replace("\t", " ") for ln in lines if ln.startswith(("SigBlk", "SigIgn", "SigCgt")))
 
 
 def test_ui_restarts_at_once_on_the_same_port(tmp_path):
@@ -317,12 +314,10 @@ def test_ui_restarts_at_once_on_the_same_port(tmp_path):
         # the server, and the UI with it, in the middle of their shutdown.
         log = tmp_path / f"ui-{attempt}.log"
         with log.open("w") as err:
-            # SIGINT at its default, as an interactive shell starts a command: a SIG_IGN that
-            # the test process inherited (a pytest-xdist worker's, say) survives exec, and a
-            # Python started with SIGINT ignored never raises KeyboardInterrupt.
+            # As an interactive shell starts it (tests/sigint.py: Ctrl-C must reach it).
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
                                     cwd=tmp_path, start_new_session=True,
-                                    preexec_fn=_sigint_default)
+                                    preexec_fn=sigint.interactive)
         groups, browser = [proc.pid], []
         try:
             line = read_line(proc, 180)
