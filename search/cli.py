@@ -314,12 +314,14 @@ def resume(
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="default: the store the search used (run_dir/mlflow.json)"),
     no_mlflow: bool = typer.Option(False, "--no-mlflow", help="do not track in MLflow"),
     as_json: bool = typer.Option(False, "--json", help="end stdout with one JSON object: run_dir, counts, front"),
+    time_budget: str | None = typer.Option(None, "--time-budget", help="wall time for this resume on top of what the search spent, e.g. 2h or 2h30m: a search that stopped at its time budget goes on (no trial starts that would not end in it)"),
 ) -> None:
-    """Continue an interrupted search (driver killed, Ctrl-C): finished trials are kept."""
+    """Continue an interrupted search (driver killed, Ctrl-C), or one that stopped at its time
+    budget (with --time-budget): finished trials are kept."""
     from search.driver import report, resume_search
 
     outcome = resume_search(run_dir, address=address, tracking_uri=tracking_uri,
-                            mlflow=not no_mlflow)
+                            mlflow=not no_mlflow, time_budget=time_budget)
     raise typer.Exit(report(outcome, as_json=as_json, echo=typer.echo))
 
 

@@ -93,16 +93,25 @@ def resume_search(
     mlflow: bool = True,
     progress: bool = True,
     progress_interval_s: float = 30.0,
+    time_budget: str | float | None = None,
 ) -> SearchOutcome:
     """Continue an interrupted search in ``run_dir`` (its spec.yaml, journal and experiment);
     a URI is downloaded into a fresh local copy first (Ray reads its experiment from the URI).
 
     MLflow: ``tracking_uri``, else the store the run used (run_dir/mlflow.json); a run that
-    was not tracked stays untracked unless a URI is given.
+    was not tracked stays untracked unless a URI is given. ``time_budget`` (seconds, or 45m,
+    2h30m): wall time for this resume on top of what the search spent, so a search that
+    stopped at its budget goes on (UserError when it is not a duration).
     """
-    from search.spec import load_spec
+    from search.errors import UserError
+    from search.spec import DURATION, load_spec, parse_duration
     from search.tracking import read_state
 
+    extend_s = None
+    if time_budget is not None:
+        extend_s = parse_duration(time_budget)
+        if extend_s is None:
+            raise UserError(f"--time-budget {time_budget!r} is invalid: expected {DURATION}")
     run = RunDir.open(run_dir)
     spec = load_spec(run.spec)
     if tracking_uri is None:
@@ -111,17 +120,18 @@ def resume_search(
     checked = preflight(spec, address=address, tracking_uri=tracking_uri, mlflow=mlflow)
     return _search(spec, run, resuming=True, checked=checked, address=address,
                    progress=progress, progress_interval_s=progress_interval_s,
-                   mirror=attach(run))
+                   mirror=attach(run), extend_s=extend_s)
 
 
 def _search(spec: SearchSpec, run: RunDir, *, resuming: bool, checked: Checked,
             address: str | None, progress: bool, progress_interval_s: float,
-            mirror: Any = None) -> SearchOutcome:
+            mirror: Any = None, extend_s: float | None = None) -> SearchOutcome:
     """:func:`_search_in`, then ``mirror`` (a :class:`search.storage.Mirror`) closed whatever
     happened: a run dir on a URI gets its last files; the outcome names the URI."""
     try:
         outcome = _search_in(spec, run, resuming=resuming, checked=checked, address=address,
-                             progress=progress, progress_interval_s=progress_interval_s)
+                             progress=progress, progress_interval_s=progress_interval_s,
+                             extend_s=extend_s)
     finally:
         storage_error = mirror.close() if mirror is not None else None
     return dataclasses.replace(outcome, location=run.location, storage_error=storage_error,
@@ -129,8 +139,10 @@ def _search(spec: SearchSpec, run: RunDir, *, resuming: bool, checked: Checked,
 
 
 def _search_in(spec: SearchSpec, run: RunDir, *, resuming: bool, checked: Checked,
-               address: str | None, progress: bool, progress_interval_s: float) -> SearchOutcome:
-    """Train the search in ``run`` with what :func:`preflight` checked."""
+               address: str | None, progress: bool, progress_interval_s: float,
+               extend_s: float | None = None) -> SearchOutcome:
+    """Train the search in ``run`` with what :func:`preflight` checked; ``extend_s``: a
+    resume's extra wall time (search.searcher)."""
     import sys
     import time
     from concurrent.futures import ThreadPoolExecutor
@@ -173,7 +185,8 @@ def _search_in(spec: SearchSpec, run: RunDir, *, resuming: bool, checked: Checke
         try:
             outcome = fit(spec, run, splits.result(), resuming=resuming, tracker=tracker,
                           background=background, progress=progress, started_at=started_at,
-                          progress_interval_s=progress_interval_s, plan=checked.plan)
+                          progress_interval_s=progress_interval_s, plan=checked.plan,
+                          extend_s=extend_s)
         finally:
             with contextlib.suppress(OSError):
                 os.chdir(previous)

@@ -42,7 +42,16 @@ def _hooks() -> dict[str, bool]:
         "ray.tune.experiment.Trial.pickled_error_file": hasattr(Trial, "pickled_error_file"),
         "optuna FrozenTrial.system_attrs": hasattr(optuna.trial.FrozenTrial, "system_attrs"),
         "ray.tune TuneController._create_checkpoint_manager": _snapshot_hook_present(),
+        "ray.tune SearchGenerator.set_state 'finished'": _finished_flag_present(),
     }
+
+
+def _finished_flag_present() -> bool:
+    import inspect
+
+    from ray.tune.search.search_generator import SearchGenerator
+
+    return '"finished"' in inspect.getsource(SearchGenerator.set_state)
 
 
 def _snapshot_hook_present() -> bool:
@@ -161,6 +170,67 @@ def replace_restored(tuner: Any, *, search_alg: Any, callbacks: list[Any]) -> No
     internal._run_config.callbacks = callbacks
 
 
+
+
+def newest_snapshot(experiment: str, template: str) -> bytes | None:
+    """The newest of an experiment folder's snapshot files named like ``template`` (Ray
+    Tune 2.60's ``experiment_state-{}.json``, ``searcher-state-{}.pkl``: timestamps that sort
+    as text, as Ray picks them), local or on a URI; None without one."""
+    import fnmatch
+    import os
+
+    from pyarrow.fs import FileSelector
+
+    from search import storage as st
+
+    where = st.parse(experiment, what="run directory")
+    pattern = template.format("*")
+    if isinstance(where, Path):
+        names = sorted(fnmatch.filter(os.listdir(where), pattern)) if where.is_dir() else []
+        return (where / names[-1]).read_bytes() if names else None
+    infos = where.fs.get_file_info(FileSelector(where.path, allow_not_found=True))
+    names = sorted(fnmatch.filter([i.base_name for i in infos], pattern))
+    if not names:
+        return None
+    with where.fs.open_input_stream(f"{where.path}/{names[-1]}") as f:
+        return f.readall()
+
+
+def snapshot_has_trials(experiment: str) -> bool:
+    """The experiment's newest snapshot holds a trial. Ray Tune 2.60 cannot restore one that
+    holds none (IndexError in ``TuneController._restore_trials``): a search stopped at its time
+    budget, or by Ctrl-C, before its first trial started. True without a snapshot (Ray's own
+    error then says what is missing)."""
+    import json
+
+    from ray.tune.execution.tune_controller import TuneController
+
+    state = newest_snapshot(experiment, TuneController.CKPT_FILE_TMPL)
+    return state is None or bool(json.loads(state).get("trial_data"))
+
+
+@contextlib.contextmanager
+def searcher_decides_the_end() -> Iterator[None]:
+    """While a resumed Tune runs: its search generator restored as not finished.
+
+    Ray Tune 2.60 (tune/search/search_generator.py ``set_state``) restores the generator's
+    ``finished`` flag, set once the searcher first answered FINISHED: a search that stopped at
+    its time budget would end at once even when the resume extends the budget. The searcher
+    (search.searcher: num_samples over resumes, the time budget) answers FINISHED again at its
+    first suggestion when nothing is left to do, so dropping the flag loses nothing.
+    """
+    from ray.tune.search.search_generator import SearchGenerator
+
+    original = SearchGenerator.set_state
+
+    def not_finished(self: Any, state: dict[str, Any]) -> None:
+        original(self, {**state, "finished": False})
+
+    SearchGenerator.set_state = not_finished
+    try:
+        yield
+    finally:
+        SearchGenerator.set_state = original
 
 
 @contextlib.contextmanager

@@ -23,7 +23,10 @@ are not trained twice over the budget.
 
 Time budget (``search.time_budget``, wall seconds over the whole search, resumes included):
 no trial starts once it is spent, nor one that the median finished trial says would end after
-it; the trials in flight finish. The search then ends complete, ``stopped_by`` says why.
+it; the trials in flight finish. The search then ends complete, ``stopped_by`` says why. The
+budget travels with the searcher's snapshot; a resume given ``extend_s`` (``sparse-search
+resume --time-budget``) sets it to the time spent so far plus that, so a search that stopped
+at its budget goes on where it was.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class ProposerSearcher(Searcher):
         recorded: Iterable[str] = (),
         time_budget: float | None = None,
         started_at: float | None = None,
+        extend_s: float | None = None,
     ) -> None:
         spec = space.spec
         super().__init__(metric=[o.metric for o in spec.objectives],
@@ -73,6 +77,8 @@ class ProposerSearcher(Searcher):
         self._duplicates_before = 0
         self.told = {"complete": 0, "pruned": 0, "failed": 0}
         self.time_budget = time_budget
+        # On restore: the budget becomes what earlier drivers spent plus this (seconds).
+        self.extend_s = extend_s
         self._spent_before = 0.0  # wall seconds of earlier driver processes
         self._t0: float | None = None  # monotonic time this process started searching
         # When this process's command started (time.monotonic()): Ray's start-up and the data
@@ -199,7 +205,7 @@ class ProposerSearcher(Searcher):
         state = {"live": self._live, "issued": sorted(self._issued), "rejected": self.rejected,
                  "told": self.told, "spent": self.spent, "durations": self.durations,
                  "full_durations": self.full_durations,
-                 "duplicates": self.duplicates}
+                 "duplicates": self.duplicates, "time_budget": self.time_budget}
         Path(checkpoint_path).write_bytes(pickle.dumps(state))
 
     def restore(self, checkpoint_path: str) -> None:
@@ -210,6 +216,13 @@ class ProposerSearcher(Searcher):
         self._duplicates_before = int(state.get("duplicates", 0))
         self.told = dict(state["told"])
         self._spent_before = float(state.get("spent", 0.0))
+        # The budget the search ran under (an earlier resume may have extended the spec's);
+        # snapshots older than this key: the spec's.
+        self.time_budget = state.get("time_budget", self.time_budget)
+        if self.extend_s is not None:
+            self.time_budget = self._spent_before + self.extend_s
+            log.info("time budget: %.0f s spent, %.0f s more: %.0f s in all",
+                     self._spent_before, self.extend_s, self.time_budget)
         self._t0 = None  # this process's clock starts at its start (see started_at)
         self.durations = list(state.get("durations", []))
         self.full_durations = list(state.get("full_durations", []))

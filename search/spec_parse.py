@@ -162,20 +162,29 @@ def _constraints(r: Reader, d: Any) -> Constraints:
     })
 
 
+_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600}
+
+
 def parse_duration(v: Any) -> float | None:
-    """Seconds from a number of seconds or a string like ``90s``, ``45m``, ``1.5h``; None for
-    anything else (the caller names the field)."""
+    """Seconds from a number of seconds or a string like ``90s``, ``45m``, ``1.5h`` or
+    ``2h30m`` (parts in h, m, s order); None for anything else (the caller names the field)."""
     if is_number(v):
         return float(v) if v > 0 else None
-    if isinstance(v, str):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*", v)
-        if m:
-            seconds = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
-            return seconds if seconds > 0 else None
-    return None
+    if not isinstance(v, str):
+        return None
+    m = re.fullmatch(rf"\s*{_NUMBER}\s*([smh]?)\s*", v)
+    if m:
+        seconds = float(m.group(1)) * _UNIT_S[m.group(2)]
+    else:
+        m = re.fullmatch(rf"\s*(?:{_NUMBER}h)?\s*(?:{_NUMBER}m)?\s*(?:{_NUMBER}s)?\s*", v)
+        if m is None or not any(m.groups()):
+            return None
+        seconds = sum(float(g) * k for g, k in zip(m.groups(), (3600, 60, 1), strict=True) if g)
+    return seconds if seconds > 0 else None
 
 
-DURATION = "a positive duration: seconds, or a string like 90s, 45m, 1.5h"
+DURATION = "a positive duration: seconds, or a string like 90s, 45m, 1.5h, 2h30m"
 
 
 def _duration_or_null(v: Any) -> str | None:

@@ -15,6 +15,7 @@ Tune's event loop. The lifecycle around it (checks, run dir, MLflow, exit codes)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -76,7 +77,8 @@ def _pending_once(plan: Any) -> None:
 
 def fit(spec: SearchSpec, run: RunDir, splits: Any, *, resuming: bool, tracker: Any,
          background: Any, progress: bool, progress_interval_s: float,
-         started_at: float | None = None, plan: Any = None) -> SearchOutcome:
+         started_at: float | None = None, plan: Any = None,
+         extend_s: float | None = None) -> SearchOutcome:
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
@@ -104,7 +106,8 @@ def fit(spec: SearchSpec, run: RunDir, splits: Any, *, resuming: bool, tracker: 
     searcher = ProposerSearcher(space, journal=run.journal, study_name=spec.name,
                                 num_samples=spec.search.num_samples,
                                 recorded=recorder.records.keys(),
-                                time_budget=spec.search.time_budget, started_at=started_at)
+                                time_budget=spec.search.time_budget, started_at=started_at,
+                                extend_s=extend_s)
     callbacks: list[Any] = [recorder]  # first: the others read the files it writes
     if progress:
         callbacks.append(ProgressCallback(recorder, searcher, total=spec.search.num_samples,
@@ -148,6 +151,12 @@ def _tune(spec: SearchSpec, run: RunDir, *, resuming: bool, trainable: Any, sear
     from search.storage_tune import snapshot_callbacks
 
     callbacks = [*callbacks, *snapshot_callbacks(run)]  # a run dir on a URI: pushed first
+    if resuming and not ray_compat.snapshot_has_trials(run.tune_experiment):
+        # Stopped before its first trial: Ray cannot restore that, so Tune starts afresh in
+        # the same experiment folder, and the searcher takes back its own snapshot (the time
+        # spent, the trials it handed out).
+        _restore_searcher(search_alg, run.tune_experiment)
+        resuming = False
     if resuming:
         tuner = tune.Tuner.restore(run.tune_experiment, trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
@@ -170,8 +179,25 @@ def _tune(spec: SearchSpec, run: RunDir, *, resuming: bool, trainable: Any, sear
                 # at most an epoch per trial.
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
         )
-    with ray_compat.snapshot_every_trial_checkpoint():  # a SIGKILL never loses a trial
+    with ray_compat.snapshot_every_trial_checkpoint(), (  # a SIGKILL never loses a trial
+            ray_compat.searcher_decides_the_end() if resuming else contextlib.nullcontext()):
         tuner.fit()
+
+
+def _restore_searcher(search_alg: Any, experiment: str) -> None:
+    """``search_alg`` restored from the experiment's newest searcher snapshot, if any."""
+    import tempfile
+    from pathlib import Path
+
+    from ray.tune.search import Searcher
+
+    state = ray_compat.newest_snapshot(experiment, Searcher.CKPT_FILE_TMPL)
+    if state is None:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "searcher-state.pkl"
+        path.write_bytes(state)
+        search_alg.restore(str(path))
 
 
 def make_scheduler(early_stopping: EarlyStopping | None, objectives: Sequence[Objective],

@@ -19,6 +19,7 @@ from search.spec import (
     SearchSpec,
     SpecError,
     load_spec,
+    parse_duration,
     parse_spec,
 )
 from trainables.data import DataConfig
@@ -137,6 +138,17 @@ def test_round_trip_and_flat_params(tmp_path):
     assert all(k.startswith("spec/") for k in flat)
 
 
+@pytest.mark.parametrize(("text", "seconds"), [
+    (90, 90.0), ("90", 90.0), ("90s", 90.0), ("45m", 2700.0), ("1.5h", 5400.0),
+    ("2h30m", 9000.0), ("2h 30m", 9000.0), ("1h15m30s", 4530.0), ("45m10s", 2710.0),
+    # not durations: no number, units out of order, zero or negative, a word
+    ("h", None), ("", None), ("m30", None), ("30m2h", None), ("0m", None), (-1, None),
+    ("2 days", None),
+])
+def test_durations_in_seconds_or_h_m_s_parts(text, seconds):
+    assert parse_duration(text) == seconds
+
+
 def test_overrides_replace_file_values(tmp_path):
     path = write(tmp_path, VALID)
     spec = load_spec(path, num_samples=40, max_params=50_000, seed=7, data_path="/data/x.npz")
@@ -145,6 +157,7 @@ def test_overrides_replace_file_values(tmp_path):
     assert spec.search.seed == 7
     assert spec.data.path == "/data/x.npz"
     assert load_spec(path, time_budget="1.5h").search.time_budget == 5400.0
+    assert load_spec(path, time_budget="2h30m").search.time_budget == 9000.0
     plain = load_spec(path)
     assert plain.search.num_samples == 4
     assert dataclasses.replace(spec.data, path=plain.data.path) == plain.data  # only the path

@@ -19,6 +19,7 @@ import torch
 from optuna.trial import TrialState
 
 from search.driver import resume_search, run_search
+from search.errors import UserError
 from search.results import EARLY_STOPPED, ERROR, TERMINATED, pareto_front
 from search.rundir import RunDir
 from search.searcher import ProposerSearcher
@@ -259,6 +260,44 @@ def test_a_search_ends_complete_at_its_time_budget(local_ray, tmp_path):
     assert out.complete and out.summary["stopped_by"] == "time_budget"
     assert 1 <= out.summary["trials"] < 200 and out.summary["wall_s"] > 0
     assert {r["status"] for r in _rows(out.run_dir)} == {TERMINATED}
+
+
+def test_a_resume_given_more_time_goes_on_after_the_budget(local_ray, tmp_path):
+    # A budget spent before the first trial: Ray's snapshot then holds no trial, which Ray
+    # 2.60 cannot restore (IndexError), so every resume below starts Tune afresh until a
+    # trial is recorded, and restores it after.
+    spec = _spec(tmp_path, BUDGET_SPEC, num_samples=200, time_budget="0.01s")
+    first = run_search(spec, storage_dir=tmp_path / "runs", mlflow=False, progress=False)
+    assert first.complete and first.summary["stopped_by"] == "time_budget"
+    assert first.summary["trials"] == 0
+    # A plain resume keeps the budget, which is spent: nothing trains.
+    again = resume_search(first.run_dir, mlflow=False, progress=False)
+    assert again.complete and again.summary["trials"] == 0
+    assert again.summary["wall_s"] >= first.summary["wall_s"]
+    # More time: the same search goes on (two trials at least: none has ended to time).
+    more = resume_search(first.run_dir, mlflow=False, progress=False, time_budget="10s")
+    assert more.complete and more.summary["stopped_by"] == "time_budget"
+    trained = more.summary["trials"]
+    assert trained >= 1
+    # More again, from a snapshot with trials: room for a few trials (this resume's wall
+    # time is about one trial's: a few s idle, ~30 s with both cores busy). The trials
+    # trained before are not trained again.
+    spent = more.summary["wall_s"]
+    extra = 3 * (spent - again.summary["wall_s"])
+    further = resume_search(first.run_dir, mlflow=False, progress=False, time_budget=extra)
+    assert further.complete and further.summary["stopped_by"] == "time_budget"
+    rows = _rows(further.run_dir)
+    keys = [r["trial_key"] for r in rows]
+    assert further.summary["trials"] == len(rows) > trained and len(set(keys)) == len(keys)
+    assert {r["status"] for r in rows} == {TERMINATED}
+    # ... within the extra time (no trial starts that the median trial says would end later;
+    # one may overrun by a little)
+    assert spent < further.summary["wall_s"] <= spent + 1.5 * extra
+    # The extended budget travels with the search: a later plain resume starts nothing.
+    last = resume_search(first.run_dir, mlflow=False, progress=False)
+    assert last.complete and last.summary["trials"] == len(rows)
+    with pytest.raises(UserError, match=r"--time-budget 'soon' is invalid: expected .*2h30m"):
+        resume_search(first.run_dir, mlflow=False, progress=False, time_budget="soon")
 
 
 def test_pareto_front_only_from_eligible_points():
