@@ -12,7 +12,9 @@ up to its CPUs per trial, never more than a GPU node can give each of its trials
 has GPUs; otherwise CPU-only trials that share the CPUs among ``max_concurrent`` trials. The
 plan is one line printed at start. On an autoscaling cluster (Ray's cluster launcher leaves
 ``~/ray_bootstrap_config.yaml`` on the head) a trial no node holds yet is not refused: nodes may
-come; the wait is reported in one line instead of Ray's repeated warning.
+come; the wait is reported in one line instead of Ray's repeated warning. Under a time budget
+no more trials are handed out than can run at once (:meth:`TrialPlan.outstanding`): one that
+waited for a slot would start after the budget last checked it.
 """
 
 from __future__ import annotations
@@ -83,6 +85,17 @@ class TrialPlan:
     custom: Mapping[str, float]
     concurrent: int  # trials that can run at once on the cluster (before max_concurrent)
     line: str
+    grows: bool = False  # an autoscaling cluster: ``concurrent`` is what fits now, not at most
+
+    def outstanding(self, max_concurrent: int, *, time_budget: float | None) -> int:
+        """How many trials may be handed out and not yet finished: ``max_concurrent``, but
+        under a time budget no more than can run at once on a cluster that cannot grow. A
+        trial handed out beyond that waits for a slot and starts when one frees, after the
+        budget checked it (seen: two 85-min trials of a 165-min budget started at minute 85).
+        """
+        if time_budget is None or self.grows or self.concurrent < 1:
+            return max_concurrent
+        return max(1, min(max_concurrent, self.concurrent))
 
     def bundle(self) -> dict[str, float]:
         """One placement-group bundle in Ray's resource names."""
@@ -171,7 +184,7 @@ def _fixed(cpu: float, gpu: float, custom: Mapping[str, float], cluster: Cluster
         if cluster.autoscaling:
             line = (f"{label}: no node of {cluster.where} holds one now ({cluster.describe()}); "
                     "trials wait for the autoscaler to add one")
-            return TrialPlan(cpu, gpu, dict(custom), 0, line)
+            return TrialPlan(cpu, gpu, dict(custom), 0, line, grows=True)
         raise UserError(
             f"{source}: resources={_asked(cpu, gpu, custom)} per trial is more than any node "
             f"has ({cluster.describe()}), so no trial could ever start: set `resources: auto` "
@@ -180,7 +193,7 @@ def _fixed(cpu: float, gpu: float, custom: Mapping[str, float], cluster: Cluster
     where = cluster.where if len(fits) == len(cluster.nodes) else \
         f"{len(fits)} of the {len(cluster.nodes)} nodes of {cluster.where}"
     line = f"{label} ({cluster.describe()}): up to {slots} at once on {where}"
-    return TrialPlan(cpu, gpu, dict(custom), slots, line)
+    return TrialPlan(cpu, gpu, dict(custom), slots, line, grows=cluster.autoscaling)
 
 
 def _auto(res: Resources, cluster: Cluster, custom: dict[str, float], *, max_concurrent: int,

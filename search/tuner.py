@@ -120,7 +120,9 @@ def fit(spec: SearchSpec, run: RunDir, splits: Any, *, resuming: bool, tracker: 
                                TrackingCallback(tracker, recorded=recorder.records.keys()),
                                background)
         callbacks += [InBackground([front.tracking], background), front]
-    search_alg = ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent)
+    outstanding = spec.search.max_concurrent if plan is None else plan.outstanding(
+        spec.search.max_concurrent, time_budget=spec.search.time_budget or extend_s)
+    search_alg = ConcurrencyLimiter(searcher, max_concurrent=outstanding)
     bundle = plan.bundle() if plan is not None else {
         "CPU": spec.resources.cpu, "GPU": spec.resources.gpu, **spec.resources.custom}
     trainable = tune.with_resources(tune.with_parameters(train_trial, splits=splits),
