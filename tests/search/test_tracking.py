@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import sigint
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
@@ -552,6 +551,8 @@ def test_a_tuner_pkl_callback_of_the_one_module_tracking_still_loads_and_pickles
 
 
 def test_ui_serves_and_prints_the_runs_list(mlflow_server, tmp_path):
+    import sigint  # here, not at the top: this module is imported by the killed drivers' script
+
     tracker = make_tracker(mlflow_server.url, tmp_path / "run", "ui-latest").start()
     tracker.finish()
     with pytest.raises(UserError, match="is not free"):
