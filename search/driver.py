@@ -103,15 +103,11 @@ def resume_search(
     2h30m): wall time for this resume on top of what the search spent, so a search that
     stopped at its budget goes on (UserError when it is not a duration).
     """
-    from search.errors import UserError
-    from search.spec import DURATION, load_spec, parse_duration
+    from search.spec import load_spec
+    from search.spec_parse import time_budget_option
     from search.tracking import read_state
 
-    extend_s = None
-    if time_budget is not None:
-        extend_s = parse_duration(time_budget)
-        if extend_s is None:
-            raise UserError(f"--time-budget {time_budget!r} is invalid: expected {DURATION}")
+    extend_s = time_budget_option(time_budget)
     run = RunDir.open(run_dir)
     spec = load_spec(run.spec)
     if tracking_uri is None:

@@ -278,15 +278,11 @@ def finalize_run(run_dir: str | Path, *, top: int | None = None, seeds: int | No
     ``time_budget`` (seconds, or 75m, 2h) override ``search.finalize``. Raises UserError (bad
     input, before anything is trained) or FinalizeInterrupted (Ctrl-C: rerun to continue).
     ``progress_s``: seconds between progress lines while training."""
-    from search.spec_parse import DURATION, parse_duration
+    from search.spec_parse import time_budget_option
 
     for name, v in (("top", top), ("seeds", seeds), ("epochs", epochs)):
         _positive(name, v)
-    budget_s = None
-    if time_budget is not None:
-        budget_s = parse_duration(time_budget)
-        if budget_s is None:
-            raise UserError(f"--time-budget {time_budget!r} is invalid: expected {DURATION}")
+    budget_s = time_budget_option(time_budget)
     run = open_run(run_dir)
     mirror = attach(run)  # a run dir on a URI: final/ and final-pareto.csv copied there
     try:

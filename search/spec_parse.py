@@ -55,7 +55,8 @@ from trainables.arch import ArchConfig, ArchError
 from trainables.data import DataConfig
 from trainables.train import TrainConfig
 
-__all__ = ["DURATION", "INITIAL_ENTRY", "load_spec", "parse_duration", "parse_spec"]
+__all__ = ["DURATION", "INITIAL_ENTRY", "load_spec", "parse_duration", "parse_spec",
+           "time_budget_option"]
 
 # ---------------------------------------------------------------------- loading
 def load_spec(path: str | Path, **overrides: Any) -> SearchSpec:
@@ -185,6 +186,19 @@ def parse_duration(v: Any) -> float | None:
 
 
 DURATION = "a positive duration: seconds, or a string like 90s, 45m, 1.5h, 2h30m"
+
+
+def time_budget_option(v: str | float | None) -> float | None:
+    """``--time-budget`` of ``finalize`` and ``resume`` in seconds (None when not given); a
+    UserError naming the flag when it is not a duration."""
+    if v is None:
+        return None
+    seconds = parse_duration(v)
+    if seconds is None:
+        from search.errors import UserError
+
+        raise UserError(f"--time-budget {v!r} is invalid: expected {DURATION}")
+    return seconds
 
 
 def _duration_or_null(v: Any) -> str | None:
