@@ -43,7 +43,16 @@ def _hooks() -> dict[str, bool]:
         "optuna FrozenTrial.system_attrs": hasattr(optuna.trial.FrozenTrial, "system_attrs"),
         "ray.tune TuneController._create_checkpoint_manager": _snapshot_hook_present(),
         "ray.tune SearchGenerator.set_state 'finished'": _finished_flag_present(),
+        "ray.tune ConcurrencyLimiter.live_trials": _limiter_live_trials_present(),
     }
+
+
+def _limiter_live_trials_present() -> bool:
+    import inspect
+
+    from ray.tune.search import ConcurrencyLimiter
+
+    return "self.live_trials = set()" in inspect.getsource(ConcurrencyLimiter.__init__)
 
 
 def _finished_flag_present() -> bool:
@@ -170,6 +179,11 @@ def replace_restored(tuner: Any, *, search_alg: Any, callbacks: list[Any]) -> No
     internal._run_config.callbacks = callbacks
 
 
+def limiter_forget_lost(limiter: Any, known: set[str]) -> None:
+    """Drop from a restored ``ConcurrencyLimiter`` the trial ids Ray did not restore (Ray
+    Tune 2.60 ``tune/search/concurrency_limiter.py`` ``live_trials``): each would hold one of
+    ``max_concurrent`` slots for ever."""
+    limiter.live_trials = {t for t in limiter.live_trials if t in known}
 
 
 def newest_snapshot(experiment: str, template: str) -> bytes | None:
@@ -218,13 +232,21 @@ def searcher_decides_the_end() -> Iterator[None]:
     its time budget would end at once even when the resume extends the budget. The searcher
     (search.searcher: num_samples over resumes, the time budget) answers FINISHED again at its
     first suggestion when nothing is left to do, so dropping the flag loses nothing.
+
+    The generator's own sample count goes too (``total_samples``; a new search gives Tune
+    ``num_samples=-1``): its ``counter`` is restored from a file separate from Ray's list of
+    trials, and a driver SIGKILLed while the two were copied to a storage URI left a counter
+    that included a trial never restored, so the resume created one trial too few and ended
+    unfinished (exit 130, every time).
     """
+    import sys
+
     from ray.tune.search.search_generator import SearchGenerator
 
     original = SearchGenerator.set_state
 
     def not_finished(self: Any, state: dict[str, Any]) -> None:
-        original(self, {**state, "finished": False})
+        original(self, {**state, "finished": False, "total_samples": sys.maxsize})
 
     SearchGenerator.set_state = not_finished
     try:

@@ -19,7 +19,12 @@ asked but Ray never recorded (created after the last snapshot) are told FAIL, so
 stay RUNNING forever (TPE's constant liar would keep imputing them); the trials Ray restores
 keep their Optuna trial and are told when they finish. ``num_samples`` is enforced here, over
 trials recorded on disk plus those in flight, so trials that finished after the last snapshot
-are not trained twice over the budget.
+are not trained twice over the budget (Ray Tune's own sample count is never what ends a
+search: it is restored from a file of its own, see search.ray_compat.searcher_decides_the_end).
+The searcher's snapshot and Ray's list of trials are separate files too: a driver killed while
+they were copied to a storage URI can leave a trial the searcher holds as running that Ray
+never restores; :class:`ForgetLostTrials` finds those at the resumed run's first step and
+:meth:`forget_lost` hands their place back, so the search still trains ``num_samples``.
 
 Time budget (``search.time_budget``, wall seconds over the whole search, resumes included):
 no trial starts once it is spent, nor one that the median finished trial says would end after
@@ -39,6 +44,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ray.tune import Callback
 from ray.tune.search import Searcher
 
 from search.dims import finite as _finite
@@ -73,6 +79,7 @@ class ProposerSearcher(Searcher):
         self._proposer: Proposer | None = None
         self._live: dict[str, str] = {}  # Ray trial id -> trial key, asked and not yet told
         self._issued: set[str] = set(recorded)  # trial keys that count towards num_samples
+        self._recorded: set[str] = set(recorded)  # ... of trials on disk (never forgotten)
         self._rejected_before = 0  # rejected by proposers of earlier driver processes
         self._duplicates_before = 0
         self.told = {"complete": 0, "pruned": 0, "failed": 0}
@@ -228,6 +235,24 @@ class ProposerSearcher(Searcher):
         self.full_durations = list(state.get("full_durations", []))
         self.fail_orphans()
 
+    def forget_lost(self, known: Iterable[str]) -> list[str]:
+        """Ray trial ids this searcher holds as running but Ray Tune did not restore (not in
+        ``known``): they never run, so their Optuna trials are told FAIL and their keys stop
+        counting towards ``num_samples``. Returns the forgotten ids."""
+        known = set(known)
+        recorded = getattr(self, "_recorded", set())  # (a searcher pickled before it had one)
+        lost = [tid for tid in self._live if tid not in known]
+        for tid in lost:
+            key = self._live.pop(tid)
+            self._started.pop(tid, None)
+            if key not in recorded:
+                self._issued.discard(key)
+            self.proposer.tell_failed(int(key))
+        if lost:
+            log.info("forgot %d trial(s) of the snapshot that Ray did not restore: %s",
+                     len(lost), lost)
+        return lost
+
     def fail_orphans(self) -> list[int]:
         """Tell FAIL to Optuna trials left RUNNING that no Ray trial will ever finish."""
         from optuna.trial import TrialState
@@ -242,3 +267,24 @@ class ProposerSearcher(Searcher):
                      len(orphans), orphans)
         return orphans
 
+
+
+class ForgetLostTrials(Callback):
+    """On a resume, at Tune's first step (before it asks for a trial): the trials the
+    restored searcher and concurrency limiter hold as running that Ray did not restore are
+    forgotten (:meth:`ProposerSearcher.forget_lost`); otherwise the search would wait for
+    them forever and end unfinished."""
+
+    def __init__(self, search_alg: Any) -> None:
+        self.search_alg = search_alg  # ConcurrencyLimiter(ProposerSearcher)
+        self.done = False
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if self.done:
+            return
+        self.done = True
+        from search import ray_compat
+
+        known = {t.trial_id for t in trials}
+        self.search_alg.searcher.forget_lost(known)
+        ray_compat.limiter_forget_lost(self.search_alg, known)

@@ -162,14 +162,19 @@ def _tune(spec: SearchSpec, run: RunDir, *, resuming: bool, trainable: Any, sear
     if resuming:
         tuner = tune.Tuner.restore(run.tune_experiment, trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
-        ray_compat.replace_restored(tuner, search_alg=search_alg, callbacks=callbacks)
+        from search.searcher import ForgetLostTrials
+
+        ray_compat.replace_restored(tuner, search_alg=search_alg,
+                                    callbacks=[ForgetLostTrials(search_alg), *callbacks])
     else:
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
                 search_alg=search_alg, scheduler=make_scheduler(
                     spec.search.early_stopping, spec.objectives, max_t=max_epochs(spec.train)),
-                num_samples=spec.search.num_samples, reuse_actors=True,
+                # The searcher ends the search at num_samples (over resumes); Tune's own
+                # count is restored from a separate file (ray_compat.searcher_decides_the_end).
+                num_samples=-1, reuse_actors=True,
                 trial_name_creator=trial_name, trial_dirname_creator=trial_name),
             run_config=tune.RunConfig(
                 name=EXPERIMENT_NAME, storage_path=run.tune_storage, verbose=0,

@@ -1,15 +1,25 @@
-"""Shared fixtures, and the markers that sort the suite (``make test-fast`` skips the slow kinds).
+"""Shared fixtures, and the checks that keep the suite's kinds honest.
 
-Markers, set here by module (so a test file need not repeat them):
+A test module declares its kind itself, once, with ``pytestmark`` (``make test-fast`` skips
+the slow kinds):
 
 - ``ray``: starts or attaches a Ray runtime (in-process, or a CLI search in a subprocess);
 - ``slow``: many seconds of real work without Ray (process races, servers, published nets);
 - ``browser``: drives headless Chromium against a real MLflow UI.
+
+This file only checks the declarations: a test that asks for ``ray_session`` without the
+``ray`` marker is refused at collection, and every test without it runs with ``RAY_TMPDIR``
+pointed at a folder of its own, so a Ray it starts (in-process or in a child process) leaves
+a session folder there and fails the test with its name. Under pytest-xdist each worker gets
+its own Ray temp folder, so the workers' Rays never share a session folder.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,31 +29,54 @@ import pytest
 from search.errors import UserError
 from search.tracking import start_light_server, stop_server, wait_healthy
 
-RAY_MODULES = {
-    "test_old_rundir", "test_multinode", "test_finalize", "test_cli_finalize",
-    "test_tuner", "test_resume", "test_cluster", "test_moasha", "test_tracking", "test_export",
-    "test_cli_run", "test_cli_newcomer", "test_trial", "test_cli_data",
-}
-SLOW_MODULES = {"test_tracking_store", "test_published", "test_deploy", "test_cli_train",
-                "test_transfer", "test_pruning"}
-BROWSER_MODULES = {"test_ui_browser"}
+KINDS = ("ray", "slow", "browser")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker and "RAY_TMPDIR" not in os.environ:
+        # Short (Ray's unix sockets live under it: 107 bytes at most) and one per worker.
+        os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix=f"rt-{worker}-", dir="/tmp")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        module = item.path.stem
-        if module in RAY_MODULES or "ray_session" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.ray)
-        if module in SLOW_MODULES:
-            item.add_marker(pytest.mark.slow)
-        if module in BROWSER_MODULES:
-            item.add_marker(pytest.mark.browser)
+    undeclared = [item.nodeid for item in items
+                  if "ray_session" in getattr(item, "fixturenames", ())
+                  and item.get_closest_marker("ray") is None]
+    if undeclared:
+        raise pytest.UsageError(
+            "these tests use the ray_session fixture but their module does not declare "
+            "`pytestmark = pytest.mark.ray`:\n  " + "\n  ".join(undeclared))
+
+
+@pytest.fixture(autouse=True)
+def _ray_only_where_declared(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test not marked ``ray`` must not start one: any Ray it (or a child) starts lands in
+    a fresh RAY_TMPDIR, and a session folder there fails the test."""
+    if request.node.get_closest_marker("ray") is not None:
+        yield
+        return
+    tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+    old = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = tmp
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = old
+        started = sorted(p.name for p in Path(tmp, "ray").glob("session_*"))
+        shutil.rmtree(tmp, ignore_errors=True)
+        if started:
+            pytest.fail(f"{request.node.nodeid} started Ray ({started[0]}) but its module does "
+                        "not declare `pytestmark = pytest.mark.ray`", pytrace=False)
 
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
     """One local Ray (2 CPUs, loopback, quiet: as a search starts it) for every test that can
-    share it; started on first use, stopped at the end of the session."""
+    share it; started on first use, stopped at the end of the session (one per xdist worker)."""
     import ray
 
     from search.ray_runtime import init_ray

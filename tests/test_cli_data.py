@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 from search.cli_data import data_app
 from search.errors import UserError
 
+pytestmark = pytest.mark.ray  # starts Ray (in-process or a CLI search)
+
 ROOT = Path(__file__).resolve().parents[1]
 # The app as search/cli.py registers it, run the way the console script runs it.
 _MAIN = ("import typer; from search.cli_data import data_app; from search.cli import run_cli; "

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.ray  # starts Ray (in-process or a CLI search)
+
 SCRIPT = str(Path(sys.executable).with_name("sparse-search"))
 SPEC = """
 name: cli-finalize

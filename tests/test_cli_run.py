@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+pytestmark = pytest.mark.ray  # starts Ray (in-process or a CLI search)
+
 REPO = Path(__file__).resolve().parents[1]
 SPEC = """
 name: clirun

@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from trainables.arch import ArchConfig, StageConfig, StemConfig
+
+pytestmark = pytest.mark.slow  # many seconds of real work without Ray
 
 DIGITS_ARCH = ArchConfig(
     in_channels=1, input_size=(8, 8), stem=StemConfig(width=8),

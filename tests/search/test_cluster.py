@@ -28,6 +28,8 @@ import pytest
 
 from search.cluster import entrypoint, is_local_address
 
+pytestmark = pytest.mark.ray  # starts Ray (in-process or a CLI search)
+
 REPO = Path(__file__).resolve().parents[2]
 RAY = Path(sys.executable).with_name("ray")
 SPEC = """

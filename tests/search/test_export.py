@@ -21,6 +21,8 @@ from trainables.arch import ArchConfig, HeadLayer, StageConfig, StemConfig
 from trainables.models import build_model
 from trainables.pruning import prune_step
 
+pytestmark = pytest.mark.ray  # starts Ray (in-process or a CLI search)
+
 ARCH = ArchConfig(
     in_channels=1, input_size=(12, 12),
     stem=StemConfig(width=6),

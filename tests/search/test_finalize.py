@@ -20,6 +20,8 @@ from search.spec import parse_spec
 from search.spec_model import Finalize
 from search.tracking import TAG_PARENT, TAG_ROLE, TAG_TRIAL_KEY, read_state
 
+pytestmark = pytest.mark.ray  # starts Ray (in-process or a CLI search)
+
 SPEC = {
     "name": "finalize-tiny",
     "data": {"name": "digits", "subset": 300},

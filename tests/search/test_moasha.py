@@ -10,6 +10,8 @@ from ray.tune.schedulers import TrialScheduler
 from search.moasha import MultiObjectiveASHA
 from search.pareto import crowding_distances
 
+pytestmark = pytest.mark.ray  # starts Ray (in-process or a CLI search)
+
 ACC_PARAMS = [("val_accuracy", "max"), ("nonzero_params", "min")]
 STOP, CONTINUE = TrialScheduler.STOP, TrialScheduler.CONTINUE
 

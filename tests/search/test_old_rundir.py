@@ -16,6 +16,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.ray  # starts Ray (in-process or a CLI search)
+
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "rundir-0421630"
 CLI = str(Path(sys.executable).with_name("sparse-search"))
 

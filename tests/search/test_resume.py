@@ -14,10 +14,14 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
+import yaml
 from mlflow import MlflowClient
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
+
+pytestmark = pytest.mark.ray  # starts Ray (in-process or a CLI search)
 
 REPO = Path(__file__).resolve().parents[2]
 # Six small trials, two at a time, three epochs each (a checkpoint per epoch): killed after two
@@ -139,3 +143,47 @@ def test_resume_after_sigkill_finishes_every_trial_exactly_once(tmp_path):
                 if r.data.tags.get("sparse_search.role") == "trial"}
     assert all(children[k] == "FINISHED" for k in keys), children
     assert "RUNNING" not in children.values()
+
+
+def test_a_trial_the_searcher_holds_but_ray_lost_is_trained_again_under_another_key(
+        ray_session, tmp_path):
+    """Ray's list of trials and the searcher's (and the sample counter's) snapshots are
+    separate files: a driver SIGKILLed while they were copied to a storage URI left a
+    searcher holding a trial as running that Ray never restored. Made here by hand from a
+    finished search (a local run dir; the copy order is not what is tested): the resume
+    forgets that trial, trains another in its place and ends complete (it waited for the lost
+    one and ended "interrupted", exit 130, on every resume)."""
+    import pickle
+    import shutil
+
+    from search.driver import resume_search, run_search
+    from search.spec import parse_spec
+    from search.tuner import EXPERIMENT_NAME
+
+    spec = parse_spec({**yaml.safe_load(SPEC), "search": {
+        "sampler": "random", "num_samples": 3, "max_concurrent": 1, "seed": 1}})
+    first = run_search(spec, storage_dir=tmp_path / "runs", mlflow=False, progress=False)
+    assert first.complete and first.summary["trials"] == 3
+    run_dir = first.run_dir
+    ray_dir = run_dir / EXPERIMENT_NAME
+    (state_path,) = ray_dir.glob("experiment_state-*.json")
+    state = json.loads(state_path.read_text())
+    lost_row = _rows(run_dir)[-1]
+    lost_key, lost_id = lost_row["trial_key"], lost_row["trial_id"]
+    # Ray's list: as snapshotted before the last trial was created.
+    state["trial_data"] = [t for t in state["trial_data"]
+                           if json.loads(t[0])["trial_id"] != lost_id]
+    state_path.write_text(json.dumps(state))
+    # The searcher's snapshot: taken after, with that trial in flight (and its key handed out).
+    (searcher_path,) = ray_dir.glob("searcher-state-*.pkl")
+    searcher = pickle.loads(searcher_path.read_bytes())
+    searcher["live"] = {lost_id: lost_key}
+    searcher_path.write_bytes(pickle.dumps(searcher))
+    # ... and nothing of it was recorded.
+    shutil.rmtree(run_dir / "trials" / lost_key)
+    (run_dir / "outcome.json").unlink()
+
+    again = resume_search(run_dir, mlflow=False, progress=False)
+    assert again.complete and again.summary["stopped_by"] == "num_samples"
+    keys = [r["trial_key"] for r in _rows(run_dir)]
+    assert len(keys) == len(set(keys)) == 3 and lost_key not in keys

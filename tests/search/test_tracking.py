@@ -51,6 +51,8 @@ from trainables.accounting import count
 from trainables.arch import ArchConfig, HeadLayer, StageConfig, StemConfig
 from trainables.models import build_model
 
+pytestmark = pytest.mark.ray  # starts Ray (in-process or a CLI search)
+
 HERE = Path(__file__).resolve().parent
 SPEC_YAML = "name: tiny\nobjectives: {val_accuracy: max, nonzero_params: min}\nconstraints: {max_params: 5000}\n"
 EPOCHS = 3

@@ -43,6 +43,8 @@ from search.tracking import (
     sync_run_dir,
 )
 
+pytestmark = pytest.mark.slow  # many seconds of real work without Ray
+
 REPO = Path(__file__).resolve().parents[2]
 SPEC_YAML = "name: spec-named\nobjectives: {val_accuracy: max, nonzero_params: min}\n"
 

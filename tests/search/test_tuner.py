@@ -30,6 +30,8 @@ from trainables.accounting import count_module
 from trainables.arch import ArchConfig
 from trainables.models import build_model
 
+pytestmark = pytest.mark.ray  # starts Ray (in-process or a CLI search)
+
 
 def _scheduler(spec):
     """What _tune builds from a spec: the scheduler gets its section, objectives and max_t."""
@@ -279,11 +281,14 @@ def test_a_resume_given_more_time_goes_on_after_the_budget(local_ray, tmp_path):
     assert more.complete and more.summary["stopped_by"] == "time_budget"
     trained = more.summary["trials"]
     assert trained >= 1
-    # More again, from a snapshot with trials: room for a few trials (this resume's wall
-    # time is about one trial's: a few s idle, ~30 s with both cores busy). The trials
-    # trained before are not trained again.
+    # More again, from a snapshot with trials: room for a few trials, sized from what this
+    # machine measured (a resume that trains nothing, and the trials so far), not from the
+    # last resume's wall time: on a fast machine three times that fitted all 200 samples.
+    # The trials trained before are not trained again.
     spent = more.summary["wall_s"]
-    extra = 3 * (spent - again.summary["wall_s"])
+    start_s = again.summary["wall_s"] - first.summary["wall_s"]  # Ray's start, the data
+    trial_s = max(float(r["train_seconds"]) for r in _rows(more.run_dir)) + 1.0
+    extra = 2 * start_s + 4 * trial_s
     further = resume_search(first.run_dir, mlflow=False, progress=False, time_budget=extra)
     assert further.complete and further.summary["stopped_by"] == "time_budget"
     rows = _rows(further.run_dir)

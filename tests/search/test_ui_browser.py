@@ -15,6 +15,8 @@ import pytest
 from search.tracking import UI_QUERY, SearchTracker, run_url
 from trainables.arch import ArchConfig, StageConfig, StemConfig
 
+pytestmark = pytest.mark.browser  # headless Chromium against a real MLflow UI
+
 CHROMIUM = Path("/usr/bin/chromium")
 
 

@@ -30,6 +30,8 @@ from trainables.deploy import (
 from trainables.models import build_model
 from trainables.pruning import prune_step
 
+pytestmark = pytest.mark.slow  # many seconds of real work without Ray
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

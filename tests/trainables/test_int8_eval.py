@@ -26,6 +26,8 @@ from trainables.quantize import (
 from trainables.train import TrainConfig, TrainConfigError
 from trainables.trial import MODEL_FILE, seeded_model, train_trial
 
+pytestmark = pytest.mark.ray  # one test runs the trainable under Ray Tune
+
 ARCH = ArchConfig(in_channels=1, input_size=(8, 8), stem=StemConfig(width=8),
                   stages=(StageConfig(width=12, downsample="maxpool"),), pooling="gap")
 TRAIN = TrainConfig(epochs=3, batch_size=32, optimizer="adamw", lr=0.01, threads=1)

@@ -20,6 +20,8 @@ from trainables.pruning import (
     snapshot,
 )
 
+pytestmark = pytest.mark.slow  # many seconds of real work without Ray
+
 
 class TinyNet(nn.Module):
     """conv(1->6, 3x3) + BN -> conv(6->8, 3x3) -> flatten -> hidden Linear -> ``classifier``."""

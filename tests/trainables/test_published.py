@@ -18,6 +18,8 @@ from trainables.accounting import count, count_module
 from trainables.arch import ArchConfig, StageConfig
 from trainables.models import build_model
 
+pytestmark = pytest.mark.slow  # many seconds of real work without Ray
+
 ARCHS = Path(__file__).resolve().parents[2] / "spaces" / "archs"
 
 # file: (trainable params, BN running mean/var elements, MACs, the paper's printed figure)

@@ -23,6 +23,8 @@ from trainables.models.transfer import (
     stage_module,
 )
 
+pytestmark = pytest.mark.slow  # many seconds of real work without Ray
+
 
 @pytest.fixture(autouse=True)
 def _empty_torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
