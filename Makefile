@@ -23,9 +23,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/sparse-search run spaces/quickstart.yaml
 
+# Two pytest-xdist workers (tests/conftest.py: a module's tests on one worker, the multi-node
+# clusters one at a time); the 25 slowest tests and the suite's total at the end.
 test: $(STAMP) browser
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest --durations=10
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=25
 
 # No Ray, no browser, nothing slow: the edit-test loop (under a minute here).
 test-fast: $(STAMP)

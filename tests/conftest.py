@@ -12,13 +12,20 @@ This file only checks the declarations: a test that asks for ``ray_session`` wit
 pointed at a folder of its own, so a Ray it starts (in-process or in a child process) leaves
 a session folder there and fails the test with its name. Under pytest-xdist each worker gets
 its own Ray temp folder, so the workers' Rays never share a session folder.
+
+Under pytest-xdist (``make test``: two workers, ``--dist loadgroup``) the tests of a module
+run on one worker; the modules that start Ray clusters of several nodes declare
+``pytest.mark.xdist_group("clusters")``, so no two clusters run at once.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +37,20 @@ from search.errors import UserError
 from search.tracking import start_light_server, stop_server, wait_healthy
 
 KINDS = ("ray", "slow", "browser")
+# The one finished search that read-only tests share (fixture ``finished_search``): digits,
+# three objectives, a budget that refuses some proposals, four trials, tracked in sqlite.
+FINISHED_SPEC = """
+name: shared
+data: {name: digits, val_fraction: 0.2, subset: 300}
+objectives: {val_accuracy: max, nonzero_params: min, macs: min}
+constraints: {max_params: 1200}
+search: {sampler: random, num_samples: 4, max_concurrent: 2, seed: 1}
+train: {epochs: 2, batch_size: 32, optimizer: adamw, lr: 0.02}
+space:
+  stem: {width: {int: [2, 12]}}
+  num_stages: 1
+  stages: {width: {int: [4, 32]}, layers: {int: [1, 2]}}
+"""
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -39,6 +60,7 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix=f"rt-{worker}-", dir="/tmp")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (its own hook)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     undeclared = [item.nodeid for item in items
                   if "ray_session" in getattr(item, "fixturenames", ())
@@ -47,6 +69,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         raise pytest.UsageError(
             "these tests use the ray_session fixture but their module does not declare "
             "`pytestmark = pytest.mark.ray`:\n  " + "\n  ".join(undeclared))
+    # pytest-xdist (--dist loadgroup, `make test`): a module's tests stay on one worker, so a
+    # module-scoped fixture (a finished search, a server) is built once; a module that
+    # declares a group of its own (``xdist_group``) shares a worker with that group's others.
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
 
 
 @pytest.fixture(autouse=True)
@@ -123,3 +151,43 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
         yield server
     finally:
         stop_server(proc)
+
+
+@dataclass(frozen=True)
+class FinishedSearch:
+    """A search that ended complete, as `sparse-search run --json` left it."""
+
+    run_dir: Path
+    tracking_uri: str  # sqlite:///<cwd>/mlflow.db
+    cwd: Path  # where it ran: spec.yaml, mlflow.db, mlruns/
+    stdout: str  # the front table, then the --json summary as the last line
+    stderr: str
+    experiment: str = "shared"  # FINISHED_SPEC's name: the MLflow experiment
+
+    @property
+    def summary(self) -> dict:
+        return json.loads(self.stdout.strip().splitlines()[-1])
+
+    def copy(self, dest: Path) -> Path:
+        """A copy of the run dir to change (its mlflow.json still names the shared store:
+        give commands that would track into it --no-mlflow or a store of their own)."""
+        return Path(shutil.copytree(self.run_dir, dest / self.run_dir.name))
+
+
+@pytest.fixture(scope="session")
+def finished_search(tmp_path_factory: pytest.TempPathFactory) -> FinishedSearch:
+    """One real `sparse-search run` through the console script (Ray, MLflow sqlite), shared
+    by the tests that only read a finished search; a test that changes a run dir works on
+    :meth:`FinishedSearch.copy`. Modules that use it declare
+    ``pytest.mark.xdist_group("finished_search")``, so under xdist it is made once."""
+    cwd = tmp_path_factory.mktemp("finished_search")
+    (cwd / "spec.yaml").write_text(FINISHED_SPEC)
+    uri = f"sqlite:///{cwd / 'mlflow.db'}"
+    script = str(Path(sys.executable).with_name("sparse-search"))
+    done = subprocess.run([script, "run", "spec.yaml", "--json", "--storage", str(cwd / "runs"),
+                           "--tracking-uri", uri], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["complete"], summary
+    return FinishedSearch(Path(summary["run_dir"]), uri, cwd, done.stdout, done.stderr)

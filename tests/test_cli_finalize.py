@@ -1,6 +1,6 @@
-"""`sparse-search finalize` and `train RUN_DIR KEY` through the console script: a real tiny
-search first (digits, --no-mlflow), then SIGTERM mid-finalize (exit 130, a rerun completes),
-the recorded recipe reproduced, bad inputs (exit 2)."""
+"""`sparse-search finalize` and `train RUN_DIR KEY` through the console script, on a copy of
+the suite's finished search (tests/conftest.py): SIGTERM mid-finalize (exit 130, a rerun
+completes), the recorded recipe reproduced, bad inputs (exit 2)."""
 
 from __future__ import annotations
 
@@ -13,19 +13,10 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.ray  # starts Ray (in-process or a CLI search)
+# The suite's finished search (a CLI search with Ray, tests/conftest.py), on its worker.
+pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("finished_search")]
 
 SCRIPT = str(Path(sys.executable).with_name("sparse-search"))
-SPEC = """
-name: cli-finalize
-data: {name: digits, subset: 300}
-search: {sampler: random, num_samples: 4, max_concurrent: 2, seed: 2}
-train: {epochs: 1, batch_size: 32, optimizer: adamw, lr: 0.02}
-space:
-  stem: {width: {int: [4, 12]}}
-  num_stages: 1
-  stages: {width: {int: [8, 24]}, layers: 1}
-"""
 
 
 def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -34,14 +25,15 @@ def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("cli_finalize")
-    (tmp / "spec.yaml").write_text(SPEC)
-    out = _cli("run", str(tmp / "spec.yaml"), "--storage", str(tmp / "runs"), "--no-mlflow",
-               timeout=600)
-    assert out.returncode == 0, out.stderr
-    (path,) = (tmp / "runs").iterdir()
-    return path
+def run_dir(finished_search, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the suite's finished search (tests/conftest.py), which finalize changes;
+    every finalize here is --no-mlflow (the copy still names the shared store)."""
+    return finished_search.copy(tmp_path_factory.mktemp("cli_finalize"))
+
+
+def _first_key(run_dir: Path) -> str:
+    with (run_dir / "results.csv").open() as f:
+        return next(csv.DictReader(f))["trial_key"]
 
 
 def test_sigterm_exits_130_and_a_rerun_completes(run_dir: Path, tmp_path: Path) -> None:
@@ -80,7 +72,7 @@ def test_sigterm_exits_130_and_a_rerun_completes(run_dir: Path, tmp_path: Path) 
 
 
 def test_train_run_dir_key_reproduces_the_recorded_recipe(run_dir: Path) -> None:
-    out = _cli("train", str(run_dir), "0", "--epochs", "1", "--json")
+    out = _cli("train", str(run_dir), _first_key(run_dir), "--epochs", "1", "--json")
     assert out.returncode == 0, out.stderr
     (line,) = [ln for ln in out.stdout.splitlines() if ln.startswith("train ")]
     assert "optimizer='adamw'" in line and "lr=0.02" in line and "batch_size=32" in line
@@ -96,7 +88,7 @@ def test_bad_inputs_exit_2(run_dir: Path, tmp_path: Path) -> None:
          "--time-budget 'soon' is invalid: expected a positive duration"),
         (("train", str(run_dir), "99", "--epochs", "1"), "trial '99' is not in"),
         (("train", str(run_dir)), "name the trial to retrain"),
-        (("train", str(run_dir), "0", "--data", "digits"), "is a run directory"),
+        (("train", str(run_dir), _first_key(run_dir), "--data", "digits"), "is a run directory"),
     ]
     for args, message in cases:
         out = _cli(*args)

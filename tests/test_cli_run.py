@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-pytestmark = pytest.mark.ray  # starts Ray (in-process or a CLI search)
+pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("finished_search")]
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = """
@@ -39,17 +39,14 @@ def _spec(tmp_path: Path, text: str = SPEC) -> Path:
     return path
 
 
-def test_run_json_front_table_and_mlflow(tmp_path):
-    spec = _spec(tmp_path)
-    db = tmp_path / "mlflow.db"
-    done = _cli("run", str(spec), "--json", "--storage", str(tmp_path / "runs"),
-                "--tracking-uri", f"sqlite:///{db}", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_run_json_front_table_and_mlflow(finished_search, tmp_path):
+    done = finished_search  # `sparse-search run spec.yaml --json` (tests/conftest.py)
+    db = finished_search.cwd / "mlflow.db"
     assert "Traceback" not in done.stderr
     lines = done.stdout.strip().splitlines()
     summary = json.loads(lines[-1])  # the LAST stdout line is the JSON object
     assert set(summary) >= {"run_dir", "trials", "failed", "rejected", "front"}
-    assert summary["trials"] == 3 and summary["failed"] == 0 and summary["rejected"] > 0
+    assert summary["trials"] == 4 and summary["failed"] == 0 and summary["rejected"] > 0
     assert any(ln.startswith("Pareto front (") for ln in lines)
     run_dir = Path(summary["run_dir"])
     with (run_dir / "results.csv").open() as f:
@@ -66,7 +63,7 @@ def test_run_json_front_table_and_mlflow(tmp_path):
         assert p["arch"] in done.stdout  # listed in the table too
     # MLflow: one finished parent, one finished child per trial, keyed like results.csv.
     client = MlflowClient(f"sqlite:///{db}")
-    exp = client.get_experiment_by_name("clirun")
+    exp = client.get_experiment_by_name(finished_search.experiment)
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("sparse_search.role") == "search"]
     children = [r for r in runs if r.data.tags.get("sparse_search.role") == "trial"]
@@ -80,7 +77,8 @@ def test_run_json_front_table_and_mlflow(tmp_path):
     with open(logged) as f:
         se = {r["trial_key"]: float(r["val_accuracy_se"]) for r in csv.DictReader(f)}
     assert se == {p["trial_key"]: p["val_accuracy_se"] for p in summary["front"]}
-    shown = _cli("pareto", "--tracking-uri", f"sqlite:///{db}", cwd=tmp_path)  # from the store
+    shown = _cli("pareto", "--tracking-uri", f"sqlite:///{db}", "--experiment",
+                 finished_search.experiment, cwd=tmp_path)  # from the store
     assert shown.returncode == 0, shown.stderr[-3000:]
     assert all(f"{p['val_accuracy']:.4f} {p['val_accuracy_se']:>6.4f}" in shown.stdout
                for p in summary["front"])

@@ -28,7 +28,8 @@ import pytest
 
 from search.cluster import entrypoint, is_local_address
 
-pytestmark = pytest.mark.ray  # starts Ray (in-process or a CLI search)
+# A Ray head of its own (a cluster: one at a time, tests/conftest.py)
+pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("clusters")]
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = Path(sys.executable).with_name("ray")

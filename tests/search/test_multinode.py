@@ -35,8 +35,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cluster_harness import LoopbackCluster, available, session_pids
 
-pytestmark = [pytest.mark.ray, pytest.mark.skipif(available() is not None,
-                                                  reason=f"no network namespaces: {available()}")]
+pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("clusters"),
+              pytest.mark.skipif(available() is not None,
+                                 reason=f"no network namespaces: {available()}")]
 
 CLI = str(Path(sys.executable).with_name("sparse-search"))
 SPEC = """

@@ -1,9 +1,10 @@
 """Front members as MLflow 3 logged models, and a front picture per objective pair.
 
-One real `sparse-search run` (digits, 3 objectives, a sqlite store in tmp) feeds every test;
-logged models are read back with MlflowClient, their ONNX files run in ONNX Runtime against
-the saved weights (loaded tensor-only), one is registered, and `sparse-search sync` into the
-same store and into a fresh one creates each member exactly once.
+The suite's one finished `sparse-search run` (tests/conftest.py: digits, 3 objectives, a
+sqlite store in tmp) feeds every test; logged models are read back with MlflowClient, their
+ONNX files run in ONNX Runtime against the saved weights (loaded tensor-only), one is
+registered, and `sparse-search sync` into the same store and into a fresh one creates each
+member exactly once.
 """
 
 from __future__ import annotations
@@ -35,21 +36,11 @@ from search.tracking.models import MODEL_TYPE, TAG_ONNX_SOURCE, onnx_file_names
 from trainables.arch import ArchConfig
 from trainables.models import build_model
 
-pytestmark = pytest.mark.ray  # a CLI search starts Ray (tests/conftest.py's kinds)
+# The suite's finished search (a CLI search with Ray, tests/conftest.py), on its worker.
+pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("finished_search")]
 
-OBJECTIVES = {"val_accuracy": "max", "nonzero_params": "min", "macs": "min"}
-SPEC = """
-name: lmodels
-data: {name: digits, val_fraction: 0.2, subset: 300}
-objectives: {val_accuracy: max, nonzero_params: min, macs: min}
-constraints: {max_params: 1500}
-search: {sampler: random, num_samples: 4, max_concurrent: 2, seed: 1}
-train: {epochs: 2, batch_size: 64, optimizer: adamw, lr: 0.03}
-space:
-  stem: {width: {int: [2, 12]}}
-  num_stages: 1
-  stages: {width: {int: [4, 24]}, layers: {int: [1, 2]}}
-"""
+OBJECTIVES = {"val_accuracy": "max", "nonzero_params": "min", "macs": "min"}  # its spec's
+EXPERIMENT = "shared"  # its spec's name
 ID_COLUMNS = {"trial_key", "trial_id", "model", "arch", "initial"}
 
 
@@ -59,16 +50,10 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def searched(tmp_path_factory):
-    """(run dir, tracking uri, tmp) of one finished search."""
-    tmp = tmp_path_factory.mktemp("lmodels")
-    (tmp / "spec.yaml").write_text(SPEC)
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    done = _cli("run", "spec.yaml", "--json", "--storage", str(tmp / "runs"),
-                "--tracking-uri", uri, cwd=tmp)
-    assert done.returncode == 0, done.stderr[-3000:]
-    run_dir = Path(json.loads(done.stdout.strip().splitlines()[-1])["run_dir"])
-    return run_dir, uri, tmp
+def searched(finished_search):
+    """(run dir, tracking uri, the folder it ran in) of the suite's finished search
+    (tests/conftest.py: digits, objectives val_accuracy, nonzero_params, macs)."""
+    return finished_search.run_dir, finished_search.tracking_uri, finished_search.cwd
 
 
 def _pareto(run_dir: Path) -> dict[str, dict[str, str]]:
@@ -100,7 +85,7 @@ def test_every_front_member_is_a_logged_model_with_its_metrics_and_run(searched)
     run_dir, uri, _ = searched
     client = MlflowClient(uri)
     pareto = _pareto(run_dir)
-    everyone = _models(client, "lmodels")
+    everyone = _models(client, EXPERIMENT)
     # Trials finish in any order (two at once), so a trial can reach the front while it is
     # young and leave it later: its model stays, tagged on_front=false (models.py keeps it so a
     # registered version never loses its source). The members today are the on_front=true ones.
@@ -110,7 +95,7 @@ def test_every_front_member_is_a_logged_model_with_its_metrics_and_run(searched)
     # every model is tagged true or false, and one per trial, never two
     assert len(everyone) == len(models) + len(left)
     assert not left & set(pareto)
-    children = _children(client, "lmodels")
+    children = _children(client, EXPERIMENT)
     for m in models:
         key = m.tags[TAG_TRIAL_KEY]
         row = pareto[key]
@@ -139,7 +124,7 @@ def test_front_model_onnx_runs_and_matches_the_tensor_only_weights(searched, tmp
 
     client = MlflowClient(uri)
     fp32_name, int8_name = onnx_file_names()
-    for m in _models(client, "lmodels"):
+    for m in _models(client, EXPERIMENT):
         key = m.tags[TAG_TRIAL_KEY]
         names = {a.path for a in client.list_logged_model_artifacts(m.model_id)}
         assert {"MLmodel", fp32_name, "model.pt", "arch.yaml"} <= names
@@ -172,24 +157,24 @@ def test_front_model_onnx_runs_and_matches_the_tensor_only_weights(searched, tmp
 def test_a_front_model_registers_in_the_model_registry(searched):
     _, uri, _ = searched
     client = MlflowClient(uri)
-    m = _models(client, "lmodels")[0]
+    m = _models(client, EXPERIMENT)[0]
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
-        version = mlflow.register_model(f"models:/{m.model_id}", "lmodels-front")
+        version = mlflow.register_model(f"models:/{m.model_id}", "shared-front")
     finally:
         mlflow.set_tracking_uri(previous)
-    got = client.get_model_version("lmodels-front", version.version)
+    got = client.get_model_version("shared-front", version.version)
     assert got.source == f"models:/{m.model_id}"
     assert got.run_id == m.source_run_id
     linked = json.loads(client.get_logged_model(m.model_id).tags["mlflow.modelVersions"])
-    assert {"name": "lmodels-front", "version": version.version} in linked
+    assert {"name": "shared-front", "version": version.version} in linked
 
 
 def test_the_parent_run_has_a_front_picture_per_objective_pair(searched, tmp_path):
     _, uri, _ = searched
     client = MlflowClient(uri)
-    eid = client.get_experiment_by_name("lmodels").experiment_id
+    eid = client.get_experiment_by_name(EXPERIMENT).experiment_id
     parent = next(r for r in client.search_runs([eid])
                   if r.data.tags.get(TAG_ROLE) == "search")
     names = {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -216,21 +201,21 @@ def test_pareto_command_prints_the_objectives_in_the_specs_order(searched):
 def test_sync_again_or_into_a_fresh_store_creates_each_member_once(searched, tmp_path):
     run_dir, uri, tmp = searched
     client = MlflowClient(uri)
-    before = sorted((m.tags[TAG_TRIAL_KEY], m.model_id) for m in _models(client, "lmodels"))
+    before = sorted((m.tags[TAG_TRIAL_KEY], m.model_id) for m in _models(client, EXPERIMENT))
     done = _cli("sync", str(run_dir), "--tracking-uri", uri, cwd=tmp)  # re-attached tracker
     assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted((m.tags[TAG_TRIAL_KEY], m.model_id) for m in _models(client, "lmodels")) == before
+    assert sorted((m.tags[TAG_TRIAL_KEY], m.model_id) for m in _models(client, EXPERIMENT)) == before
     fresh = f"sqlite:///{tmp_path / 'fresh.db'}"  # a store that never saw the search
     for _ in range(2):
         done = _cli("sync", str(run_dir), "--tracking-uri", fresh, cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
     other = MlflowClient(fresh)
-    models = _models(other, "lmodels")
+    models = _models(other, EXPERIMENT)
     # a fresh store learns the front from pareto.csv: today's members only, none that left it
     # during the search (those are only in the store that watched it live)
     assert sorted(m.tags[TAG_TRIAL_KEY] for m in models) == sorted(_pareto(run_dir))
     assert all(m.tags[TAG_ON_FRONT] == "true" for m in models)
-    children = _children(other, "lmodels")
+    children = _children(other, EXPERIMENT)
     assert all(m.source_run_id == children[m.tags[TAG_TRIAL_KEY]] for m in models)
     _nothing_running(client)
     _nothing_running(other)
