@@ -216,12 +216,13 @@ def pareto(
     run_dir = run_dir or run_dir_arg
 
     if final or run_dir is not None:
-        from search.final_front import front_text, read_final_csv
+        from search.final_front import front_text, read_final_csv, typed_row
         from search.finalize_mlflow import final_from_store
 
         rows = read_final_csv(run_dir) if run_dir is not None else \
             final_from_store(resolve_tracking_uri(tracking_uri), experiment)
-        typer.echo(json.dumps({"final_front": rows}) if as_json else front_text(rows))
+        typer.echo(json.dumps({"final_front": [typed_row(r) for r in rows]}) if as_json
+                   else front_text(rows))
         return
     report = front_from_store(resolve_tracking_uri(tracking_uri), experiment)
     typer.echo(json.dumps(report) if as_json else format_front(report))
@@ -381,7 +382,7 @@ def run_cli(cli: typer.Typer) -> None:
     ``standalone_mode=False`` makes click *return* a ``typer.Exit``'s code instead of exiting:
     that return value is the exit code.
     """
-    from search.errors import user_error_types
+    from search.errors import MachineError, user_error_types
     from search.interrupt import sigterm_as_sigint
 
     sigterm_as_sigint()  # until Ray starts (the search puts it back after ray.init)
@@ -404,6 +405,9 @@ def run_cli(cli: typer.Typer) -> None:
         if isinstance(e, user_error_types()):
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        if isinstance(e, MachineError):
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
         raise
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -32,15 +32,18 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from search.errors import MachineError, UserError, describe_os_error, machine_cause
 from search.interrupt import Interrupted
 from search.outcome import SearchOutcome
+from search.owner import own
 from search.preflight import Checked, _detach, absolute_data_path, preflight
 from search.ray_runtime import init_ray
 from search.rundir import RunDir, write_atomic
-from search.storage import attach
+from search.storage import attach, is_uri
 
 if TYPE_CHECKING:
     from search.spec import SearchSpec
@@ -71,18 +74,28 @@ def run_search(
     if checked is None:
         checked = preflight(spec, address=address, tracking_uri=tracking_uri, mlflow=mlflow,
                             storage=storage_dir)
-    mirror = None
+    run = mirror = ownership = None
     try:
         run = RunDir.create(storage_dir, spec.name)
+        ownership = own(run.path, shown=run.location)  # one owner per run dir (search.owner)
         mirror = attach(run)
         write_atomic(run.spec, spec.to_yaml())
-    except BaseException:
+    except BaseException as e:
         if mirror is not None:
             mirror.close()
+        if ownership is not None:
+            ownership.release()
         _detach(checked)
+        cause = machine_cause(e)
+        if cause is not None and run is not None:  # the disk filled since the preflight
+            shutil.rmtree(run.path, ignore_errors=True)  # nothing is left behind at start
+            raise UserError(f"{run.location}: cannot write the run dir "
+                            f"({describe_os_error(cause)})") from None
         raise
-    return _search(spec, run, resuming=False, checked=checked, address=address,
-                   progress=progress, progress_interval_s=progress_interval_s, mirror=mirror)
+    with ownership:
+        return _search(spec, run, resuming=False, checked=checked, address=address,
+                       progress=progress, progress_interval_s=progress_interval_s,
+                       mirror=mirror)
 
 
 def resume_search(
@@ -108,15 +121,22 @@ def resume_search(
     from search.tracking import read_state
 
     extend_s = time_budget_option(time_budget)
-    run = RunDir.open(run_dir)
-    spec = load_spec(run.spec)
-    if tracking_uri is None:
-        tracking_uri = read_state(run.path).get("tracking_uri")
-        mlflow = mlflow and tracking_uri is not None
-    checked = preflight(spec, address=address, tracking_uri=tracking_uri, mlflow=mlflow)
-    return _search(spec, run, resuming=True, checked=checked, address=address,
-                   progress=progress, progress_interval_s=progress_interval_s,
-                   mirror=attach(run), extend_s=extend_s)
+    with contextlib.ExitStack() as held:
+        local = Path(run_dir)
+        if not is_uri(run_dir) and local.is_dir():
+            # Before anything is read: a second resume, or the run itself still alive, exits
+            # 2 here (search.owner).
+            held.enter_context(own(local))
+        run = RunDir.open(run_dir)
+        held.enter_context(own(run.path, shown=run.location))  # a URI: its local copy
+        spec = load_spec(run.spec)
+        if tracking_uri is None:
+            tracking_uri = read_state(run.path).get("tracking_uri")
+            mlflow = mlflow and tracking_uri is not None
+        checked = preflight(spec, address=address, tracking_uri=tracking_uri, mlflow=mlflow)
+        return _search(spec, run, resuming=True, checked=checked, address=address,
+                       progress=progress, progress_interval_s=progress_interval_s,
+                       mirror=attach(run), extend_s=extend_s)
 
 
 def _search(spec: SearchSpec, run: RunDir, *, resuming: bool, checked: Checked,
@@ -195,10 +215,23 @@ def _search_in(spec: SearchSpec, run: RunDir, *, resuming: bool, checked: Checke
             tracker.finish("KILLED", reason=str(Interrupted(run.location, resumable=resumable)))
         raise Interrupted(run.location, resumable=resumable) from None
     except BaseException as e:
-        write_outcome(run.path, complete=False, stopped_by=f"error: {type(e).__name__}")
+        cause = machine_cause(e)
+        # Best effort on a machine that failed (the disk full, the storage read-only): the
+        # outcome and MLflow's end may not be writable either; a resume closes what is open.
+        with contextlib.suppress(OSError):
+            write_outcome(run.path, complete=False, stopped_by=f"error: {type(e).__name__}")
         if tracker is not None:
-            background.drain()
-            tracker.finish("FAILED", reason=f"{type(e).__name__}: {e}")
+            try:
+                background.drain()
+                tracker.finish("FAILED", reason=f"{type(e).__name__}: {e}")
+            except Exception:
+                if cause is None:
+                    raise
+        if cause is not None:
+            raise MachineError(
+                f"{cause.filename or run.location}: {describe_os_error(cause, path=False)}: the "
+                "search stopped (its records are consistent); once that is fixed, continue "
+                f"with `sparse-search resume {run.location}`") from None
         raise
     finally:
         if started:

@@ -121,16 +121,43 @@ def front_text(rows: Sequence[Mapping[str, Any]]) -> str:
     def f(v: Any, spec: str) -> str:
         return "-" if v is None or v == "" else format(float(v), spec)
 
+    def mean_std(r: Mapping[str, Any], metric: str) -> str:
+        """``mean+-std``, or the mean alone when there is no spread (one seed)."""
+        std = r.get(f"{metric}_std")
+        spread = "" if std is None or std == "" else f"+-{f(std, '.4f')}"
+        return f"{f(r.get(f'{metric}_mean'), '.4f'):>7}{spread:<8}"
+
     lines = [f"{'':1} {'trial':>6} {'params':>10} {'macs':>12} {'val_acc':>15} "
              f"{'test_acc':>15} {'seeds':>5} {'epochs':>6}  arch"]
     for r in rows:
         lines.append(
             f"{'*' if str(r.get('on_front')).lower() == 'true' else ' '} {r['trial_key']:>6} "
             f"{f(r.get('nonzero_params'), ',.0f'):>10} {f(r.get('macs'), ',.0f'):>12} "
-            f"{f(r.get('val_accuracy_mean'), '.4f'):>7}+-{f(r.get('val_accuracy_std'), '.4f'):<6} "
-            f"{f(r.get('test_accuracy_mean'), '.4f'):>7}+-{f(r.get('test_accuracy_std'), '.4f'):<6} "
+            f"{mean_std(r, 'val_accuracy')} {mean_std(r, 'test_accuracy')} "
             f"{r.get('seeds', ''):>5} {r.get('epochs', ''):>6}  {r.get('arch', '')}")
     return "\n".join(lines)
+
+
+def typed_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A final-pareto.csv row with its values typed (for JSON): integers, floats, booleans,
+    and None for an empty cell; text stays text (``trial_key`` and ``arch`` included)."""
+    out: dict[str, Any] = {}
+    for k, v in row.items():
+        if not isinstance(v, str) or k in ("trial_key", "arch"):
+            out[k] = v
+        elif v == "":
+            out[k] = None
+        elif v.lower() in ("true", "false"):
+            out[k] = v.lower() == "true"
+        else:
+            try:
+                out[k] = int(v)
+            except ValueError:
+                try:
+                    out[k] = float(v)
+                except ValueError:
+                    out[k] = v
+    return out
 
 
 def read_final_csv(run_dir: str | Path) -> list[dict[str, str]]:

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from search.errors import UserError
+from search.errors import UserError, describe_os_error
 
 log = logging.getLogger("sparse_search.storage")
 
@@ -112,9 +112,10 @@ def parse(arg: str | Path, *, what: str = "--storage") -> Path | Remote:
 
 
 def check_reachable(where: Path | Remote, *, what: str = "--storage") -> None:
-    """The bucket (s3/gs: the URI's first component) exists and answers; a UserError (exit 2)
-    otherwise. Creates nothing."""
+    """The bucket (s3/gs: the URI's first component) exists and answers, or a local folder
+    takes a file; a UserError (exit 2) otherwise. Leaves nothing behind."""
     if isinstance(where, Path):
+        check_writable(where, what=what)
         return
     from pyarrow.fs import FileType
 
@@ -126,6 +127,31 @@ def check_reachable(where: Path | Remote, *, what: str = "--storage") -> None:
     if info.type != FileType.Directory:
         raise UserError(f"{what} {where.uri}: bucket {bucket!r} does not exist or cannot be "
                         "listed with these credentials (create it first)")
+
+
+PROBE_BYTES = 64 * 1024  # a run dir's first files (spec, journal, tables) are about this size
+
+
+def check_writable(folder: Path, *, what: str = "--storage") -> None:
+    """``folder`` (or the nearest existing folder above it, where it would be made) takes a
+    file of :data:`PROBE_BYTES`: a read-only mount, a folder without write permission or a
+    full disk is a UserError naming the path and the cause, before anything is created (the
+    probe file is removed)."""
+    import tempfile
+
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{what} {folder}: {existing} is a file, not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".sparse-search-probe-") as f:
+            f.write(b"\0" * PROBE_BYTES)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise UserError(f"{what} {folder}: cannot write in {existing} "
+                        f"({describe_os_error(e, path=False)})") from None
 
 
 def cache_dir(remote: Remote) -> Path:

@@ -133,8 +133,35 @@ def check_reachable(uri: str, *, timeout: float = 5.0) -> None:
             raise UserError(f"tracking URI {uri}: folder {parent} does not exist")
         db = sqlite_path(uri)
         if db is not None and db.exists():  # a new store: nothing to check, nothing to create
+            check_sqlite_file(db)
             with store_lock(uri):  # not while a search of ours migrates it (a transient copy)
                 check_not_half_migrated(db)
+        elif not os.access(parent, os.W_OK):
+            raise UserError(f"tracking URI {uri}: cannot create the store in {parent} "
+                            "(no write permission or a read-only file system)")
+
+
+def check_sqlite_file(db: Path) -> None:
+    """UserError when ``db`` cannot serve as an MLflow store: not an SQLite database (a
+    corrupt or foreign file: MLflow would fail only when the search ends), or not writable.
+    A store locked by another process is not refused: MLflow waits for it."""
+    import sqlite3
+
+    if not os.access(db, os.W_OK) or not os.access(db.parent, os.W_OK):
+        raise UserError(f"tracking store {db} is read-only (no write permission on it or its "
+                        "folder, or a read-only file system): pass another --tracking-uri")
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+        try:
+            con.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
+        finally:
+            con.close()
+    except sqlite3.OperationalError:
+        return  # locked or busy: MLflow's own open waits, then says what is wrong
+    except sqlite3.DatabaseError as e:
+        raise UserError(f"tracking store {db} is not a usable SQLite database ({e}): move it "
+                        f"away (mv {db} {db}.broken) to start a new store there, or pass "
+                        "another --tracking-uri") from None
 
 
 def ui_base(tracking_uri: str) -> str:

@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from search.errors import UserError
-from search.final_front import final_front
+from search.final_front import final_front, front_text, typed_row
 from search.finalize import finalize_run
 from search.finalize_mlflow import ROLE_FINAL, final_from_store
 from search.spec import parse_spec
@@ -223,3 +223,12 @@ def test_final_front_by_hand() -> None:
     assert by["a"]["val_accuracy_std"] == pytest.approx(0.1414213562)
     assert (by["c"]["seeds"], by["c"]["val_accuracy_std"]) == (1, None)
     assert {k: r["on_front"] for k, r in by.items()} == {"a": True, "b": False, "c": True}
+    # The table: a member of one seed shows its mean alone (no "+--"); the JSON of a
+    # final-pareto.csv row (all text) has numbers, booleans and None.
+    table = front_text(rows).splitlines()
+    (c_line,) = [ln for ln in table if ln.split()[1] == "c"]
+    assert "+-" not in c_line and "0.9000" in c_line
+    assert "0.7000+-0.1414" in next(ln for ln in table if ln.split()[1] == "a")
+    typed = typed_row({k: "" if v is None else str(v) for k, v in by["c"].items()})
+    assert (typed["trial_key"], typed["seeds"], typed["val_accuracy_std"], typed["on_front"],
+            typed["val_accuracy_mean"]) == ("c", 1, None, True, pytest.approx(0.9))

@@ -201,12 +201,13 @@ def test_bad_storage_exits_2_naming_it_and_leaves_nothing(s3: S3, tmp_path: Path
 
 
 def test_run_on_s3_sigkilled_resumes_from_the_uri_alone(s3: S3, tmp_path: Path) -> None:
+    prefix = f"runs-{tmp_path.name}"  # its own: the bucket outlives one test
     spec = tmp_path / "ons3.yaml"
     spec.write_text(SPEC)
     db = tmp_path / "mlflow.db"
     cache1, cache2, cache3 = (tmp_path / f"cache{i}" for i in (1, 2, 3))
     log = (tmp_path / "run.log").open("w")
-    run = subprocess.Popen(_cli("run", str(spec), "--storage", s3.uri("runs"), "--tracking-uri",
+    run = subprocess.Popen(_cli("run", str(spec), "--storage", s3.uri(prefix), "--tracking-uri",
                                 f"sqlite:///{db}"),
                            env={**s3.env, "SPARSE_SEARCH_RUNS_CACHE": str(cache1)}, cwd=tmp_path,
                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -215,21 +216,21 @@ def test_run_on_s3_sigkilled_resumes_from_the_uri_alone(s3: S3, tmp_path: Path) 
         while True:
             assert run.poll() is None, f"the run ended before the kill:\n{(tmp_path / 'run.log').read_text()}"
             assert time.monotonic() < deadline, "two trials did not reach the bucket in time"
-            names = {p.split("/")[0] for p in s3.files("runs")}
+            names = {p.split("/")[0] for p in s3.files(prefix)}
             if len(names) == 1:
                 name = names.pop()
-                if "results.csv" in (files := s3.files(f"runs/{name}")) and \
-                        len(_rows(s3.read(f"runs/{name}/results.csv").decode())) >= 2:
+                if "results.csv" in (files := s3.files(f"{prefix}/{name}")) and \
+                        len(_rows(s3.read(f"{prefix}/{name}/results.csv").decode())) >= 2:
                     break
             time.sleep(0.2)
     finally:
         _stop(run)
         log.close()
-    before = {r["trial_key"]: json.loads(s3.read(f"runs/{name}/trials/{r['trial_key']}/result.json"))
-              for r in _rows(s3.read(f"runs/{name}/results.csv").decode())}
+    before = {r["trial_key"]: json.loads(s3.read(f"{prefix}/{name}/trials/{r['trial_key']}/result.json"))
+              for r in _rows(s3.read(f"{prefix}/{name}/results.csv").decode())}
     assert 2 <= len(before) < 4
     assert "outcome.json" not in files  # the driver died: no outcome
-    uri = s3.uri(f"runs/{name}")
+    uri = s3.uri(f"{prefix}/{name}")
 
     # Resume from the URI alone: the first driver's local copy is gone, a fresh cache is used.
     import shutil
@@ -242,8 +243,8 @@ def test_run_on_s3_sigkilled_resumes_from_the_uri_alone(s3: S3, tmp_path: Path) 
     assert summary["run_dir"] == uri and summary["complete"] and summary["trials"] == 4
     assert f"run dir: {uri}" in res.stdout
 
-    files = s3.files(f"runs/{name}")
-    rows = _rows(s3.read(f"runs/{name}/results.csv").decode())
+    files = s3.files(f"{prefix}/{name}")
+    rows = _rows(s3.read(f"{prefix}/{name}/results.csv").decode())
     keys = [r["trial_key"] for r in rows]
     assert len(keys) == len(set(keys)) == 4, keys
     assert {r["status"] for r in rows} == {"TERMINATED"}
@@ -251,9 +252,9 @@ def test_run_on_s3_sigkilled_resumes_from_the_uri_alone(s3: S3, tmp_path: Path) 
                    *(f"trials/{k}/{f}" for k in keys for f in ("result.json", "model.pt"))):
         assert files.get(needed), f"{needed} is not in the bucket: {sorted(files)}"
     assert any(p.startswith("ray/trial_") and "/checkpoint_" in p for p in files)  # Ray's own
-    assert json.loads(s3.read(f"runs/{name}/outcome.json"))["complete"] is True
+    assert json.loads(s3.read(f"{prefix}/{name}/outcome.json"))["complete"] is True
     for key, rec in before.items():  # recorded before the kill: neither rerun nor re-recorded
-        after = json.loads(s3.read(f"runs/{name}/trials/{key}/result.json"))
+        after = json.loads(s3.read(f"{prefix}/{name}/trials/{key}/result.json"))
         assert (after["trial_id"], after["finished_at"]) == (rec["trial_id"], rec["finished_at"])
     from mlflow import MlflowClient
 
@@ -273,7 +274,7 @@ def test_run_on_s3_sigkilled_resumes_from_the_uri_alone(s3: S3, tmp_path: Path) 
     res = _run(["pareto", uri, "--json"], env3, tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     front = json.loads(res.stdout)["front"]
-    expected = _rows(s3.read(f"runs/{name}/pareto.csv").decode())
+    expected = _rows(s3.read(f"{prefix}/{name}/pareto.csv").decode())
     assert [str(p["trial_key"]) for p in front] == [r["trial_key"] for r in expected] != []
     out = tmp_path / "front0.pt"
     res = _run(["export", uri, str(front[0]["trial_key"]), "--format", "state_dict", "-o",
