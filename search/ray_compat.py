@@ -223,6 +223,22 @@ def snapshot_has_trials(experiment: str) -> bool:
     return state is None or bool(json.loads(state).get("trial_data"))
 
 
+def snapshot_readable(experiment: str) -> bool:
+    """The experiment's newest snapshot parses (True without one). Ray Tune 2.60 writes
+    ``experiment_state-*.json`` in place (tune/execution/tune_controller.py ``save_to_dir``:
+    ``open(..., "w")`` then ``json.dump``), so a disk that filled while it wrote leaves the
+    file cut short, and ``Tuner.restore`` then dies on a JSONDecodeError."""
+    import json
+
+    from ray.tune.execution.tune_controller import TuneController
+
+    state = newest_snapshot(experiment, TuneController.CKPT_FILE_TMPL)
+    try:
+        return state is None or isinstance(json.loads(state), dict)
+    except ValueError:
+        return False
+
+
 @contextlib.contextmanager
 def searcher_decides_the_end() -> Iterator[None]:
     """While a resumed Tune runs: its search generator restored as not finished.

@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import pickle
+import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -56,8 +58,6 @@ class _PendingOnce(logging.Filter):
         self.said = False
 
     def filter(self, record: logging.LogRecord) -> bool:
-        import sys
-
         from search.resources import pending_line
 
         if not self.said:
@@ -153,7 +153,15 @@ def _tune(spec: SearchSpec, run: RunDir, *, resuming: bool, trainable: Any, sear
     from search.storage_tune import snapshot_callbacks
 
     callbacks = [*callbacks, *snapshot_callbacks(run)]  # a run dir on a URI: pushed first
-    if resuming and not ray_compat.snapshot_has_trials(run.tune_experiment):
+    if resuming and not ray_compat.snapshot_readable(run.tune_experiment):
+        # Cut short by a full disk (Ray writes it in place): Tune starts afresh, as below; the
+        # trials recorded are kept, those that were in flight train again under new keys.
+        print(f"note: Ray Tune's experiment snapshot in {run.tune_experiment} is cut short (the "
+              "disk filled while Ray wrote it): Tune starts afresh; the trials recorded are "
+              "kept, those that were running train again as new trials", file=sys.stderr)
+        _restore_searcher(search_alg, run.tune_experiment)
+        resuming = False
+    elif resuming and not ray_compat.snapshot_has_trials(run.tune_experiment):
         # Stopped before its first trial: Ray cannot restore that, so Tune starts afresh in
         # the same experiment folder, and the searcher takes back its own snapshot (the time
         # spent, the trials it handed out).
@@ -204,7 +212,13 @@ def _restore_searcher(search_alg: Any, experiment: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "searcher-state.pkl"
         path.write_bytes(state)
-        search_alg.restore(str(path))
+        try:
+            search_alg.restore(str(path))
+        except (EOFError, pickle.UnpicklingError, ValueError):
+            return  # cut short too: the recorded trials alone count towards num_samples
+    # No Ray trial comes back in a Tune started afresh: the trials the snapshot held as
+    # running never end, so their places are handed back (their Optuna trials told FAIL).
+    search_alg.searcher.forget_lost(())
 
 
 def make_scheduler(early_stopping: EarlyStopping | None, objectives: Sequence[Objective],

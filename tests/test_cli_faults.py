@@ -149,4 +149,10 @@ def test_the_disk_filling_mid_search_exits_1_and_the_search_resumes_once_freed(
     assert len(keys) == len(set(keys)) == 8
     client = MlflowClient(f"sqlite:///{after / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert Counter(r.info.status for r in runs) == Counter({"FINISHED": 9})  # parent + 8
+    status = Counter(r.info.status for r in runs)
+    assert status["FINISHED"] == 9 and set(status) <= {"FINISHED", "KILLED"}, status  # parent + 8
+    # (KILLED: a trial in flight when Ray's snapshot was cut short, trained again under a new
+    # key: see the note the resume prints.)
+    children = {r.data.tags["sparse_search.trial_key"]: r.info.status for r in runs
+                if r.data.tags.get("sparse_search.role") == "trial"}
+    assert all(children[k] == "FINISHED" for k in keys)

@@ -187,3 +187,34 @@ def test_a_trial_the_searcher_holds_but_ray_lost_is_trained_again_under_another_
     assert again.complete and again.summary["stopped_by"] == "num_samples"
     keys = [r["trial_key"] for r in _rows(run_dir)]
     assert len(keys) == len(set(keys)) == 3 and lost_key not in keys
+
+
+def test_a_ray_snapshot_cut_short_by_a_full_disk_resumes_to_the_end(ray_session, tmp_path,
+                                                                     capsys):
+    """Ray Tune writes experiment_state-*.json in place: a disk that filled while it wrote
+    leaves it cut short (seen in test_cli_faults), and Tuner.restore died on a JSONDecodeError.
+    The resume starts Tune afresh instead: the trials recorded are kept, the one that was in
+    flight trains again under a new key, and the search ends complete."""
+    import shutil
+
+    from search.driver import resume_search, run_search
+    from search.spec import parse_spec
+    from search.tuner import EXPERIMENT_NAME
+
+    spec = parse_spec({**yaml.safe_load(SPEC), "search": {
+        "sampler": "random", "num_samples": 3, "max_concurrent": 1, "seed": 2}})
+    first = run_search(spec, storage_dir=tmp_path / "runs", mlflow=False, progress=False)
+    run_dir = first.run_dir
+    lost_key = _rows(run_dir)[-1]["trial_key"]
+    shutil.rmtree(run_dir / "trials" / lost_key)  # in flight: not recorded
+    (run_dir / "outcome.json").unlink()
+    for name in ("experiment_state-*.json", "searcher-state-*.pkl"):
+        (path,) = (run_dir / EXPERIMENT_NAME).glob(name)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # cut short
+    capsys.readouterr()
+
+    again = resume_search(run_dir, mlflow=False, progress=False)
+    assert again.complete and again.summary["trials"] == 3
+    keys = [r["trial_key"] for r in _rows(run_dir)]
+    assert len(keys) == len(set(keys)) == 3 and lost_key not in keys
+    assert "experiment snapshot in" in capsys.readouterr().err
