@@ -16,6 +16,7 @@ from pathlib import Path
 import typer
 
 from search.cli_data import data_app
+from search.export import FORMATS as EXPORT_FORMATS  # a light module: no torch at import
 
 app = typer.Typer(
     add_completion=False,
@@ -232,12 +233,12 @@ def pareto(
 def export(
     run_id: str = typer.Argument(..., metavar="RUN_ID|RUN_DIR", help="a child (trial) run on the Pareto front, or a run directory (a path or a storage URI) with TRIAL_KEY"),
     trial_key: str | None = typer.Argument(None, metavar="[TRIAL_KEY]", help="with RUN_DIR: the trial (results.csv's trial_key); its trials/KEY/model.pt"),
-    fmt: str = typer.Option(..., "--format", help="state_dict | torchscript | onnx"),
+    fmt: str = typer.Option(..., "--format", help=" | ".join(EXPORT_FORMATS)),
     out: Path = typer.Option(..., "-o", "--output", help="file to write"),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else ./mlflow.db"),
 ) -> None:
     """Rebuild a trial's trained model (from MLflow, or from RUN_DIR TRIAL_KEY) and write it as
-    state_dict, TorchScript or ONNX."""
+    state_dict, TorchScript, ONNX or int8 ONNX (onnx-int8: calibrated on the search's data)."""
     if trial_key is not None:
         from search.export import export_trial
 

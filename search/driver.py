@@ -196,7 +196,10 @@ def _search_in(spec: SearchSpec, run: RunDir, *, resuming: bool, checked: Checke
         # Every path is absolute by now; the directory the driver started in may vanish (a
         # job's working_dir cleaned up by another node's runtime-env agent), and Ray Tune's
         # experiment analysis calls os.getcwd() at the end: run from the run dir instead.
-        previous = os.getcwd()
+        try:
+            previous: str | None = os.getcwd()
+        except FileNotFoundError:  # already gone: nothing to go back to
+            previous = None
         os.chdir(run.path)
         try:
             outcome = fit(spec, run, splits.result(), resuming=resuming, tracker=tracker,
@@ -204,8 +207,9 @@ def _search_in(spec: SearchSpec, run: RunDir, *, resuming: bool, checked: Checke
                           progress_interval_s=progress_interval_s, plan=checked.plan,
                           extend_s=extend_s)
         finally:
-            with contextlib.suppress(OSError):
-                os.chdir(previous)
+            if previous is not None:
+                with contextlib.suppress(OSError):
+                    os.chdir(previous)
     except KeyboardInterrupt:
         # A second Ctrl-C (Tune stops cleanly on the first), or one during start-up.
         resumable = run.has_experiment()

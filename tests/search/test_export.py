@@ -175,3 +175,13 @@ def test_export_onnx_int8_without_recorded_data_is_a_user_error(recorded, tmp_pa
     with pytest.raises(UserError, match="does not match digits"):  # 12x12 arch, 8x8 digits
         export_run(runs["front"], fmt="onnx-int8", out=tmp_path / "m.onnx", tracking_uri=uri,
                    data=DataConfig(name="digits"))
+
+
+def test_export_help_lists_every_format_it_accepts():
+    from typer.testing import CliRunner
+
+    from search.cli import app
+    from search.export import FORMATS
+
+    shown = CliRunner().invoke(app, ["export", "--help"], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0 and " | ".join(FORMATS) in shown.output, shown.output
