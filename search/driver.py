@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from search.errors import MachineError, UserError, describe_os_error, machine_cause
 from search.interrupt import Interrupted
 from search.outcome import SearchOutcome
-from search.owner import own
+from search.owner import own, own_run
 from search.preflight import Checked, _detach, absolute_data_path, preflight
 from search.ray_runtime import init_ray
 from search.rundir import RunDir, write_atomic
@@ -77,7 +77,7 @@ def run_search(
     run = mirror = ownership = None
     try:
         run = RunDir.create(storage_dir, spec.name)
-        ownership = own(run.path, shown=run.location)  # one owner per run dir (search.owner)
+        ownership = own_run(run)  # one owner per run dir (search.owner)
         mirror = attach(run)
         write_atomic(run.spec, spec.to_yaml())
     except BaseException as e:
@@ -128,7 +128,7 @@ def resume_search(
             # 2 here (search.owner).
             held.enter_context(own(local))
         run = RunDir.open(run_dir)
-        held.enter_context(own(run.path, shown=run.location))  # a URI: its local copy
+        held.enter_context(own_run(run))  # a URI: its local copy, and the lease there
         spec = load_spec(run.spec)
         if tracking_uri is None:
             tracking_uri = read_state(run.path).get("tracking_uri")

@@ -43,7 +43,7 @@ import yaml
 
 from search.errors import UserError
 from search.final_front import FINAL_PARETO, FINAL_PNG, FINISHED, final_csv, final_front, final_png
-from search.owner import own
+from search.owner import own_run
 from search.rundir import (
     ARCH_YAML,
     MODEL_FILE,
@@ -285,7 +285,7 @@ def finalize_run(run_dir: str | Path, *, top: int | None = None, seeds: int | No
         _positive(name, v)
     budget_s = time_budget_option(time_budget)
     run = open_run(run_dir)
-    with own(run.path, shown=run.location):  # one owner per run dir (search.owner)
+    with own_run(run):  # one owner per run dir (search.owner)
         mirror = attach(run)  # a run dir on a URI: final/ and final-pareto.csv copied there
         try:
             outcome = _finalize(run, top=top, seeds=seeds, epochs=epochs, budget_s=budget_s,

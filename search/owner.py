@@ -10,6 +10,16 @@ the file: PID, host, start time and command. The commands that only read a run d
 never copies it (:mod:`search.storage`), and a run dir on a URI is guarded on this machine by
 its local copy's lock.
 
+A run dir on a storage URI (s3://, gs://) may be worked on from several machines, where no
+flock reaches: its owner also holds a *lease*, ``.owner.json`` at the URI (who, and when it
+was last renewed: every :data:`RENEW_S` seconds while the command runs; removed at its end).
+The rule for a stale lease: one not renewed for :data:`LEASE_S` seconds belongs to an owner
+that died (SIGKILL, a lost machine) or lost the storage, and so does one of this machine whose
+process is gone; the next command takes it over, saying so in one line. A live one refuses
+the command as a held flock does. Two commands taking a free
+lease at the same instant both write it, wait :data:`SETTLE_S` and read it back: the last
+writer keeps it, the other exits 2 (object stores offer no compare-and-swap through pyarrow).
+
 The owner also removes what a killed owner left behind that only an owner may remove:
 Optuna's journal lock (``optuna.journal.lock``), which Optuna itself force-releases only after
 30 s of warnings; nobody else can be using the journal while the run dir is owned.
@@ -20,34 +30,75 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import json
+import logging
 import os
 import socket
 import sys
-from dataclasses import dataclass
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from search.errors import UserError
 
 OWNER_FILE = ".owner.lock"
 JOURNAL_LOCK = "optuna.journal.lock"  # JournalFileSymlinkLock: <journal> + ".lock"
+LEASE_FILE = ".owner.json"  # at the root of a run dir on a URI
+LEASE_S = 60.0  # a lease not renewed for this long is stale (seconds)
+RENEW_S = 15.0  # how often the owner renews it: 4 tries inside LEASE_S
+SETTLE_S = 1.0  # wait after writing a free lease before reading it back
+
+log = logging.getLogger("sparse_search.owner")
 
 _HELD: dict[Path, Ownership] = {}  # run dir -> this process's lock on it
 
 
 @dataclass
+class Lease:
+    """This process's lease on a run dir at a storage URI, renewed by a daemon thread."""
+
+    remote: Any  # search.storage.Remote: the run dir on its URI
+    mine: dict[str, Any]
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> Lease:
+        threading.Thread(target=self._renew, name="sparse-search-lease", daemon=True).start()
+        return self
+
+    def _renew(self) -> None:
+        while not self._stop.wait(RENEW_S):
+            try:
+                _write_lease(self.remote, {**self.mine, "renewed": time.time()})
+            except OSError as e:  # the storage went away: the search goes on, the lease ages
+                log.warning("could not renew the lease on %s (%s)", self.remote.uri, e)
+
+    def release(self) -> None:
+        self._stop.set()
+        try:
+            if (_read_lease(self.remote) or {}).get("token") == self.mine["token"]:
+                self.remote.fs.delete_file(f"{self.remote.path}/{LEASE_FILE}")
+        except OSError as e:  # it goes stale in LEASE_S: harmless
+            log.warning("could not remove the lease on %s (%s)", self.remote.uri, e)
+
+
+@dataclass
 class Ownership:
-    """This process's lock on one run dir: a context manager; released when every
-    :func:`own` of it in this process is released (or when the process ends)."""
+    """This process's lock on one run dir (and its lease on a URI): a context manager;
+    released when every :func:`own` of it in this process is released (or at exit)."""
 
     path: Path
     file: IO[str]
     holds: int = 1  # own() calls of this process not yet released
+    lease: Lease | None = None
 
     def release(self) -> None:
         self.holds -= 1
         if self.holds == 0:
             _HELD.pop(self.path, None)
+            if self.lease is not None:
+                self.lease.release()
             self.file.close()  # closing the last descriptor drops the flock
 
     def __enter__(self) -> Ownership:
@@ -57,10 +108,20 @@ class Ownership:
         self.release()
 
 
-def own(path: Path, *, shown: str | None = None) -> Ownership:
+def own_run(run: Any) -> Ownership:
+    """:func:`own` a :class:`search.rundir.RunDir`: its local folder, and its lease when it
+    lives on a URI."""
+    from search import storage as st
+
+    return own(run.path, shown=run.location,
+               remote=None if run.uri is None else st.parse(run.uri, what="run directory"))
+
+
+def own(path: Path, *, shown: str | None = None, remote: Any = None) -> Ownership:
     """Take run dir ``path`` for this process, or raise a UserError naming its owner;
-    ``shown`` is how the error names the run dir (a URI for a run dir on storage). Taking a
-    run dir this process already owns returns the same ownership, held once more."""
+    ``shown`` is how the error names the run dir (a URI for a run dir on storage), ``remote``
+    the run dir on its URI (a :class:`search.storage.Remote`: its lease is taken too). Taking
+    a run dir this process already owns returns the same ownership, held once more."""
     path = Path(path).absolute()
     if path in _HELD:
         _HELD[path].holds += 1
@@ -81,13 +142,83 @@ def own(path: Path, *, shown: str | None = None) -> Ownership:
                         "one run dir at once; wait for it to end, or stop it") from None
     f.seek(0)
     f.truncate()
-    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                        "started": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-                        "command": " ".join(["sparse-search", *sys.argv[1:]])}) + "\n")
+    f.write(json.dumps(_me()) + "\n")
     f.flush()
-    ownership = _HELD[path] = Ownership(path, f)
+    lease = None
+    if remote is not None:
+        try:
+            lease = take_lease(remote, shown=shown or remote.uri)
+        except BaseException:
+            f.close()
+            raise
+    ownership = _HELD[path] = Ownership(path, f, lease=lease)
     _clear_stale_locks(path)
     return ownership
+
+
+def take_lease(remote: Any, *, shown: str) -> Lease:
+    """The lease on run dir ``remote`` (a URI) for this process, or a UserError naming the
+    live owner; a stale lease (not renewed for :data:`LEASE_S` s) is taken over."""
+    held = _read_lease(remote)
+    now = time.time()
+    if held is not None:
+        age = now - float(held.get("renewed", 0))
+        dead_here = held.get("host") == socket.gethostname() and not _alive(held.get("pid"))
+        if age < LEASE_S and not dead_here:
+            raise UserError(_in_use(shown, held, age))
+        why = "its process is gone" if dead_here else \
+            f"not renewed for {age:.0f} s (stale after {LEASE_S:.0f} s)"
+        print(f"note: {shown}: taking over the lease of {_parse(json.dumps(held))}: {why}",
+              file=sys.stderr)
+    mine = {**_me(), "token": uuid.uuid4().hex, "renewed": now}
+    _write_lease(remote, mine)
+    time.sleep(SETTLE_S)
+    now_held = _read_lease(remote)
+    if now_held is None or now_held.get("token") != mine["token"]:
+        raise UserError(_in_use(shown, now_held or {}, 0.0))
+    return Lease(remote, mine).start()
+
+
+def _alive(pid: Any) -> bool:
+    """A process of this machine with that PID exists (a lease of this host is checked
+    at once, without waiting for it to go stale)."""
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, TypeError, ValueError):
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def _in_use(shown: str, held: dict[str, Any], age: float) -> str:
+    return (f"{shown} is in use by {_parse(json.dumps(held))} (its lease renewed {age:.0f} s "
+            "ago): two commands must not change one run dir at once; wait for it to end, or "
+            f"stop it (a lease not renewed for {LEASE_S:.0f} s is taken over)")
+
+
+def _me() -> dict[str, Any]:
+    return {"pid": os.getpid(), "host": socket.gethostname(),
+            "started": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": " ".join(["sparse-search", *sys.argv[1:]])}
+
+
+def _read_lease(remote: Any) -> dict[str, Any] | None:
+    try:
+        with remote.fs.open_input_stream(f"{remote.path}/{LEASE_FILE}") as f:
+            held = json.loads(f.readall())
+    except FileNotFoundError:
+        return None
+    except ValueError:  # half-written by a dying owner: as good as stale
+        return {"renewed": 0}
+    except OSError as e:
+        raise UserError(f"{remote.uri}: cannot reach the storage ({e})") from None
+    return held if isinstance(held, dict) else {"renewed": 0}
+
+
+def _write_lease(remote: Any, lease: dict[str, Any]) -> None:
+    with remote.fs.open_output_stream(f"{remote.path}/{LEASE_FILE}") as f:
+        f.write(json.dumps(lease).encode())
 
 
 def _parse(text: str) -> str:

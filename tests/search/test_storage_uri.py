@@ -290,3 +290,53 @@ def test_run_on_s3_sigkilled_resumes_from_the_uri_alone(s3: S3, tmp_path: Path) 
     local = next(cache2.glob(f"*/{name}"))
     res = _run(["pareto", f"file://{local}"], env3, tmp_path)
     assert res.returncode == 0 and f"Pareto front ({len(expected)})" in res.stdout, res.stderr
+
+
+def test_a_run_dir_on_s3_has_one_owner_across_machines(s3: S3, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lease at the URI (search/owner.py), where no flock reaches: another machine's live
+    lease refuses `resume` in one line (exit 2, nothing changed); a stale one, or one of this
+    machine whose process is gone (SIGKILL), is taken over; two takers: the second is refused;
+    the owner's end removes it."""
+    from search import storage as st
+    from search.errors import UserError
+    from search.owner import LEASE_FILE, LEASE_S, take_lease
+
+    for key, value in s3.env.items():
+        if key.startswith("AWS_"):
+            monkeypatch.setenv(key, value)
+    prefix = f"leases-{tmp_path.name}/r1"
+    run = st.parse(s3.uri(prefix), what="run directory")
+    fs = s3.fs()
+
+    def put(rel: str, data: bytes) -> None:
+        with fs.open_output_stream(f"{BUCKET}/{prefix}/{rel}") as f:
+            f.write(data)
+
+    put("spec.yaml", SPEC.encode())  # what `resume` needs before it takes the lease
+    put("ray/tuner.pkl", b"not read: the lease is refused first")
+    other = {"pid": 4242, "host": "another-machine", "started": "2026-12-06T10:00:00+00:00",
+             "command": "sparse-search resume s3://...", "token": "theirs"}
+    put(LEASE_FILE, json.dumps({**other, "renewed": time.time()}).encode())
+    done = _run(["resume", run.uri], {**s3.env, "SPARSE_SEARCH_RUNS_CACHE": str(tmp_path / "c")},
+                tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: {run.uri} is in use by PID 4242 on another-machine (started "
+                           "2026-12-06T10:00:00+00:00"), line
+    assert json.loads(s3.read(f"{prefix}/{LEASE_FILE}"))["token"] == "theirs"  # untouched
+
+    put(LEASE_FILE, json.dumps({**other, "renewed": time.time() - LEASE_S - 1}).encode())
+    mine = take_lease(run, shown=run.uri)  # stale: taken over
+    assert json.loads(s3.read(f"{prefix}/{LEASE_FILE}"))["token"] == mine.mine["token"]
+    with pytest.raises(UserError, match=rf"is in use by PID {os.getpid()} on "):
+        take_lease(run, shown=run.uri)  # a second taker, while it is renewed
+    mine.release()
+    assert LEASE_FILE not in s3.files(prefix)
+
+    dead = subprocess.Popen(["true"])  # a PID of this machine that no longer runs
+    dead.wait()
+    put(LEASE_FILE, json.dumps({**other, "host": socket.gethostname(), "pid": dead.pid,
+                                "renewed": time.time()}).encode())
+    again = take_lease(run, shown=run.uri)  # SIGKILLed owner of this machine: at once
+    again.release()
