@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -151,13 +152,16 @@ def check_sqlite_file(db: Path) -> None:
         raise UserError(f"tracking store {db} is read-only (no write permission on it or its "
                         "folder, or a read-only file system): pass another --tracking-uri")
     try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
         try:
             con.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
         finally:
             con.close()
-    except sqlite3.OperationalError:
-        return  # locked or busy: MLflow's own open waits, then says what is wrong
+    except sqlite3.OperationalError as e:  # locked or busy: MLflow's own open waits for it
+        if "locked" in str(e):
+            print(f"note: tracking store {db} is locked by another process: MLflow waits for "
+                  "it (up to 30 s), then goes on or says what is wrong", file=sys.stderr)
+        return
     except sqlite3.DatabaseError as e:
         raise UserError(f"tracking store {db} is not a usable SQLite database ({e}): move it "
                         f"away (mv {db} {db}.broken) to start a new store there, or pass "

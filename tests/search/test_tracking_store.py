@@ -380,3 +380,25 @@ def test_a_sqlite_store_keeps_artifacts_beside_it_wherever_the_driver_runs(tmp_p
     client.set_terminated(run.info.run_id)
     assert list((tmp_path / "stores" / "mlruns").rglob("note.txt"))
     assert not (elsewhere / "mlruns").exists()
+
+
+def test_a_corrupt_store_is_refused_and_a_locked_one_is_said_in_one_line(tmp_path, capsys):
+    from search.tracking.store import check_sqlite_file
+
+    broken = tmp_path / "broken.db"
+    broken.write_bytes(b"\x13" * 4096)
+    with pytest.raises(UserError, match=r"is not a usable SQLite database \(file is not a "):
+        check_sqlite_file(broken)
+    locked = tmp_path / "locked.db"
+    with sqlite3.connect(locked) as con:
+        con.execute("CREATE TABLE t (x)")
+    holder = sqlite3.connect(locked, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another process writing (here: another connection)
+    try:
+        check_sqlite_file(locked)  # not refused: MLflow waits for the lock
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"note: tracking store {locked} is locked by another process: MLflow waits "
+                    "for it (up to 30 s), then goes on or says what is wrong")
