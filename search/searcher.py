@@ -268,7 +268,6 @@ class ProposerSearcher(Searcher):
         return orphans
 
 
-
 class ForgetLostTrials(Callback):
     """On a resume, at Tune's first step (before it asks for a trial): the trials the
     restored searcher and concurrency limiter hold as running that Ray did not restore are
