@@ -224,18 +224,23 @@ def _search_in(spec: SearchSpec, run: RunDir, *, resuming: bool, checked: Checke
         # outcome and MLflow's end may not be writable either; a resume closes what is open.
         with contextlib.suppress(OSError):
             write_outcome(run.path, complete=False, stopped_by=f"error: {type(e).__name__}")
+        unclosed = ""
         if tracker is not None:
             try:
                 background.drain()
                 tracker.finish("FAILED", reason=f"{type(e).__name__}: {e}")
+                failed = bool(getattr(tracker, "failure", None) or tracker.offline)
             except Exception:
                 if cause is None:
                     raise
+                failed = True
+            if failed and cause is not None:
+                unclosed = " (MLflow could not record the end either: the resume closes its runs)"
         if cause is not None:
             raise MachineError(
                 f"{cause.filename or run.location}: {describe_os_error(cause, path=False)}: the "
-                "search stopped (its records are consistent); once that is fixed, continue "
-                f"with `sparse-search resume {run.location}`") from None
+                f"search stopped (its records are consistent){unclosed}; once that is fixed, "
+                f"continue with `sparse-search resume {run.location}`") from None
         raise
     finally:
         if started:
