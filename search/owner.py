@@ -22,7 +22,8 @@ writer keeps it, the other exits 2 (object stores offer no compare-and-swap thro
 
 The owner also removes what a killed owner left behind that only an owner may remove:
 Optuna's journal lock (``optuna.journal.lock``), which Optuna itself force-releases only after
-30 s of warnings; nobody else can be using the journal while the run dir is owned.
+30 s of warnings, and a journal line cut short by a full disk; nobody else can be using the
+journal while the run dir is owned.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from typing import IO, Any
 from search.errors import UserError
 
 OWNER_FILE = ".owner.lock"
+JOURNAL = "optuna.journal"  # search.rundir.JOURNAL_FILE
 JOURNAL_LOCK = "optuna.journal.lock"  # JournalFileSymlinkLock: <journal> + ".lock"
 LEASE_FILE = ".owner.json"  # at the root of a run dir on a URI
 LEASE_S = 60.0  # a lease not renewed for this long is stale (seconds)
@@ -232,7 +234,27 @@ def _parse(text: str) -> str:
 
 
 def _clear_stale_locks(path: Path) -> None:
-    """Optuna's journal lock of a killed owner: a symlink nobody holds now."""
+    """Optuna's journal lock of a killed owner: a symlink nobody holds now; and the journal's
+    last line when a full disk cut it short."""
     journal_lock = path / JOURNAL_LOCK
     if os.path.lexists(journal_lock):
         journal_lock.unlink()
+    repair_journal(path / JOURNAL)
+
+
+def repair_journal(journal: Path) -> bool:
+    """Drop a last line cut short (the disk filled while Optuna appended it): Optuna reads
+    every later line past it and then fails on it (JSONDecodeError), so a resume appending
+    after it could never read its study again. True when something was dropped."""
+    try:
+        data = journal.read_bytes()
+    except FileNotFoundError:
+        return False
+    keep = data if data.endswith(b"\n") or not data else data[: data.rfind(b"\n") + 1]
+    if keep == data:
+        return False
+    with journal.open("r+b") as f:
+        f.truncate(len(keep))
+    print(f"note: {journal}: dropped its last line, cut short ({len(data) - len(keep)} bytes: "
+          "the disk filled while it was written)", file=sys.stderr)
+    return True

@@ -67,3 +67,16 @@ def test_an_owner_killed_with_sigkill_leaves_no_stale_lock_nor_journal_lock(
     done = _cli("resume", str(run_dir))
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Forcibly releasing" not in done.stderr and not os.path.lexists(run_dir / JOURNAL_LOCK)
+
+
+def test_the_owner_drops_a_journal_line_cut_short_by_a_full_disk(tmp_path: Path, capsys) -> None:
+    # Seen in a full-disk run (tests/test_cli_faults.py): the journal ended in half a line, the
+    # resume appended after it, and Optuna then failed to read its own study (JSONDecodeError).
+    journal = tmp_path / "optuna.journal"
+    whole = b'{"op_code": 0, "worker_id": "w"}\n{"op_code": 4, "worker_id": "w"}\n'
+    journal.write_bytes(whole + b'{"op_code": 5, "worker_id": "w", "trial_id": 2, "para')
+    with own(tmp_path):
+        assert journal.read_bytes() == whole
+    assert "optuna.journal: dropped its last line, cut short (53 bytes" in capsys.readouterr().err
+    with own(tmp_path):  # a whole journal is left as it is
+        assert journal.read_bytes() == whole
