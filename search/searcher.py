@@ -37,6 +37,7 @@ at its budget goes on where it was.
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import statistics
 import time
@@ -213,7 +214,11 @@ class ProposerSearcher(Searcher):
                  "told": self.told, "spent": self.spent, "durations": self.durations,
                  "full_durations": self.full_durations,
                  "duplicates": self.duplicates, "time_budget": self.time_budget}
-        Path(checkpoint_path).write_bytes(pickle.dumps(state))
+        # Replaced in one step: a disk that fills while it is written keeps the last one whole
+        # (a cut-short snapshot fails Tuner.restore).
+        tmp = Path(f"{checkpoint_path}.tmp")
+        tmp.write_bytes(pickle.dumps(state))
+        os.replace(tmp, checkpoint_path)
 
     def restore(self, checkpoint_path: str) -> None:
         state = pickle.loads(Path(checkpoint_path).read_bytes())
