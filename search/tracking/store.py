@@ -157,12 +157,14 @@ def check_sqlite_file(db: Path) -> None:
             con.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
         finally:
             con.close()
-    except sqlite3.OperationalError as e:  # locked or busy: MLflow's own open waits for it
-        if "locked" in str(e):
+    except sqlite3.DatabaseError as e:
+        if isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e)):
+            # MLflow's own open waits for it
             print(f"note: tracking store {db} is locked by another process: MLflow waits for "
                   "it (up to 30 s), then goes on or says what is wrong", file=sys.stderr)
-        return
-    except sqlite3.DatabaseError as e:
+            return
+        # random bytes read as "file is not a database", "database disk image is
+        # malformed", or an OperationalError ("unable to open"): all refused
         raise UserError(f"tracking store {db} is not a usable SQLite database ({e}): move it "
                         f"away (mv {db} {db}.broken) to start a new store there, or pass "
                         "another --tracking-uri") from None
