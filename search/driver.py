@@ -39,11 +39,11 @@ from typing import TYPE_CHECKING, Any
 from search.errors import MachineError, UserError, describe_os_error, machine_cause
 from search.interrupt import Interrupted
 from search.outcome import SearchOutcome
-from search.owner import own, own_run
+from search.owner import own_run
 from search.preflight import Checked, _detach, absolute_data_path, preflight
 from search.ray_runtime import init_ray
 from search.rundir import RunDir, write_atomic
-from search.storage import attach, is_uri
+from search.storage import attach
 
 if TYPE_CHECKING:
     from search.spec import SearchSpec
@@ -121,14 +121,10 @@ def resume_search(
     from search.tracking import read_state
 
     extend_s = time_budget_option(time_budget)
-    with contextlib.ExitStack() as held:
-        local = Path(run_dir)
-        if not is_uri(run_dir) and local.is_dir():
-            # Before anything is read: a second resume, or the run itself still alive, exits
-            # 2 here (search.owner).
-            held.enter_context(own(local))
-        run = RunDir.open(run_dir)
-        held.enter_context(own_run(run))  # a URI: its local copy, and the lease there
+    run = RunDir.open(run_dir)  # (a local one is only checked; a URI downloaded)
+    # Before anything is read or changed: a second resume, or the run itself still alive,
+    # exits 2 here (search.owner). A URI: its local copy, and the lease there.
+    with own_run(run):
         spec = load_spec(run.spec)
         if tracking_uri is None:
             tracking_uri = read_state(run.path).get("tracking_uri")

@@ -43,10 +43,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from search.errors import UserError
+from search.rundir import JOURNAL_FILE
 
 OWNER_FILE = ".owner.lock"
-JOURNAL = "optuna.journal"  # search.rundir.JOURNAL_FILE
-JOURNAL_LOCK = "optuna.journal.lock"  # JournalFileSymlinkLock: <journal> + ".lock"
+JOURNAL_LOCK = f"{JOURNAL_FILE}.lock"  # Optuna's JournalFileSymlinkLock: <journal> + ".lock"
 LEASE_FILE = ".owner.json"  # at the root of a run dir on a URI
 LEASE_S = 60.0  # a lease not renewed for this long is stale (seconds)
 RENEW_S = 15.0  # how often the owner renews it: 4 tries inside LEASE_S
@@ -138,7 +138,10 @@ def own(path: Path, *, shown: str | None = None, remote: Any = None) -> Ownershi
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
-        holder = _parse(f.read())
+        try:
+            holder = _holder(json.loads(f.read()))
+        except ValueError:  # empty or half-written: its owner has just opened it
+            holder = _holder(None)
         f.close()
         raise UserError(f"{shown or path} is in use by {holder}: two commands must not change "
                         "one run dir at once; wait for it to end, or stop it") from None
@@ -170,7 +173,7 @@ def take_lease(remote: Any, *, shown: str) -> Lease:
             raise UserError(_in_use(shown, held, age))
         why = "its process is gone" if dead_here else \
             f"not renewed for {age:.0f} s (stale after {LEASE_S:.0f} s)"
-        print(f"note: {shown}: taking over the lease of {_parse(json.dumps(held))}: {why}",
+        print(f"note: {shown}: taking over the lease of {_holder(held)}: {why}",
               file=sys.stderr)
     mine = {**_me(), "token": uuid.uuid4().hex, "renewed": now}
     _write_lease(remote, mine)
@@ -194,7 +197,7 @@ def _alive(pid: Any) -> bool:
 
 
 def _in_use(shown: str, held: dict[str, Any], age: float) -> str:
-    return (f"{shown} is in use by {_parse(json.dumps(held))} (its lease renewed {age:.0f} s "
+    return (f"{shown} is in use by {_holder(held)} (its lease renewed {age:.0f} s "
             "ago): two commands must not change one run dir at once; wait for it to end, or "
             f"stop it (a lease not renewed for {LEASE_S:.0f} s is taken over)")
 
@@ -223,13 +226,13 @@ def _write_lease(remote: Any, lease: dict[str, Any]) -> None:
         f.write(json.dumps(lease).encode())
 
 
-def _parse(text: str) -> str:
-    """``PID n on HOST (started ..., `command`)`` from the lock file, or what is known."""
+def _holder(who: Any) -> str:
+    """``PID n on HOST (started ..., `command`)`` from an owner's record (the lock file's or
+    the lease's, as :func:`_me` wrote it), or what is known."""
     try:
-        who = json.loads(text)
         return (f"PID {who['pid']} on {who['host']} (started {who['started']}: "
                 f"`{who['command']}`)")
-    except (ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return "another process (it has not written its name yet)"
 
 
@@ -239,7 +242,7 @@ def _clear_stale_locks(path: Path) -> None:
     journal_lock = path / JOURNAL_LOCK
     if os.path.lexists(journal_lock):
         journal_lock.unlink()
-    repair_journal(path / JOURNAL)
+    repair_journal(path / JOURNAL_FILE)
 
 
 def repair_journal(journal: Path) -> bool:

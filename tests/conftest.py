@@ -164,10 +164,6 @@ class FinishedSearch:
     stderr: str
     experiment: str = "shared"  # FINISHED_SPEC's name: the MLflow experiment
 
-    @property
-    def summary(self) -> dict:
-        return json.loads(self.stdout.strip().splitlines()[-1])
-
     def copy(self, dest: Path) -> Path:
         """A copy of the run dir to change (its mlflow.json still names the shared store:
         give commands that would track into it --no-mlflow or a store of their own)."""
