@@ -10,7 +10,8 @@ the slow kinds):
 This file only checks the declarations: a test that asks for ``ray_session`` without the
 ``ray`` marker is refused at collection, and every test without it runs with ``RAY_TMPDIR``
 pointed at a folder of its own, so a Ray it starts (in-process or in a child process) leaves
-a session folder there and fails the test with its name. Under pytest-xdist each worker gets
+a session folder there and fails the test with its name; a test that leaves ``os.environ``
+changed fails too, naming the keys. Under pytest-xdist each worker gets
 its own Ray temp folder, so the workers' Rays never share a session folder.
 
 Under pytest-xdist (``make test``: two workers, ``--dist loadgroup``) the tests of a module
@@ -99,6 +100,26 @@ def _ray_only_where_declared(request: pytest.FixtureRequest) -> Iterator[None]:
         if started:
             pytest.fail(f"{request.node.nodeid} started Ray ({started[0]}) but its module does "
                         "not declare `pytestmark = pytest.mark.ray`", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _environment_left_as_found(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that leaves ``os.environ`` changed fails with the keys it changed: every later
+    test on the worker, and every child it starts, would inherit them (``mlflow.set_tracking_uri``
+    sets $MLFLOW_TRACKING_URI, and a CLI started later then tracks into another store)."""
+    before = dict(os.environ)
+    yield
+    after = dict(os.environ)
+    # pytest's own marker, and libraries' private bookkeeping (MLflow's _MLFLOW_TELEMETRY_*)
+    changed = sorted(k for k in before.keys() | after.keys()
+                     if before.get(k) != after.get(k)
+                     and k != "PYTEST_CURRENT_TEST" and not k.startswith("_"))
+    if changed:
+        os.environ.clear()
+        os.environ.update(before)  # the next test starts clean either way
+        shown = ", ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed)
+        pytest.fail(f"{request.node.nodeid} left the environment changed ({shown}): restore it "
+                    "(monkeypatch.setenv / delenv)", pytrace=False)
 
 
 @pytest.fixture(scope="session")

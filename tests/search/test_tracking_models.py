@@ -154,11 +154,13 @@ def test_front_model_onnx_runs_and_matches_the_tensor_only_weights(searched, tmp
         np.testing.assert_allclose(np.asarray(out["logits"]), got, rtol=1e-6)
 
 
-def test_a_front_model_registers_in_the_model_registry(searched):
+def test_a_front_model_registers_in_the_model_registry(searched, monkeypatch):
     _, uri, _ = searched
     client = MlflowClient(uri)
     m = _models(client, EXPERIMENT)[0]
     previous = mlflow.get_tracking_uri()
+    # set_tracking_uri also sets $MLFLOW_TRACKING_URI: monkeypatch puts the variable back
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     try:
         version = mlflow.register_model(f"models:/{m.model_id}", "shared-front")
