@@ -102,21 +102,33 @@ def _ray_only_where_declared(request: pytest.FixtureRequest) -> Iterator[None]:
                         "not declare `pytestmark = pytest.mark.ray`", pytrace=False)
 
 
+# Variables the product's commands read (a CLI a later test starts inherits them). Libraries
+# add their own on first import (torch's KMP_*, Ray's PYTHONBREAKPOINT, MLflow's quiet
+# switches): set once per process, not by a test, so an added variable outside this list passes.
+READ_BY_CHILDREN = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME",
+                    "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID", "RAY_ADDRESS", "SPARSE_SEARCH_",
+                    "AWS_")
+
+
 @pytest.fixture(autouse=True)
 def _environment_left_as_found(request: pytest.FixtureRequest) -> Iterator[None]:
-    """A test that leaves ``os.environ`` changed fails with the keys it changed: every later
-    test on the worker, and every child it starts, would inherit them (``mlflow.set_tracking_uri``
-    sets $MLFLOW_TRACKING_URI, and a CLI started later then tracks into another store)."""
+    """A test that changes or removes a variable of ``os.environ``, or adds one the product's
+    commands read, fails naming them: every later test on the worker, and every child it
+    starts, would inherit it (``mlflow.set_tracking_uri`` sets $MLFLOW_TRACKING_URI, and a CLI
+    started later then tracked into another store: CI's corrupt-store failure)."""
     before = dict(os.environ)
     yield
     after = dict(os.environ)
-    # pytest's own marker, and libraries' private bookkeeping (MLflow's _MLFLOW_TELEMETRY_*)
     changed = sorted(k for k in before.keys() | after.keys()
-                     if before.get(k) != after.get(k)
-                     and k != "PYTEST_CURRENT_TEST" and not k.startswith("_"))
+                     if before.get(k) != after.get(k) and k != "PYTEST_CURRENT_TEST"
+                     and not k.startswith("_")  # libraries' own (_MLFLOW_TELEMETRY_*)
+                     and (k in before or k.startswith(READ_BY_CHILDREN)))
     if changed:
-        os.environ.clear()
-        os.environ.update(before)  # the next test starts clean either way
+        for k in changed:  # the next test starts clean either way
+            if k in before:
+                os.environ[k] = before[k]
+            else:
+                os.environ.pop(k, None)
         shown = ", ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed)
         pytest.fail(f"{request.node.nodeid} left the environment changed ({shown}): restore it "
                     "(monkeypatch.setenv / delenv)", pytrace=False)
