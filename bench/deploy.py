@@ -3,11 +3,11 @@ int8 accuracy drop of small trained nets.
 
 In one run, against baselines measured in the same run:
 
-- ``screen``: N feasible configs of a space (``search.space.dry_run``, nothing trained); each is
+- ``screen``: N feasible configs of a space (``search.space.preview``, nothing trained); each is
   counted, interleaved, by :func:`trainables.accounting.count` (params, MACs, flash, SRAM) and by
   the same meta build + shape-only pass without the dataflow recorder (params and MACs only:
   the screen before this change). CPU time of this process; the goal is <= 1.2x.
-- ``latency``: K configs through :class:`search.latency_screen.LatencyScreen` (what a search's
+- ``latency``: K configs through :class:`search.space.latency.LatencyScreen` (what a search's
   screen runs: ONNX Runtime, batch 1, 1 thread) with empty caches: the cold call (build,
   export, time), a run-dir hit and a user-cache hit, in wall ms and as ratios of (params/MACs
   screen + latency) to the params/MACs screen of the same configs.
@@ -109,10 +109,10 @@ def _wall_ms(fn, *args):
 
 
 def bench_latency(space: str, k: int) -> dict:
-    """The screen's cost per proposal with latency (search.latency_screen, as a search runs it):
+    """The screen's cost per proposal with latency (search.space.latency, as a search runs it):
     cold (both caches empty: export + timing), from the user's cache, from the run dir's, as
     wall-time ratios against the params/MACs screen of the same configs in this run."""
-    from search.latency_screen import LatencyScreen
+    from search.space.latency import LatencyScreen
 
     archs = _sample(space, k)
     rows = []

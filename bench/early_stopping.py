@@ -6,7 +6,7 @@ TPE with the budget screen) three ways, each under the same wall-time budget
 
 - ``fifo``: every trial trains all its epochs;
 - ``asha``: Ray's ``ASHAScheduler`` on validation accuracy alone;
-- ``moasha``: ``search.moasha.MultiObjectiveASHA`` on (validation accuracy, nonzero params):
+- ``moasha``: ``search.run.moasha.MultiObjectiveASHA`` on (validation accuracy, nonzero params):
   a trial on its rung's Pareto front always goes on.
 
 Quality is the hypervolume of the (test error, log10 nonzero params) front of the trials that
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: MNIST not found at {args.data}: pass --data PATH", file=sys.stderr)
         return 2
 
-    from search.ray_runtime import init_ray
+    from search.run.ray_runtime import init_ray
 
     seeds, budget_s = size.pop("seeds"), size.pop("budget_s")
     specs = {}

@@ -2,7 +2,7 @@
 
 The same 12 tiny digits trials (~0.1 s of training each), three ways, in one run:
 
-1. **sparse-search**: ``search.driver.run_search`` (ProposerSearcher, reused actors, the
+1. **sparse-search**: ``search.run.driver.run_search`` (ProposerSearcher, reused actors, the
    Recorder, MLflow tracking to a local sqlite store);
 2. **stock**: Ray's ``OptunaSearch`` over a Tune param space (the same 12 configs as
    ``points_to_evaluate``), a fresh worker per trial (``reuse_actors=False``), the shipped
@@ -66,7 +66,7 @@ def _spec(trials: int, concurrent: int) -> Any:
 def run_sparse_search(spec: Any, root: Path) -> tuple[float, float, list[dict[str, Any]]]:
     """Wall seconds of run_search (Ray already up), its start (time.time(), the clock of the
     trials' ``finished_at``) and the trials' records (flat config, metrics)."""
-    from search.driver import run_search
+    from search.run.driver import run_search
 
     t0, started = time.perf_counter(), time.time()
     out = run_search(spec, storage_dir=root / "runs", tracking_uri=f"sqlite:///{root}/mlflow.db",
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
 
     root = Path(tempfile.mkdtemp(prefix="sparse-search-overhead-"))
     try:
-        from search.ray_runtime import init_ray
+        from search.run.ray_runtime import init_ray
         from trainables.data import load_dataset
 
         t0 = time.perf_counter()

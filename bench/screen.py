@@ -1,6 +1,6 @@
 """What the budget screen costs per proposal: the shape-only count against torch's flop counter.
 
-Samples N feasible configs from a shipped space (``search.space.dry_run``: the real sampler and
+Samples N feasible configs from a shipped space (``search.space.preview``: the real sampler and
 screen, nothing trained), then times on each config, interleaved, in one run:
 
 - ``count``: :func:`trainables.accounting.count` (meta build without init + shape-only pass):

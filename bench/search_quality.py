@@ -3,7 +3,7 @@
 Three ways to search the same space (default spaces/studies/tiny-mnist.yaml: tiny CNNs under a
 3,500-param budget) with the same trainable, data, epochs, trials and resources:
 
-- ``sparse-search``: ``search.driver.run_search`` as ``sparse-search run`` runs it: the Proposer's
+- ``sparse-search``: ``search.run.driver.run_search`` as ``sparse-search run`` runs it: the Proposer's
   TPE with the budget screen (each proposal is built on the meta device and counted, ~80 ms on
   a 2-core machine; over-budget shapes are told to Optuna as infeasible and never trained),
   Ray Tune underneath;
@@ -17,7 +17,7 @@ Three ways to search the same space (default spaces/studies/tiny-mnist.yaml: tin
   learned only from trials that finished training.
 
 Quality is the hypervolume of the (test error, log10 nonzero params) front of the finished,
-within-budget trials (``search.pareto.hypervolume_2d``, reference: the budget; an over-budget
+within-budget trials (``search.rundir.pareto.hypervolume_2d``, reference: the budget; an over-budget
 trial adds nothing), recorded each time a trial finishes, against wall time since that
 method's search started (its own data loading, Tuner start and training; one Ray runtime,
 started before any method, is shared). Each method runs ``--seeds`` times (sampler seeds 0..).
@@ -101,7 +101,7 @@ class RunResult:
 # ---------------------------------------------------------------------- curves (pure)
 def hv_curve(points: Sequence[TrialPoint], *, max_params: int) -> list[tuple[float, float]]:
     """(seconds, hypervolume of every point finished by then), one step per finished trial."""
-    from search.pareto import hypervolume_2d
+    from search.rundir.pareto import hypervolume_2d
 
     done = sorted(points, key=lambda p: p.seconds)
     return [(p.seconds, hypervolume_2d([q.test_error for q in done[:i + 1]],
@@ -161,7 +161,7 @@ def bench_spec(space: Path, *, data: Path, trials: int, subset: int, test_subset
 # ---------------------------------------------------------------------- (a) sparse-search
 def run_sparse_search(spec: Any, storage: Path) -> RunResult:
     """``sparse-search run`` in-process; trial end times are its result.json write times."""
-    from search.driver import run_search
+    from search.run.driver import run_search
 
     start = time.time()
     outcome = run_search(spec, storage_dir=storage, mlflow=False, progress=False)
@@ -233,7 +233,7 @@ def run_stock(spec: Any, storage: Path, *, method: str) -> RunResult:
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from search.ray_runtime import TUNE_ENV, scoped_env
+    from search.run.ray_runtime import TUNE_ENV, scoped_env
     from search.space import SearchSpace
     from trainables.data import load_dataset
 
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from search.errors import UserError
-    from search.ray_runtime import init_ray
+    from search.run.ray_runtime import init_ray
 
     seeds = size.pop("seeds")
     try:

@@ -140,7 +140,7 @@ def ray_session() -> Iterator[None]:
     share it; started on first use, stopped at the end of the session (one per xdist worker)."""
     import ray
 
-    from search.ray_runtime import init_ray
+    from search.run.ray_runtime import init_ray
 
     started = init_ray(num_cpus=2)
     yield

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from search.cli_data import data_app
+from search.cli.data import data_app
 from search.errors import UserError
 
 pytestmark = pytest.mark.ray  # starts Ray (in-process or a CLI search)
 
 ROOT = Path(__file__).resolve().parents[1]
 # The app as search/cli.py registers it, run the way the console script runs it.
-_MAIN = ("import typer; from search.cli_data import data_app; from search.cli import run_cli; "
+_MAIN = ("import typer; from search.cli.data import data_app; from search.cli.app import run_cli; "
          "app = typer.Typer(add_completion=False); app.add_typer(data_app, name='data'); run_cli(app)")
 
 
@@ -94,6 +94,6 @@ def test_run_cli_exit_codes(tmp_path: Path, cache: Path) -> None:
 
 
 def test_module_imports_neither_torch_nor_numpy() -> None:
-    code = "import sys, search.cli_data; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
+    code = "import sys, search.cli.data; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stderr

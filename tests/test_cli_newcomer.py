@@ -226,7 +226,7 @@ def test_with_its_data_the_first_proposal_trains(space, tmp_path):
     --data-path, the preflight probes the data and plans the resources (no Ray for a local
     search), the first screened proposal builds and one optimizer step runs on a slice of
     the data (the console script's own start is proven on three spaces below)."""
-    from search.preflight import absolute_data_path, preflight
+    from search.run.preflight import absolute_data_path, preflight
     from search.space import Proposer, SearchSpace
     from search.spec import load_spec
     from trainables.data import load_dataset, probe_dataset

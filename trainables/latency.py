@@ -21,7 +21,7 @@ clock, 5 cifar10 nets x 6 measurements at load average 17 on 2 cores (NOT an idl
 default. ``clock="wall"`` is ``time.perf_counter``.
 
 **Which machine.** The figure is the CPU of the process that calls it. In a search that is the
-driver (the budget screen runs there, :mod:`search.latency_screen`, so an over-budget network
+driver (the budget screen runs there, :mod:`search.space.latency`, so an over-budget network
 is refused before anything trains), not the node that later trains the trial: every record
 names the CPU and runtime that measured it.
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from search.rundir import LAYERS_JSON, MODEL_FILE, TRIALS_DIR
+from search.rundir.layout import LAYERS_JSON, MODEL_FILE, TRIALS_DIR
 from search.tracking.tracker import _LIVE, SearchTracker
 
 PICKLE_MODULE = "search.tracking"  # the module pickles name the callback classes by

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from search.rundir import ARCH_YAML, MODEL_FILE, PARETO_FILE, TRIALS_DIR
+from search.rundir.layout import ARCH_YAML, MODEL_FILE, PARETO_FILE, TRIALS_DIR
 from search.schema import METRICS
 from search.tracking.store import TAG_ON_FRONT, TAG_PARENT, TAG_RANK, TAG_ROLE, TAG_TRIAL_KEY
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import pandas as pd
 
-from search.pareto import front_indices, hypervolume_2d, pareto_ranks
-from search.rundir import PARETO_FILE
+from search.rundir.layout import PARETO_FILE
+from search.rundir.pareto import front_indices, hypervolume_2d, pareto_ranks
 from search.tracking.store import run_url
 
 FRONT_FILES = (PARETO_FILE, "pareto.png", "pareto.html")  # the parent run's front artifacts

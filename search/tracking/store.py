@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from search.errors import UserError
-from search.rundir import ARCH_YAML, LAYERS_JSON
+from search.rundir.layout import ARCH_YAML, LAYERS_JSON
 
 if TYPE_CHECKING:
     from mlflow.entities import Run

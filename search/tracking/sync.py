@@ -16,7 +16,7 @@ import pandas as pd
 import yaml
 
 from search.errors import UserError
-from search.rundir import (
+from search.rundir.layout import (
     ARCH_YAML,
     LAYERS_JSON,
     MODEL_FILE,
@@ -28,7 +28,7 @@ from search.rundir import (
     RunDir,
     read_outcome,
 )
-from search.storage import attach, is_uri
+from search.rundir.storage import attach, is_uri
 from search.tracking.store import (
     DEFAULT_EXPERIMENT,
     STATE_FILE,

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pandas as pd
 import yaml
 
-from search.latency_screen import latency_tags
-from search.rundir import MODEL_FILE, SPEC_FILE, TRIALS_DIR
+from search.rundir.layout import MODEL_FILE, SPEC_FILE, TRIALS_DIR
+from search.space.latency import latency_tags
 from search.tracking.models import FrontModels, upload_weights
 from search.tracking.plots import front_metrics, front_table, rank_trials, write_front_files
 from search.tracking.store import (

@@ -9,8 +9,7 @@ import random
 import pytest
 from optuna.trial import TrialState
 
-from search import bands
-from search.space import BAND, CONFIG_KEY, Proposer
+from search.space import BAND, CONFIG_KEY, Proposer, bands
 from search.spec import FloatRange
 from tests.search.test_space import MNIST_5K, TIGHT, make_space, mnist_data
 

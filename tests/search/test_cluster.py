@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from search.cluster import entrypoint, is_local_address
+from search.run.cluster import entrypoint, is_local_address
 
 # A Ray head of its own (a cluster: one at a time, tests/conftest.py)
 pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("clusters")]

@@ -14,8 +14,8 @@ import pytest
 import torch
 from onnx.reference import ReferenceEvaluator
 
+from search.cli.export import export_run, rebuild
 from search.errors import UserError
-from search.export import export_run, rebuild
 from search.tracking import SearchTracker
 from trainables.arch import ArchConfig, HeadLayer, StageConfig, StemConfig
 from trainables.models import build_model
@@ -108,7 +108,7 @@ def test_export_errors_are_user_errors(recorded, tmp_path, monkeypatch, capsys):
         export_run(runs["dominated"], fmt="onnx", out=tmp_path / "m.onnx", tracking_uri=uri)
     with pytest.raises(UserError, match="not found"):
         export_run("0" * 32, fmt="onnx", out=tmp_path / "m.onnx", tracking_uri=uri)
-    from search.cli import main
+    from search.cli.app import main
 
     monkeypatch.setattr(sys, "argv", ["sparse-search", "export", runs["front"], "--format", "tflite",
                                       "-o", str(tmp_path / "m"), "--tracking-uri", uri])
@@ -180,8 +180,8 @@ def test_export_onnx_int8_without_recorded_data_is_a_user_error(recorded, tmp_pa
 def test_export_help_lists_every_format_it_accepts():
     from typer.testing import CliRunner
 
-    from search.cli import app
-    from search.export import FORMATS
+    from search.cli.app import app
+    from search.cli.export import FORMATS
 
     shown = CliRunner().invoke(app, ["export", "--help"], env={"COLUMNS": "200"})
     assert shown.exit_code == 0 and " | ".join(FORMATS) in shown.output, shown.output

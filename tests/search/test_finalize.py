@@ -13,11 +13,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from search.errors import UserError
-from search.final_front import final_front, front_text, typed_row
-from search.finalize import finalize_run
-from search.finalize_mlflow import ROLE_FINAL, final_from_store
+from search.finalize.front import final_front, front_text, typed_row
+from search.finalize.record import ROLE_FINAL, final_from_store
+from search.finalize.retrain import finalize_run
 from search.spec import parse_spec
-from search.spec_model import Finalize
+from search.spec.model import Finalize
 from search.tracking import TAG_PARENT, TAG_ROLE, TAG_TRIAL_KEY, read_state
 
 pytestmark = pytest.mark.ray  # starts Ray (in-process or a CLI search)
@@ -35,7 +35,7 @@ SPEC = {
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory: pytest.TempPathFactory, ray_session: None) -> tuple[Path, str]:
-    from search.driver import run_search
+    from search.run.driver import run_search
 
     tmp = tmp_path_factory.mktemp("finalize")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
@@ -176,7 +176,7 @@ def test_spec_section_defaults_and_errors() -> None:
 
 
 def test_pick_smallest_or_best_of_the_front(searched: tuple[Path, str]) -> None:
-    from search.finalize import front_members, open_run
+    from search.finalize.retrain import front_members, open_run
 
     run_dir, _ = searched
     with (run_dir / "pareto.csv").open() as f:

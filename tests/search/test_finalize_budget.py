@@ -6,7 +6,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from search.finalize_budget import plan_budget, trial_pace
+from search.finalize.budget import plan_budget, trial_pace
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from search.moasha import MultiObjectiveASHA
+from search.run.moasha import MultiObjectiveASHA
+from search.run.tuner import make_scheduler, max_epochs
 from search.schema import INT8_COLUMNS, rung_metric
 from search.spec import parse_spec
-from search.tuner import make_scheduler, max_epochs
 from trainables.quantize import FP32_ONNX_FILE, INT8_ONNX_FILE
 
 pytestmark = pytest.mark.ray

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from search.latency_screen import LATENCY_DIR, TAG_LATENCY_CPU, TAG_ONNXRUNTIME
-from search.proposer import Proposer
 from search.schema import FRONT_COLUMNS, OBJECTIVE_MODES, budget_fields
-from search.searchspace import SearchSpace
+from search.space.latency import LATENCY_DIR, TAG_LATENCY_CPU, TAG_ONNXRUNTIME
+from search.space.proposer import Proposer
+from search.space.searchspace import SearchSpace
 from search.spec import SpecError, parse_spec
 from trainables.latency import cpu_model
 

@@ -7,8 +7,8 @@ import math
 import pytest
 from ray.tune.schedulers import TrialScheduler
 
-from search.moasha import MultiObjectiveASHA
-from search.pareto import crowding_distances
+from search.run.moasha import MultiObjectiveASHA
+from search.rundir.pareto import crowding_distances
 
 pytestmark = pytest.mark.ray  # starts Ray (in-process or a CLI search)
 

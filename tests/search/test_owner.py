@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from search.owner import JOURNAL_LOCK, OWNER_FILE, own
+from search.rundir.owner import JOURNAL_LOCK, OWNER_FILE, own
 
 # `resume` of the shared search starts Ray; it runs on the shared search's worker.
 pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("finished_search")]
@@ -50,7 +50,7 @@ def test_a_second_command_that_would_change_an_owned_run_dir_exits_2_naming_the_
 def test_an_owner_killed_with_sigkill_leaves_no_stale_lock_nor_journal_lock(
         run_dir: Path) -> None:
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from search.owner import own; "
+        [sys.executable, "-c", "import sys, time; from search.rundir.owner import own; "
          "own(sys.argv[1]); print('owned', flush=True); time.sleep(600)", str(run_dir)],
         stdout=subprocess.PIPE, text=True)
     try:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from optuna._hypervolume import compute_hypervolume
 
-from search.pareto import front_indices, hypervolume_2d, pareto_ranks
+from search.rundir.pareto import front_indices, hypervolume_2d, pareto_ranks
 
 INF, NAN = math.inf, math.nan
 ACC_PARAMS = ("max", "min")  # (val_accuracy, nonzero_params)

@@ -3,8 +3,8 @@ objectives are shown, not only params and accuracy."""
 
 from __future__ import annotations
 
-from search.progress import front_table
-from search.run_front import read_objectives
+from search.rundir.front import read_objectives
+from search.rundir.progress import front_table
 
 FRONT = [
     {"trial_key": "4", "nonzero_params": 9_431, "val_accuracy": 0.7131, "val_accuracy_se": 0.0064,

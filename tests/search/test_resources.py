@@ -1,12 +1,12 @@
-"""search.resources: the per-trial plan against a cluster, and how many trials may be out."""
+"""search.run.resources: the per-trial plan against a cluster, and how many trials may be out."""
 
 from __future__ import annotations
 
 import pytest
 
 from search.errors import UserError
-from search.resources import Cluster, Node, plan
-from search.spec_model import Resources
+from search.run.resources import Cluster, Node, plan
+from search.spec.model import Resources
 
 TWO_CPUS = Cluster((Node("this machine", 2.0, 0.0),), where="this machine")
 

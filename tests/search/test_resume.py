@@ -156,9 +156,9 @@ def test_a_trial_the_searcher_holds_but_ray_lost_is_trained_again_under_another_
     import pickle
     import shutil
 
-    from search.driver import resume_search, run_search
+    from search.run.driver import resume_search, run_search
+    from search.run.tuner import EXPERIMENT_NAME
     from search.spec import parse_spec
-    from search.tuner import EXPERIMENT_NAME
 
     spec = parse_spec({**yaml.safe_load(SPEC), "search": {
         "sampler": "random", "num_samples": 3, "max_concurrent": 1, "seed": 1}})
@@ -197,9 +197,9 @@ def test_a_ray_snapshot_cut_short_by_a_full_disk_resumes_to_the_end(ray_session,
     flight trains again under a new key, and the search ends complete."""
     import shutil
 
-    from search.driver import resume_search, run_search
+    from search.run.driver import resume_search, run_search
+    from search.run.tuner import EXPERIMENT_NAME
     from search.spec import parse_spec
-    from search.tuner import EXPERIMENT_NAME
 
     spec = parse_spec({**yaml.safe_load(SPEC), "search": {
         "sampler": "random", "num_samples": 3, "max_concurrent": 1, "seed": 2}})

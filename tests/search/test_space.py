@@ -445,7 +445,7 @@ def test_reading_a_spec_checks_no_initial_point_the_search_start_does():
     # ... the dry run and preflight (both through check_initial) refuse the point
     with pytest.raises(SpecError, match=r"stem/width=40 is outside the space"):
         dry_run(spec, 1, input_shape=(1, 28, 28), num_classes=10)
-    from search.preflight import preflight
+    from search.run.preflight import preflight
 
     with pytest.raises(SpecError, match=r"stem/width=40 is outside the space"):
         preflight(spec, address=None, tracking_uri=None, mlflow=False)

@@ -146,8 +146,8 @@ def _rows(text: str) -> list[dict[str, str]]:
 
 def test_uri_parts_and_the_mirror_sends_what_changed(s3: S3, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from search import storage
-    from search.rundir import RunDir, write_atomic
+    from search.rundir import storage
+    from search.rundir.layout import RunDir, write_atomic
 
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
         monkeypatch.setenv(k, s3.env[k])  # this process talks to the server too
@@ -298,9 +298,9 @@ def test_a_run_dir_on_s3_has_one_owner_across_machines(s3: S3, tmp_path: Path,
     lease refuses `resume` in one line (exit 2, nothing changed); a stale one, or one of this
     machine whose process is gone (SIGKILL), is taken over; two takers: the second is refused;
     the owner's end removes it."""
-    from search import storage as st
     from search.errors import UserError
-    from search.owner import LEASE_FILE, LEASE_S, take_lease
+    from search.rundir import storage as st
+    from search.rundir.owner import LEASE_FILE, LEASE_S, take_lease
 
     for key, value in s3.env.items():
         if key.startswith("AWS_"):

@@ -28,7 +28,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from search.errors import UserError
-from search.rundir import write_outcome
+from search.rundir.layout import write_outcome
 from search.tracking import (
     DEFAULT_EXPERIMENT,
     STATE_FILE,

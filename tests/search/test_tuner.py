@@ -1,4 +1,4 @@
-"""search.tuner on a real local Ray (2 CPUs): tiny digits searches, real Optuna journal."""
+"""search.run.tuner on a real local Ray (2 CPUs): tiny digits searches, real Optuna journal."""
 
 from __future__ import annotations
 
@@ -18,14 +18,14 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from search.driver import resume_search, run_search
 from search.errors import UserError
-from search.results import EARLY_STOPPED, ERROR, TERMINATED, pareto_front
-from search.rundir import RunDir
-from search.searcher import ProposerSearcher
+from search.run.driver import resume_search, run_search
+from search.run.searcher import ProposerSearcher
+from search.run.tuner import make_scheduler, max_epochs
+from search.rundir.layout import RunDir
+from search.rundir.results import EARLY_STOPPED, ERROR, TERMINATED, pareto_front
 from search.space import SearchSpace, dry_run
 from search.spec import load_spec
-from search.tuner import make_scheduler, max_epochs
 from trainables.accounting import count_module
 from trainables.arch import ArchConfig
 from trainables.models import build_model
@@ -352,7 +352,7 @@ def test_initial_points_train_first_and_are_marked_everywhere(local_ray, mlflow_
                                                               tmp_path):
     from mlflow import MlflowClient
 
-    from search.progress import front_table
+    from search.rundir.progress import front_table
     from search.tracking import TAG_INITIAL
 
     net = ("{in_channels: 1, input_size: [8, 8], num_classes: 10, stem: {width: 6}, "
@@ -385,7 +385,7 @@ def test_initial_points_train_first_and_are_marked_everywhere(local_ray, mlflow_
 def test_raylet_error_messages_go_to_stderr_not_stdout(capsys):
     import ray._private.worker as ray_worker
 
-    from search.ray_runtime import quiet_logging
+    from search.run.ray_runtime import quiet_logging
 
     quiet_logging()
     quiet_logging()  # idempotent: one wrapper, not two
@@ -405,7 +405,7 @@ def test_raylet_error_messages_go_to_stderr_not_stdout(capsys):
 def test_a_snapshot_copy_racing_a_temporary_file_is_not_reported():
     import logging
 
-    from search.ray_runtime import quiet_logging
+    from search.run.ray_runtime import quiet_logging
 
     quiet_logging()
     logger = logging.getLogger("ray.tune.execution.experiment_state")

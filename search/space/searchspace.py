@@ -1,0 +1,267 @@
+"""A spec's space for one dataset shape: :class:`SearchSpace` turns one Optuna trial into a
+:class:`Proposal` and screens it; :func:`check_initial` checks ``search.initial`` where a
+search starts.
+
+:meth:`SearchSpace.sample` suggests values in an order that expresses the conditionals (a
+backbone skips stem and stages; densenet/sparsenet stages sample a growth rate and
+compression, plain/residual ones a width; hidden head layers bring head sparsity, density, BN
+and dropout; ``prune_rounds > 0`` brings ``prune_rate``), builds the ArchConfig and
+TrainConfig and counts the network on the meta device (:mod:`search.space.screen`, cached here).
+Ray pickles a SearchSpace inside the searcher: ``search.space`` re-exports it under its old
+path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import optuna
+
+from search.pickled import public
+from search.schema import budget_fields
+from search.space.initial import initial_params
+from search.space.screen import Screen, delivered_params, fill
+from search.space.screen import screen as count
+from search.space.suggest import (
+    FILL_FRACTION,
+    TRAIN_CONDITIONS,
+    suggest,
+    train_defaults,
+    train_needed,
+    without,
+)
+from search.spec.dims import Choice, FloatRange, IntRange, possible_values, stage_value
+from search.spec.model import AGGREGATING_BLOCKS, SearchSpec, SpecError
+from trainables.accounting import Accounting
+from trainables.arch import (
+    BACKBONE_STAGES,
+    ArchConfig,
+    BackboneConfig,
+    HeadLayer,
+    StageConfig,
+    StemConfig,
+)
+from trainables.train import TrainConfig
+
+__all__ = ["Proposal", "SearchSpace", "check_initial"]
+
+# Budget screens kept per SearchSpace (an Optuna study re-proposes the same shapes often).
+_CACHE_SIZE = 4096
+
+
+@public("search.space")
+@dataclass(frozen=True)
+class Proposal:
+    """One sampled configuration and its budget screen."""
+
+    arch: ArchConfig | None  # None when the sampled values make no valid network (see error)
+    train: TrainConfig | None
+    accounting: Accounting | None  # dense counts of ``arch`` (meta device)
+    config: dict[str, Any]  # flat {"arch/...", "train/..."}: what Ray passes to the trainable
+    screened_params: int | None  # nonzero params of the delivered model (after pruning rounds)
+    feasible: bool
+    violations: dict[str, float]  # constraint -> value - limit; <= 0 is feasible
+    params: dict[str, Any] = field(default_factory=dict)  # what Optuna sampled
+    error: str | None = None  # why the sampled values make no valid config
+    initial: str | None = None  # the label of the search.initial entry it comes from
+
+
+@public("search.space")
+class SearchSpace:
+    """A spec's space for one dataset shape. Picklable (Ray pickles the searcher with it)."""
+
+    def __init__(
+        self, spec: SearchSpec, *, input_shape: Sequence[int], num_classes: int
+    ) -> None:
+        shape = tuple(input_shape)
+        if len(shape) != 3 or not all(isinstance(v, int) and v >= 1 for v in shape):
+            raise ValueError(f"{input_shape=} must be (channels, height, width), positive ints")
+        if not (isinstance(num_classes, int) and num_classes >= 2):
+            raise ValueError(f"{num_classes=} must be an integer >= 2")
+        backbones = [b for b in possible_values(spec.space.backbone) if b != "none"]
+        if backbones and shape[0] != 3:
+            raise SpecError(
+                f"{spec.source}: space.backbone can be {backbones[0]!r}, which needs 3-channel "
+                f"images, but the data ({spec.data.name}) has {shape[0]} channel(s): expected "
+                "backbone: none"
+            )
+        self.spec = spec
+        self.input_shape = (shape[0], shape[1], shape[2])  # (C, H, W)
+        self.num_classes = num_classes
+        self._cache: dict[ArchConfig, Screen] = {}
+        # search.initial as Optuna params, for Study.enqueue_trial (checked here: a point
+        # outside the space fails before anything trains).
+        self.initial: tuple[dict[str, Any], ...] = tuple(
+            initial_params(self, i, p) for i, p in enumerate(spec.search.initial))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_cache": {}}  # screens are cheap to redo, big to ship
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, trial: optuna.Trial) -> Proposal:
+        """Suggest one configuration on ``trial`` and screen it (never trains anything)."""
+        arch_kw = self.suggest_arch(trial)
+        train_kw = self.suggest_train(trial)
+        fill = self.spec.search.fill_budget
+        fraction = suggest(trial, FILL_FRACTION, fill.fraction) if fill is not None else None
+        try:
+            train = TrainConfig(**train_kw)
+            arch = ArchConfig(**arch_kw)
+            if fraction is not None:
+                arch = self.fill(arch, train, fraction * self.spec.constraints.max_params)
+            screen = self.screen(arch)
+        except ValueError as e:  # ArchError, TrainConfigError: values that make no network
+            return Proposal(None, None, None, {}, None, False, {"valid": 1.0},
+                            dict(trial.params), str(e))
+        screened = delivered_params(screen, train)
+        violations = self.violations(screened, screen.accounting.macs,
+                                     flash=screen.accounting.flash_bytes,
+                                     sram=screen.accounting.sram_bytes)
+        return Proposal(
+            arch=arch,
+            train=train,
+            accounting=screen.accounting,
+            config={**arch.to_flat(), **train.to_flat()},
+            screened_params=screened,
+            feasible=all(v <= 0 for v in violations.values()),
+            violations=violations,
+            params=dict(trial.params),
+        )
+
+    def constraint_values(self, proposal: Proposal) -> dict[str, float]:
+        """Optuna constraint values: violations relative to each limit (<= 0 feasible), so
+        a params excess and a MACs excess weigh alike; an impossible config counts 1.0."""
+        c = self.spec.constraints
+        limits = {field: getattr(c, field) for field in budget_fields()}
+        out = {k: v / limits[k] for k, v in proposal.violations.items() if k in limits}
+        out["valid"] = proposal.violations.get("valid", 0.0)
+        return out
+
+    def violations(self, params: int, macs: int, *, flash: int | None = None,
+                   sram: int | None = None) -> dict[str, float]:
+        """Excess over each budget that is set (<= 0: within it), in the budget's units."""
+        c = self.spec.constraints
+        values = {"max_params": params, "max_macs": macs, "max_flash_bytes": flash,
+                  "max_sram_bytes": sram}
+        return {field: float(values[field] - limit) for field in budget_fields()
+                if (limit := getattr(c, field)) is not None and values.get(field) is not None}
+
+    def suggest_arch(self, trial: optuna.Trial) -> dict[str, Any]:
+        s = self.spec.space
+        c, h, w = self.input_shape
+        kw: dict[str, Any] = {"in_channels": c, "input_size": (h, w),
+                              "num_classes": self.num_classes}
+        backbone = suggest(trial, "backbone", s.backbone)
+        if backbone != "none":
+            token = suggest(trial, "backbone_trainable", s.backbone_trainable)
+            stages = BACKBONE_STAGES[backbone]
+            trainable = token if token in ("none", "all") else stages[int(token[-1])]
+            kw.update(stem=None, stages=(), backbone=BackboneConfig(
+                name=backbone, trainable=trainable, weights=s.backbone_weights))
+        else:
+            conv = suggest(trial, "conv", s.conv)
+            block = suggest(trial, "block", s.block)
+            kw["stem"] = None if s.stem is None else StemConfig(**{
+                f.name: suggest(trial, f"stem/{f.name}", getattr(s.stem, f.name))
+                for f in fields(s.stem)
+            })
+            n = suggest(trial, "num_stages", s.num_stages)
+            kw["stages"] = tuple(self._suggest_stage(trial, i, block, conv) for i in range(n))
+            kw["batch_norm"] = suggest(trial, "batch_norm", s.batch_norm)
+        if kw.get("stages"):
+            kw["final_bn_act"] = suggest(trial, "final_bn_act", s.final_bn_act)
+        for name in ("activation", "dropout", "pooling"):
+            kw[name] = suggest(trial, name, getattr(s, name))
+        widths = suggest(trial, "head", s.head)
+        if widths:
+            sparse = suggest(trial, "head_sparse", s.head_sparse)
+            density = suggest(trial, "head_density", s.head_density) if sparse else 1.0
+            kw["head"] = tuple(HeadLayer(width=wd, density=density) for wd in widths)
+            kw["head_batch_norm"] = suggest(trial, "head_batch_norm", s.head_batch_norm)
+            kw["head_dropout"] = suggest(trial, "head_dropout", s.head_dropout)
+            if sparse:
+                kw["mask_seed"] = suggest(trial, "mask_seed", s.mask_seed)
+        return kw
+
+    def _suggest_stage(self, trial: optuna.Trial, i: int, block: str, conv: str) -> StageConfig:
+        st = self.spec.space.stages
+        p = f"stages/{i}/"
+        dense = block in AGGREGATING_BLOCKS
+        kw: dict[str, Any] = {"block": block, "conv": conv}
+        if dense:
+            kw["width"] = suggest(trial, p + "growth", stage_value(st.growth, i))
+            kw["compression"] = suggest(trial, p + "compression", stage_value(st.compression, i))
+            # Aggregating stages concatenate same-size maps: stride is not an option, and a
+            # different choice set needs its own parameter name in Optuna.
+            down = without(stage_value(st.downsample, i), "stride")
+            kw["downsample"] = suggest(trial, p + "downsample_dense", down)
+        else:
+            kw["width"] = suggest(trial, p + "width", stage_value(st.width, i))
+            kw["downsample"] = suggest(trial, p + "downsample", stage_value(st.downsample, i))
+        for name in ("layers", "kernel", "bias"):
+            kw[name] = suggest(trial, p + name, stage_value(getattr(st, name), i))
+        if dense:  # the published forms (defaults: today's)
+            for name in ("order", "transition", "bottleneck"):
+                kw[name] = suggest(trial, p + name, stage_value(getattr(st, name), i))
+            if kw["transition"] == "never":
+                kw["compression"] = 1.0  # compression is the transition's
+        elif block == "residual":
+            kw["shortcut_bn"] = suggest(trial, p + "shortcut_bn", stage_value(st.shortcut_bn, i))
+        if block == "plain":
+            kw["padding"] = suggest(trial, p + "padding", stage_value(st.padding, i))
+        else:
+            kw["padding"] = "same"  # skips and concatenations need HxW kept
+        return StageConfig(**kw)
+
+    def suggest_train(self, trial: optuna.Trial) -> dict[str, Any]:
+        dims = self.spec.train
+        kw: dict[str, Any] = {}
+        parents = {parent for parent, _ in TRAIN_CONDITIONS.values()} | {"augment"}
+        order = [f.name for f in fields(TrainConfig)]
+        for name in sorted(dims, key=lambda n: (n not in parents, order.index(n))):
+            dim = dims[name]
+            if not train_needed(name, {**train_defaults(), **kw}, self.spec.data.name):
+                if not isinstance(dim, (Choice, IntRange, FloatRange)):
+                    kw[name] = dim  # fixed values pass through (they cost nothing)
+                continue
+            kw[name] = suggest(trial, f"train/{name}", dim)
+        kw.setdefault("int8_eval", self.spec.int8_eval())  # left out: on for deployment searches
+        return kw
+
+
+    # ------------------------------------------------------------------ screening
+    def screen(self, arch: ArchConfig) -> Screen:
+        """Counts of ``arch`` built once on the meta device (milliseconds, no weights)."""
+        hit = self._cache.get(arch)
+        if hit is not None:
+            return hit
+        screen = count(arch)
+        if len(self._cache) >= _CACHE_SIZE:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[arch] = screen
+        return screen
+
+    def fill(self, arch: ArchConfig, train: TrainConfig, target: float) -> ArchConfig:
+        """``arch`` with every width scaled so its delivered params land just under
+        ``target`` (:func:`search.space.screen.fill`, on this space's cached screens)."""
+        return fill(arch, train, target, self.screen)
+
+
+def check_initial(spec: SearchSpec) -> None:
+    """Check ``spec.search.initial`` against the space when the spec is read (SpecError).
+
+    A network brings its own input shape and class count; a point of params alone is checked
+    for names and ranges on a nominal 3x32x32, 10-class shape (its network is built, and the
+    shapes checked, at ask time, when the sampler has filled in what it leaves open).
+    """
+    for point in spec.search.initial:
+        one = dataclasses.replace(spec, search=dataclasses.replace(spec.search, initial=(point,)))
+        arch = point.arch
+        if arch is not None:
+            SearchSpace(one, input_shape=(arch.in_channels, *arch.input_size),
+                        num_classes=arch.num_classes)
+        else:
+            SearchSpace(one, input_shape=(3, 32, 32), num_classes=10)
