@@ -15,7 +15,7 @@ In one run, against baselines measured in the same run:
   TIMINGS (wall clock, thread CPU time, pinned, rounds), interleaved: run-to-run CV.
 - ``int8``: nets sampled from spaces/quickstart.yaml trained on digits and from
   spaces/mnist.yaml trained on MNIST (``--data-path`` to an mnist .npz; skipped without it),
-  then :func:`trainables.quantize.quantize_int8`: fp32 and int8 test accuracy (ONNX Runtime).
+  then :func:`trainables.deploy.quantize.quantize_int8`: fp32 and int8 test accuracy (ONNX Runtime).
 
 Latest figures (AMD EPYC, 2 shared cores, torch 2.14.1, onnxruntime 1.32.0;
 ``.venv/bin/python bench/deploy.py --data-path <mnist.npz>``):
@@ -68,7 +68,7 @@ def _params_macs_only(arch):
     """The screen's count before flash/SRAM: the same meta build and pass, no dataflow recorder."""
     model = accounting.meta_model(arch)
     rows = accounting._row_modules(model)
-    shapes = accounting._trace_shapes(model, rows, (arch.in_channels, *arch.input_size), record=False)
+    shapes = accounting.trace_shapes(model, rows, (arch.in_channels, *arch.input_size), record=False)
     return accounting._account(model, rows, *shapes)
 
 
@@ -157,9 +157,9 @@ TIMINGS = {"wall": {"clock": "wall", "pin": False}, "cpu": {"clock": "cpu", "pin
 def bench_repeatability(space: str, k: int, reps: int) -> dict:
     """Run-to-run CV: each net exported once, then timed ``reps`` times by every method of
     TIMINGS, interleaved (so each method sees the same load); CV of the ``reps`` medians."""
-    from trainables.latency import _export, time_onnx
+    from trainables.deploy.latency import _export, time_onnx
+    from trainables.deploy.quantize import deploy_model
     from trainables.models import build_model
-    from trainables.quantize import deploy_model
 
     archs = _sample(space, k)
     cvs: dict[str, list[float]] = {m: [] for m in TIMINGS}
@@ -188,8 +188,8 @@ def bench_repeatability(space: str, k: int, reps: int) -> dict:
 
 def bench_int8(space: str, n: int, data, epochs: int) -> list[dict]:
     from trainables.data import load_dataset
+    from trainables.deploy.quantize import quantize_int8
     from trainables.models import build_model
-    from trainables.quantize import quantize_int8
     from trainables.train import TrainConfig, fit
 
     splits = load_dataset(data)

@@ -33,7 +33,7 @@ ALIASES = {
     "search.spec_reader": "search.spec.reader", "search.spec_arch": "search.spec.arch",
     "search.dims": "search.spec.dims",
     "search.searchspace": "search.space.searchspace", "search.suggest": "search.space.suggest",
-    "search.initial": "search.space.initial", "search.screen": "search.space.screen",
+    "search.initial": "search.space.searchspace", "search.screen": "search.space.screen",
     "search.latency_screen": "search.space.latency", "search.proposer": "search.space.proposer",
     "search.bands": "search.space.bands", "search.dry_run": "search.space.preview",
     "search.driver": "search.run.driver", "search.preflight": "search.run.preflight",

@@ -33,7 +33,8 @@ have no row. A row's ``params`` is Keras' count: parameters plus BatchNorm runni
 
 This module owns what is counted (rows, totals, flash and SRAM from the dataflow); how the
 forward is traced (the shape rules, the meta pass, the flop counter) is
-:mod:`trainables.shape_trace`, whose private names tests and bench/deploy.py reach from here.
+:mod:`trainables._trace`, a module private to this one (tests and bench/deploy.py reach
+:func:`trace_shapes` from here).
 """
 
 from __future__ import annotations
@@ -47,20 +48,20 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from trainables import deploy
+from trainables._trace import (
+    NO_ROW,
+    Flow,
+    SkipInitOnMeta,
+    shape_rule,
+    trace_flop_counter,
+    trace_shapes,
+    weight_param,
+)
+from trainables._trace import Trace as Trace  # re-exported: was defined here
 from trainables.arch import ArchConfig
+from trainables.deploy import budgets as deploy
 from trainables.layers import SeparableConv2d, SparseLinear
 from trainables.models import build_model
-from trainables.shape_trace import (
-    _NO_ROW,
-    _Flow,
-    _shape_rule,
-    _SkipInitOnMeta,
-    _trace_flop_counter,
-    _trace_shapes,
-    _weight,
-)
-from trainables.shape_trace import Trace as Trace  # re-exported: was defined here
 
 # Row type names, first match wins (SparseLinear before its base class nn.Linear).
 _ROW_TYPES: tuple[tuple[type[nn.Module], str], ...] = (
@@ -169,7 +170,7 @@ def count(arch: ArchConfig) -> Accounting:
     """
     model = meta_model(arch)
     rows = _row_modules(model)
-    return _account(model, rows, *_trace_shapes(model, rows, (arch.in_channels, *arch.input_size)))
+    return _account(model, rows, *trace_shapes(model, rows, (arch.in_channels, *arch.input_size)))
 
 
 def meta_model(arch: ArchConfig) -> nn.Module:
@@ -177,7 +178,7 @@ def meta_model(arch: ArchConfig) -> nn.Module:
     if arch.backbone is not None and arch.backbone.weights is not None:
         # Weights do not change any count; never touch the file in the budget screen.
         arch = arch.replace(backbone=dataclasses.replace(arch.backbone, weights=None))
-    with torch.device("meta"), _SkipInitOnMeta():
+    with torch.device("meta"), SkipInitOnMeta():
         return build_model(arch)
 
 
@@ -190,10 +191,10 @@ def count_built(model: nn.Module, input_shape: tuple[int, int, int]) -> Accounti
     """
     rows = _row_modules(model)
     unknown = [m for m in model.modules()
-               if not m._modules and _shape_rule(m) is None and next(m.parameters(), None) is not None]
+               if not m._modules and shape_rule(m) is None and next(m.parameters(), None) is not None]
     if unknown:
         return count_module(model, input_shape)
-    return _account(model, rows, *_trace_shapes(model, rows, input_shape))
+    return _account(model, rows, *trace_shapes(model, rows, input_shape))
 
 
 def count_module(model: nn.Module, input_shape: tuple[int, int, int]) -> Accounting:
@@ -203,14 +204,14 @@ def count_module(model: nn.Module, input_shape: tuple[int, int, int]) -> Account
     train/eval flags are restored afterwards and no weight or BatchNorm statistic changes.
     """
     rows = _row_modules(model)
-    return _account(model, rows, *_trace_flop_counter(model, rows, input_shape))
+    return _account(model, rows, *trace_flop_counter(model, rows, input_shape))
 
 
 def bn_folding(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[nn.Module, nn.Module]:
     """Which BatchNorm folds into which conv/linear (the pairs flash counts as folded): a BN whose
     input is a conv's or linear's output that nothing else reads. One shape-only pass."""
     rows = _row_modules(model)
-    _, _, flow = _trace_shapes(model, rows, input_shape)
+    _, _, flow = trace_shapes(model, rows, input_shape)
     assert flow is not None
     return _Deployment(model, rows, flow).folded
 
@@ -220,7 +221,7 @@ def _account(
     rows: dict[str, nn.Module],
     shapes: dict[nn.Module, tuple[int, ...]],
     macs: dict[nn.Module, int],
-    flow: _Flow | None = None,
+    flow: Flow | None = None,
 ) -> Accounting:
     names = {m: n for n, m in rows.items()}
     modules = list(model.modules())
@@ -246,9 +247,9 @@ def _account(
 
 
 class _Deployment:
-    """Flash and SRAM from a recorded :class:`_Flow` (see :mod:`trainables.deploy`)."""
+    """Flash and SRAM from a recorded :class:`Flow` (see :mod:`trainables.deploy`)."""
 
-    def __init__(self, model: nn.Module, rows: dict[str, nn.Module], flow: _Flow) -> None:
+    def __init__(self, model: nn.Module, rows: dict[str, nn.Module], flow: Flow) -> None:
         self.model, self.flow = model, flow
         self.peak = deploy.peak_activation(flow.ops, flow.numel, output=flow.output)
         self.row_of: dict[nn.Module, nn.Module] = {}
@@ -266,7 +267,7 @@ class _Deployment:
                 src = flow.producer[v]
                 prod = flow.modules[src] if src >= 0 else None
                 if isinstance(prod, (nn.Conv2d, nn.Linear)) and flow.uses[v] == 1 \
-                        and _weight(prod).shape[0] == m.num_features and prod not in self.folded.values():
+                        and weight_param(prod).shape[0] == m.num_features and prod not in self.folded.values():
                     self.folded[m] = prod
         self.has_folded_bn = set(self.folded.values())
 
@@ -281,7 +282,7 @@ class _Deployment:
             return deploy.TensorBytes(n, 4 * n, n, "dense" if n else "-")
         sizes = []
         for p in parts:
-            w = _weight(p)
+            w = weight_param(p)
             name = "weight_orig" if "weight_orig" in p._parameters else "weight"
             bias = p.bias is not None or p in self.has_folded_bn
             sizes.append(deploy.weight_bytes(w.numel(), _nonzero(p, name, w), w.shape[0], bias=bias))
@@ -312,7 +313,7 @@ def _row_modules(model: nn.Module) -> dict[str, nn.Module]:
             rows[name] = m
         elif not children:
             # Dropout(0) is a no-op (the transfer family's default): no row either.
-            if not isinstance(m, _NO_ROW) and not (isinstance(m, nn.Dropout) and m.p == 0):
+            if not isinstance(m, NO_ROW) and not (isinstance(m, nn.Dropout) and m.p == 0):
                 rows[name] = m
         else:
             for n, c in children:
@@ -368,7 +369,7 @@ def _nonzero(module: nn.Module, name: str, param: torch.Tensor) -> int:
 
 def _nonzero_macs(m: nn.Module, macs: int) -> int:
     """``m``'s MACs scaled by its weight density (exact for convs and linears: integer division)."""
-    weight = _weight(m)
+    weight = weight_param(m)
     if macs == 0 or weight is None or weight.numel() == 0:
         return macs
     name = "weight_orig" if "weight_orig" in m._parameters else "weight"

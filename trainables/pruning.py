@@ -154,7 +154,7 @@ def rewind(model: nn.Module, snap: Mapping[str, Tensor]) -> None:
                     f"the model's is {tuple(target.shape)}"
                 )
             target.copy_(snap[key])
-        for m, name in _pruned(model):
+        for m, name in pruned_tensors(model):
             # The forward pre-hook would refresh this on the next forward; refresh now so code
             # reading ``module.weight`` before that (a prune_step, a check) sees rewound values.
             setattr(m, name, getattr(m, name + "_orig") * getattr(m, name + "_mask"))
@@ -175,7 +175,7 @@ def copyable(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` with each pruned tensor's computed attribute (``weight = weight_orig * mask``, a
     non-leaf that ``copy.deepcopy`` refuses) detached for the block, then put back. A copy made
     inside recomputes it in its own pruning pre-hook at its first forward."""
-    computed = [(m, n, getattr(m, n)) for m, n in _pruned(model)]
+    computed = [(m, n, getattr(m, n)) for m, n in pruned_tensors(model)]
     for m, n, t in computed:
         setattr(m, n, t.detach())
     try:
@@ -192,7 +192,7 @@ def finalize(model: nn.Module) -> None:
     zeros, so any freshly built model loads it and exports it. Training after this no longer
     keeps the zeros.
     """
-    for m, name in _pruned(model):
+    for m, name in pruned_tensors(model):
         prune.remove(m, name)
 
 
@@ -281,7 +281,7 @@ def _prune_layer(m: nn.Module, name: str, rate: float) -> None:
     )
 
 
-def _pruned(model: nn.Module) -> list[tuple[nn.Module, str]]:
+def pruned_tensors(model: nn.Module) -> list[tuple[nn.Module, str]]:
     """Every ``(module, tensor_name)`` currently under a pruning reparametrisation."""
     return [
         (m, hook._tensor_name)
@@ -293,7 +293,7 @@ def _pruned(model: nn.Module) -> list[tuple[nn.Module, str]]:
 
 def _rewindable(model: nn.Module) -> Iterator[tuple[str, Tensor, Tensor]]:
     """``(plain key, effective value, tensor to write on rewind)`` for params and buffers."""
-    pruned = {(id(m), n) for m, n in _pruned(model)}
+    pruned = {(id(m), n) for m, n in pruned_tensors(model)}
     for path, m in model.named_modules():
         prefix = f"{path}." if path else ""
         for pname, p in m._parameters.items():

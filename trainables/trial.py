@@ -14,7 +14,7 @@ test_loss).
 
 The last report also carries the trial's int8 evaluation (when ``train.int8_eval``: the spec turns it on
 for deployment searches, search/spec_model.py ``SearchSpec.int8_eval``;
-:func:`trainables.quantize.trial_int8`): int8_val_accuracy (= int8_accuracy, the objective),
+:func:`trainables.deploy.quantize.trial_int8`): int8_val_accuracy (= int8_accuracy, the objective),
 int8_test_accuracy, int8_drop, int8_calibration_images, int8_seconds, or int8_error when the
 quantization failed; its checkpoint adds model.onnx and model-int8.onnx (FP32_ONNX_FILE,
 INT8_ONNX_FILE).
@@ -33,8 +33,8 @@ from ray.tune import Checkpoint, get_checkpoint, get_context, report
 
 from trainables.arch import ArchConfig, ArchError
 from trainables.data import Splits
+from trainables.deploy.quantize import trial_int8
 from trainables.models import build_model
-from trainables.quantize import trial_int8
 from trainables.train import EpochCallback, FitResult, TrainConfig, fit, fold_pruning
 
 STATE_FILE = "state.pt"  # resumable training state (torch.save of a dict)

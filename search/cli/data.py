@@ -1,7 +1,7 @@
 """`sparse-search data ...`: the dataset cache (list, fetch, import, path).
 
 Registered by search/cli.py as ``app.add_typer(data_app, name="data")``. Cheap to import (no
-torch or numpy at module level): the commands import :mod:`trainables.data_cache` themselves.
+torch or numpy at module level): the commands import :mod:`trainables.data.cache` themselves.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ data_app = typer.Typer(
 
 
 def _check_name(name: str) -> None:
-    from trainables.data_cache import DATASETS
+    from trainables.data.cache import DATASETS
 
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
@@ -38,7 +38,7 @@ def _mb(n: int) -> str:
 @data_app.command("path")
 def path_cmd() -> None:
     """Print the cache folder ($SPARSE_SEARCH_DATA, else the per-user cache dir)."""
-    from trainables.data_cache import cache_dir
+    from trainables.data.cache import cache_dir
 
     typer.echo(str(cache_dir()))
 
@@ -48,7 +48,7 @@ def list_cmd(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"),
 ) -> None:
     """Show the cache folder and the datasets it holds (read from file headers)."""
-    from trainables.data_cache import cache_dir, cached
+    from trainables.data.cache import cache_dir, cached
 
     folder, entries = cache_dir(), cached()
     if as_json:
@@ -76,7 +76,7 @@ def fetch_cmd(
 ) -> None:
     """Download a dataset into the cache (md5-checked; $SPARSE_SEARCH_DATA_MIRROR for a mirror)."""
     _check_name(name)
-    from trainables.data_cache import cache_file, cached, fetch
+    from trainables.data.cache import cache_file, cached, fetch
 
     if not force and cache_file(name).is_file():
         entry = next(e for e in cached() if e.name == name)
@@ -97,7 +97,7 @@ def import_cmd(
 ) -> None:
     """Copy a dataset you already have into the cache (validated, then written atomically)."""
     _check_name(name)
-    from trainables.data_cache import import_dataset
+    from trainables.data.cache import import_dataset
 
     start = time.monotonic()
     entry = import_dataset(name, source)

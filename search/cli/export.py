@@ -6,7 +6,7 @@ Pareto-front member; the network is rebuilt from the ArchConfig with
 (tensors only: a downloaded file never runs code). A pruned state_dict (``*_orig`` and
 ``*_mask`` keys) is folded into plain weights with the zeros baked in.
 
-``onnx-int8`` post-training quantizes the model (``trainables.quantize.quantize_int8``: BN
+``onnx-int8`` post-training quantizes the model (``trainables.deploy.quantize.quantize_int8``: BN
 folded, per-channel static int8, QOperator) with calibration images from the dataset the
 search recorded (the parent run's ``spec_resolved.yaml`` ``data:`` section, or ``data=``),
 writes ``<out>`` (int8), ``<out stem>.fp32.onnx`` beside it and ``<out>.json`` (the int8 and fp32
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
     from trainables.arch import ArchConfig
     from trainables.data import DataConfig
-    from trainables.quantize import Int8Result
+    from trainables.deploy.quantize import Int8Result
 
 FORMATS = ("state_dict", "torchscript", "onnx", "onnx-int8")
 
@@ -88,12 +88,12 @@ def recorded_data(run_id: str, tracking_uri: str) -> DataConfig:
 def export_int8(model: nn.Module, arch: ArchConfig, data: DataConfig, out: str | Path, *,
                 calibration: int = 256) -> Int8Result:
     """Quantize ``model`` to int8 ONNX at ``out`` with ``calibration`` training images of ``data``;
-    also writes ``<out>.json`` (the :class:`~trainables.quantize.Int8Result`)."""
+    also writes ``<out>.json`` (the :class:`~trainables.deploy.quantize.Int8Result`)."""
     import json
 
     from trainables.arch import ArchError
     from trainables.data import load_dataset
-    from trainables.quantize import quantize_int8
+    from trainables.deploy.quantize import quantize_int8
     from trainables.trial import check_compatible
 
     splits = load_dataset(data)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from search.finalize.front import Member
+
 __all__ = ["BudgetPlan", "plan_budget", "plan_for", "trial_pace"]
 
 
@@ -38,7 +40,7 @@ def trial_pace(results_csv: Path) -> dict[str, float]:
     return pace
 
 
-def job_seconds(member: Any, pace: Mapping[str, float]) -> float | None:
+def job_seconds(member: Member, pace: Mapping[str, float]) -> float | None:
     """A retraining's estimated seconds: its trial's s/epoch x epochs x phases; None unmeasured."""
     per_epoch = pace.get(member.trial_key)
     if per_epoch is None:
@@ -65,7 +67,7 @@ class BudgetPlan:
         return out
 
 
-def plan_budget(members: Sequence[Any], jobs: Mapping[str, Sequence[str]], *, slots: int,
+def plan_budget(members: Sequence[Member], jobs: Mapping[str, Sequence[str]], *, slots: int,
                 budget_s: float, pace: Mapping[str, float]) -> BudgetPlan:
     """Admit ``members`` (in priority order) while their jobs (member label -> job ids still to
     train) fit on ``slots`` lanes within ``budget_s``; see the module docstring."""
@@ -100,7 +102,7 @@ def plan_budget(members: Sequence[Any], jobs: Mapping[str, Sequence[str]], *, sl
     return BudgetPlan(budget_s, tuple(admitted), estimates, tuple(left_out), end)
 
 
-def plan_for(results_csv: Path, ranked: Sequence[Any], jobs: Mapping[str, Sequence[str]],
+def plan_for(results_csv: Path, ranked: Sequence[Member], jobs: Mapping[str, Sequence[str]],
              budget_s: float, echo: Callable[[str], Any], slots: int) -> BudgetPlan:
     """:func:`plan_budget` with the pace of ``results_csv``'s trials, its lines echoed (a
     finalize calls it once it knows how many retrainings run at once)."""

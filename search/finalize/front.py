@@ -14,14 +14,12 @@ import io
 import math
 import statistics
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from search.errors import UserError
 from search.rundir.storage import is_uri, read_file
-
-if TYPE_CHECKING:
-    from search.finalize.retrain import Member
 
 __all__ = ["FINAL_COLUMNS", "FINAL_PARETO", "FINAL_PNG", "final_csv", "final_front", "final_png", "front_text",
            "read_final_csv"]
@@ -47,6 +45,22 @@ def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     if not vals:
         return None, None
     return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else None
+
+
+
+@dataclass(frozen=True)
+class Member:
+    """One front point to retrain: its trial, its pruning round and its recorded recipe."""
+
+    trial_key: str
+    prune_round: int
+    label: str  # the trial key, or <key>r<round> for an earlier round of a pruning trial
+    arch: Any  # trainables.arch.ArchConfig
+    train: Any  # trainables.train.TrainConfig: the recorded recipe, retraining epochs applied
+    search_point: Mapping[str, Any] = field(default_factory=dict)  # its pareto.csv row
+
+    def job_id(self, seed: int) -> str:
+        return f"{self.label}-s{seed}"
 
 
 def final_front(members: Sequence[Member], records: Mapping[str, Mapping[str, Any]],

@@ -35,7 +35,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from search.finalize.front import (
     FINAL_PARETO,
     FINAL_PNG,
     FINISHED,
+    Member,
     final_csv,
     final_front,
     final_png,
@@ -79,21 +80,6 @@ class FinalizeInterrupted(Exception):
 
 
 # ---------------------------------------------------------------------- what is retrained
-@dataclass(frozen=True)
-class Member:
-    """One front point to retrain: its trial, its pruning round and its recorded recipe."""
-
-    trial_key: str
-    prune_round: int
-    label: str  # the trial key, or <key>r<round> for an earlier round of a pruning trial
-    arch: Any  # trainables.arch.ArchConfig
-    train: Any  # trainables.train.TrainConfig: the recorded recipe, retraining epochs applied
-    search_point: Mapping[str, Any] = field(default_factory=dict)  # its pareto.csv row
-
-    def job_id(self, seed: int) -> str:
-        return f"{self.label}-s{seed}"
-
-
 def open_run(run_dir: str | Path) -> RunDir:
     """A finished (or interrupted) search's run dir (a URI: downloaded into a fresh local copy,
     search.rundir.storage); a UserError names what is missing."""

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from search.errors import MachineError, UserError, describe_os_error, machine_cause
 from search.run.interrupt import Interrupted
 from search.run.outcome import SearchOutcome
-from search.run.preflight import Checked, _detach, absolute_data_path, preflight
+from search.run.preflight import Checked, absolute_data_path, detach, preflight
 from search.run.ray_runtime import init_ray
 from search.rundir.layout import RunDir, write_atomic
 from search.rundir.owner import own_run
@@ -85,7 +85,7 @@ def run_search(
             mirror.close()
         if ownership is not None:
             ownership.release()
-        _detach(checked)
+        detach(checked)
         cause = machine_cause(e)
         if cause is not None and run is not None:  # the disk filled since the preflight
             shutil.rmtree(run.path, ignore_errors=True)  # nothing is left behind at start

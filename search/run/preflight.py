@@ -69,12 +69,12 @@ def preflight(spec: SearchSpec, *, address: str | None, tracking_uri: str | None
         plan = resources.plan(spec.resources, cluster, max_concurrent=spec.search.max_concurrent,
                               source=spec.source)
     except BaseException:
-        _detach(checked)
+        detach(checked)
         raise
     return dataclasses.replace(checked, plan=plan)
 
 
-def _detach(checked: Checked) -> None:
+def detach(checked: Checked) -> None:
     if checked.attached:
         import ray
 

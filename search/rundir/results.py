@@ -354,7 +354,7 @@ class Recorder(Callback):
     def _save_model(self, trial: Trial, out: Path) -> None:
         """model.pt (and the int8 step's ONNX files) from the final checkpoint, then layers.json
         counted from those weights."""
-        from trainables.quantize import FP32_ONNX_FILE, INT8_ONNX_FILE
+        from trainables.deploy.quantize import FP32_ONNX_FILE, INT8_ONNX_FILE
 
         checkpoint = trial.checkpoint
         if checkpoint is None:

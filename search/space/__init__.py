@@ -17,12 +17,14 @@ the rejection rate falls as the search goes on. It never returns an infeasible p
 Optuna parameter names follow the spec's paths: ``block``, ``stem/width``, ``stages/0/width``,
 ``stages/0/growth``, ``head``, ``head_density``, ``train/lr``, ``fill_fraction``, ...
 
-**Where it lives.** This module is the public face; the code is in :mod:`search.space.searchspace`
-(:class:`SearchSpace`, :class:`Proposal`, :func:`check_initial`), :mod:`search.space.suggest` (one
-value on a trial), :mod:`search.space.screen` (counts, pruning estimate, fill), :mod:`search.space.initial`
-(initial points as Optuna params), :mod:`search.space.proposer` (:class:`Proposer`) and
-:mod:`search.space.preview`. Ray pickles the searcher with its SearchSpace into a run directory:
-old pickles name ``search.space.<class>``, which these re-exports keep resolving.
+**Where it lives.** This module is the folder's public face (imported lazily); the code is in
+:mod:`search.space.searchspace` (:class:`SearchSpace`, :class:`Proposal`, :func:`check_initial`,
+initial points as Optuna params), :mod:`search.space.suggest` (one value on a trial),
+:mod:`search.space.screen` (counts, pruning estimate, fill), :mod:`search.space.latency`
+(latency as a budget screen), :mod:`search.space.bands` (size bands),
+:mod:`search.space.proposer` (:class:`Proposer`) and :mod:`search.space.preview` (dry runs).
+Ray pickles the searcher with its SearchSpace into a run directory as
+``search.space.SearchSpace`` (:mod:`search.pickled`).
 """
 
 from __future__ import annotations

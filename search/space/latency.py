@@ -4,7 +4,7 @@ When a spec uses latency (``constraints.max_latency_ms`` set, or ``latency_ms`` 
 :class:`search.space.proposer.Proposer` hands every proposal that passed the shape-only screens
 (params, MACs, flash, SRAM) and is not a repeat to :meth:`LatencyScreen.screen`: the untrained
 network is exported to ONNX and timed with ONNX Runtime at batch 1 on one thread
-(:func:`trainables.latency.measure_latency`: warm-up, median of repeated samples). A proposal
+(:func:`trainables.deploy.latency.measure_latency`: warm-up, median of repeated samples). A proposal
 over ``max_latency_ms`` is refused like one over ``max_params`` (told to Optuna with the
 constraint ``max_latency_ms``, never trained); one within it carries its figure in its config
 (``latency_ms``, and ``latency/cpu``, ``latency/onnxruntime``: what measured it), so
@@ -19,7 +19,7 @@ the figure as a relative one.
 
 **Caches.** Each figure is kept twice: in the run directory (``latency/<arch key>.json``, so a
 resumed search never times an architecture again, on whatever machine it resumes) and in the
-user's cache (:func:`trainables.latency.default_cache_dir`, keyed by CPU model and runtime
+user's cache (:func:`trainables.deploy.latency.default_cache_dir`, keyed by CPU model and runtime
 version, shared by every search on this machine).
 """
 
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from search.space.searchspace import Proposal
     from search.spec.model import SearchSpec
     from trainables.arch import ArchConfig
-    from trainables.latency import Latency
+    from trainables.deploy.latency import Latency
 
 __all__ = [
     "LATENCY_CPU",
@@ -104,7 +104,7 @@ class LatencyScreen:
 
     def latency(self, arch: ArchConfig) -> Latency:
         """The architecture's latency: the run dir's figure, else the user cache's, else timed."""
-        from trainables.latency import Latency, measure_latency
+        from trainables.deploy.latency import Latency, measure_latency
 
         own = None if self.run_cache is None else self.run_cache / f"{arch.key()}.json"
         if own is not None and own.is_file():

@@ -4,7 +4,7 @@
 ``FloatRange``) into one value on a trial (lists, e.g. head widths, are encoded for Optuna by
 :func:`encode`); :data:`TRAIN_CONDITIONS` and :func:`train_needed` say when a train field is
 sampled at all. :class:`search.space.searchspace.SearchSpace` walks a spec with these; so does the
-initial-point check (:mod:`search.space.initial`).
+initial-point check (:mod:`search.space.searchspace`).
 """
 
 from __future__ import annotations

@@ -54,9 +54,7 @@ from __future__ import annotations
 
 from typing import Any
 
-# The mixin under its old path too (search.tracking._TrackingCallbackMixin), for pickles.
-from search.tracking.callback import _TrackingCallbackMixin as _TrackingCallbackMixin
-from search.tracking.callback import tracking_callback_class
+from search.tracking.callback import TrackingCallbackMixin, tracking_callback_class
 from search.tracking.front import format_front, front_from_store, search_objectives
 from search.tracking.models import TAG_OBJECTIVES, FrontModels
 from search.tracking.plots import objective_pairs, pair_file, render_html, render_png
@@ -73,6 +71,9 @@ from search.tracking.store import *  # noqa: F403
 from search.tracking.store import __all__ as _store_names
 from search.tracking.sync import close_recorded_trials, sync_end, sync_run_dir
 from search.tracking.tracker import SearchTracker
+
+# The mixin under the name earlier pickles gave it (search.tracking._TrackingCallbackMixin).
+_TrackingCallbackMixin = TrackingCallbackMixin
 
 __all__ = [
     *_store_names,

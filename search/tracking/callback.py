@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from search.rundir.layout import LAYERS_JSON, MODEL_FILE, TRIALS_DIR
-from search.tracking.tracker import _LIVE, SearchTracker
+from search.tracking.tracker import LIVE, SearchTracker
 
 PICKLE_MODULE = "search.tracking"  # the module pickles name the callback classes by
 _CLASS: list[type] = []  # the built TrackingCallback (one class per process)
 
 
-class _TrackingCallbackMixin:
+class TrackingCallbackMixin:
     """Ray Tune callback feeding a SearchTracker from the driver (``TrackingCallback(tracker)``).
 
     The trial key is the config's ``meta/trial_key`` (Ray's trial id when absent). On
@@ -51,7 +51,7 @@ class _TrackingCallbackMixin:
     @property
     def tracker(self) -> SearchTracker:
         if self._tracker is None:
-            live = _LIVE.get(self._args["run_dir"])
+            live = LIVE.get(self._args["run_dir"])
             self._tracker = live or SearchTracker(**self._args).start(resume=True)
         return self._tracker
 
@@ -109,8 +109,8 @@ def tracking_callback_class() -> type:
     if not _CLASS:
         from ray.tune import Callback
 
-        _CLASS.append(type("TrackingCallback", (_TrackingCallbackMixin, Callback),
-                           {"__module__": PICKLE_MODULE, "__doc__": _TrackingCallbackMixin.__doc__}))
+        _CLASS.append(type("TrackingCallback", (TrackingCallbackMixin, Callback),
+                           {"__module__": PICKLE_MODULE, "__doc__": TrackingCallbackMixin.__doc__}))
     return _CLASS[0]
 
 

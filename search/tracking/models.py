@@ -67,7 +67,7 @@ _BAD_NAME = re.compile(r"[/:.%\"']")  # characters MLflow refuses in a logged mo
 
 def onnx_file_names() -> tuple[str, str]:
     """(fp32, int8) ONNX file names a finished trial writes beside model.pt."""
-    from trainables import quantize
+    from trainables.deploy import quantize
 
     # getattr: the names predate no release; a tree without them still gets its fp32 export.
     return (getattr(quantize, "FP32_ONNX_FILE", "model.onnx"),
@@ -309,12 +309,12 @@ def _weights_file(run_dir: Path, trial_dir: Path, row: Mapping[str, Any],
 
 
 def _export_fp32(arch: ArchConfig, weights: Path, out: Path) -> Path:
-    """fp32 ONNX of the trained net as deployed (trainables.quantize: masks and BN folded)."""
+    """fp32 ONNX of the trained net as deployed (trainables.deploy.quantize: masks and BN folded)."""
     import torch
 
+    from trainables.deploy.quantize import deploy_model, export_onnx
     from trainables.models import build_model
     from trainables.pruning import apply_masks, finalize
-    from trainables.quantize import deploy_model, export_onnx
 
     state = torch.load(weights, map_location="cpu", weights_only=True)  # tensors only
     model = build_model(arch)

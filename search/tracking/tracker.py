@@ -65,7 +65,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sparse_search.tracking")
 
-_LIVE: dict[str, SearchTracker] = {}  # run dir -> the started tracker of this process
+LIVE: dict[str, SearchTracker] = {}  # run dir -> the started tracker of this process
 
 T = TypeVar("T")
 
@@ -184,7 +184,7 @@ class SearchTracker:
             with contextlib.suppress(OSError):
                 self._write_state()
         if self.parent_run_id is not None:
-            _LIVE[str(self.run_dir)] = self
+            LIVE[str(self.run_dir)] = self
             atexit.register(self._at_exit)
         return self
 
@@ -483,7 +483,7 @@ class SearchTracker:
             raise ValueError(f"{status=} must be one of {', '.join(TERMINAL)}")
         self._finish(status, reason)
         self.finished = True
-        _LIVE.pop(str(self.run_dir), None)
+        LIVE.pop(str(self.run_dir), None)
         atexit.unregister(self._at_exit)
 
     @_tracked

@@ -151,7 +151,7 @@ def test_export_onnx_int8_calibrates_on_the_recorded_dataset(recorded_digits, tm
     import json
 
     from trainables.accounting import count
-    from trainables.quantize import onnx_weight_bytes
+    from trainables.deploy.quantize import onnx_weight_bytes
 
     uri, run_id = recorded_digits
     with warnings.catch_warnings():

@@ -18,7 +18,7 @@ from search.run.moasha import MultiObjectiveASHA
 from search.run.tuner import make_scheduler, max_epochs
 from search.schema import INT8_COLUMNS, rung_metric
 from search.spec import parse_spec
-from trainables.quantize import FP32_ONNX_FILE, INT8_ONNX_FILE
+from trainables.deploy.quantize import FP32_ONNX_FILE, INT8_ONNX_FILE
 
 pytestmark = pytest.mark.ray
 

@@ -17,7 +17,7 @@ from search.space.latency import LATENCY_DIR, TAG_LATENCY_CPU, TAG_ONNXRUNTIME
 from search.space.proposer import Proposer
 from search.space.searchspace import SearchSpace
 from search.spec import SpecError, parse_spec
-from trainables.latency import cpu_model
+from trainables.deploy.latency import cpu_model
 
 pytestmark = pytest.mark.ray  # the CLI search starts a local Ray in a subprocess
 

@@ -27,6 +27,21 @@ def _modules() -> dict[str, Path]:
     return out
 
 
+def _lazy_faces() -> dict[str, dict[str, str]]:
+    """Each folder face's ``_PUBLIC`` map (name -> the module that defines it)."""
+    faces = {}
+    for name, path in _modules().items():
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict)
+                    and any(isinstance(t, ast.Name) and t.id == "_PUBLIC" for t in node.targets)):
+                faces[name] = {ast.literal_eval(k): ast.literal_eval(v)
+                               for k, v in zip(node.value.keys, node.value.values, strict=True)}
+    return faces
+
+
+FACES = _lazy_faces()
+
+
 def _is_type_checking(node: ast.AST) -> bool:
     return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
 
@@ -51,6 +66,9 @@ def _imports(nodes: list[ast.stmt], known: set[str], me: str, *, deferred: bool)
             out.update(subs & known)
             if subs - known:
                 out.add(node.module)
+                # a lazy face imports on first use the module that defines the name
+                face = FACES.get(node.module, {})
+                out.update(face[a.name] for a in node.names if a.name in face)
         elif deferred or not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef
                                         | ast.ClassDef):
             todo.extend(c for c in ast.iter_child_nodes(node) if isinstance(c, ast.stmt))
@@ -122,6 +140,57 @@ def test_no_file_over_800_lines():
     """Files are cut by concept, not by a line cap; one past ~800 lines holds two concepts."""
     sizes = {m: len(p.read_text().splitlines()) for m, p in _modules().items()}
     assert {m: n for m, n in sizes.items() if n > 800} == {}
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def test_no_module_imports_another_modules_private_name():
+    """``from m import _x`` or ``m._x`` across modules: the two are one concept (one file) or
+    ``_x`` is public. A module private to one other (``trainables._trace``) names no ``_x`` it
+    lends."""
+    mods = _modules()
+    found = []
+    for me, path in mods.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        bound = {}  # local name -> project module it is
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for a in node.names:
+                    if f"{node.module}.{a.name}" in mods:
+                        bound[a.asname or a.name] = f"{node.module}.{a.name}"
+                    elif node.module in mods and node.module != me and _private(a.name):
+                        found.append(f"{me}: from {node.module} import {a.name}")
+            elif isinstance(node, ast.Import):
+                bound.update({a.asname: a.name for a in node.names if a.asname and a.name in mods})
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id in bound and _private(node.attr)):
+                found.append(f"{me}: {bound[node.value.id]}.{node.attr}")
+    assert found == []
+
+
+def test_no_type_checking_import_hides_a_cycle():
+    """``if TYPE_CHECKING: from b import X`` in a module that ``b`` imports (directly or not,
+    faces resolved) is a cycle the runtime check cannot see: the type belongs lower down."""
+    mods = _modules()
+    graph = {m: _all_imports(p, set(mods), m) for m, p in mods.items()}
+    hidden = []
+    for me, path in mods.items():
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if not _is_type_checking(node):
+                continue
+            for target in _imports(node.body, set(mods), me, deferred=True):
+                seen, todo = set(), [target]
+                while todo:
+                    m = todo.pop()
+                    if m not in seen:
+                        seen.add(m)
+                        todo.extend(graph[m])
+                if me in seen:
+                    hidden.append(f"{me} -> (TYPE_CHECKING) {target} -> ... -> {me}")
+    assert hidden == []
 
 
 def _space() -> SearchSpace:

@@ -249,7 +249,7 @@ def _shape_only_count(model: nn.Module, input_shape: tuple[int, int, int]) -> Ac
     from trainables import accounting
 
     rows = accounting._row_modules(model)
-    return accounting._account(model, rows, *accounting._trace_shapes(model, rows, input_shape))
+    return accounting._account(model, rows, *accounting.trace_shapes(model, rows, input_shape))
 
 
 def test_count_built_falls_back_to_the_flop_counter_for_unknown_layers() -> None:

@@ -24,15 +24,15 @@ import pytest
 import torch
 from PIL import Image
 
-from trainables import data_cache
 from trainables.data import (
-    _KNOWN,
+    KNOWN,
     DataConfig,
     DataError,
     fixed_shape,
     load_dataset,
     probe_dataset,
 )
+from trainables.data import cache as data_cache
 
 SHARED = Path("/work/shared/datasets")
 needs_mnist = pytest.mark.skipif(not (SHARED / "mnist.npz").is_file(), reason="no shared mnist.npz")
@@ -120,8 +120,8 @@ def test_cache_dir_env_then_xdg_then_home(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_cache_names_are_the_fixed_datasets() -> None:
-    assert tuple(_KNOWN) == data_cache.DATASETS
-    assert {n: s[0] for n, s in data_cache.SHAPES.items()} == {n: c for n, (c, _) in _KNOWN.items()}
+    assert tuple(KNOWN) == data_cache.DATASETS
+    assert {n: s[0] for n, s in data_cache.SHAPES.items()} == {n: c for n, (c, _) in KNOWN.items()}
     with pytest.raises(DataError, match=r"dataset 'digits' has no cache entry: expected one of mnist"):
         data_cache.fetch("digits")
 
@@ -225,7 +225,7 @@ def test_import_torchvision_cifar_folder(tmp_path: Path, cache: Path) -> None:
     train = [_cifar_batch(folder / f"data_batch_{i}", 4, 10 * i) for i in range(1, 6)]
     test = _cifar_batch(folder / "test_batch", 5, 100)
     with open(folder / "batches.meta", "wb") as fh:
-        pickle.dump({"label_names": list(_KNOWN["cifar10"][1])}, fh, protocol=2)
+        pickle.dump({"label_names": list(KNOWN["cifar10"][1])}, fh, protocol=2)
     entry = data_cache.import_dataset("cifar10", tmp_path / "root")
     assert (entry.n_train, entry.n_test) == (20, 5)
     with np.load(cache / "cifar10.npz") as z:
@@ -233,7 +233,7 @@ def test_import_torchvision_cifar_folder(tmp_path: Path, cache: Path) -> None:
         want = np.concatenate(train).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         np.testing.assert_array_equal(z["x_train"], want)
         np.testing.assert_array_equal(z["x_test"], test.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        assert tuple(z["class_names"]) == _KNOWN["cifar10"][1]
+        assert tuple(z["class_names"]) == KNOWN["cifar10"][1]
     assert probe_dataset(DataConfig(name="cifar10")) == ((3, 32, 32), 10)
     assert load_dataset(DataConfig(name="cifar10", val_fraction=0.25)).sizes() == {"train": 15, "val": 5, "test": 5}
 
@@ -253,7 +253,7 @@ def _image_folder(root: Path, classes: list[str], side: int, mode: str, per: int
 
 
 def test_import_image_folder_matches_class_names(tmp_path: Path, cache: Path) -> None:
-    names = list(_KNOWN["cifar10"][1])
+    names = list(KNOWN["cifar10"][1])
     # Folder names differ in case and punctuation only; listed sorted they are not in label order.
     folders = [n.upper() if n == "truck" else n.replace("automobile", "Auto-mobile") for n in names]
     written = _image_folder(tmp_path / "imgs", folders, 32, "RGB")

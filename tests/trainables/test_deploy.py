@@ -18,7 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from trainables.accounting import count, count_built
 from trainables.arch import ArchConfig, HeadLayer, StageConfig, StemConfig
-from trainables.deploy import (
+from trainables.deploy.budgets import (
     ALLOC,
     ELEMENTWISE,
     VIEW,
@@ -220,7 +220,12 @@ def _trained(arch: ArchConfig, *, prune: bool) -> nn.Module:
 @pytest.mark.parametrize("prune", [False, True], ids=["dense", "pruned"])
 @pytest.mark.parametrize("name", list(DEPLOY_ARCHS))
 def test_flash_equals_the_int8_onnx_initializers(name: str, prune: bool, tmp_path: Path) -> None:
-    from trainables.quantize import deploy_model, export_onnx, onnx_weight_bytes, quantize_file
+    from trainables.deploy.quantize import (
+        deploy_model,
+        export_onnx,
+        onnx_weight_bytes,
+        quantize_file,
+    )
 
     arch = DEPLOY_ARCHS[name]
     shape = (arch.in_channels, *arch.input_size)
@@ -261,7 +266,7 @@ def test_meta_flash_equals_the_built_count() -> None:
 # ------------------------------------------------------------------ int8 accuracy, really trained
 def test_int8_accuracy_of_a_trained_digits_net(tmp_path: Path) -> None:
     from trainables.data import DataConfig, load_dataset
-    from trainables.quantize import quantize_int8
+    from trainables.deploy.quantize import quantize_int8
     from trainables.train import TrainConfig, fit
 
     splits = load_dataset(DataConfig(name="digits"))
@@ -285,7 +290,7 @@ def test_int8_accuracy_of_a_trained_digits_net(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------ latency machinery
 def test_latency_is_measured_then_cached(tmp_path: Path) -> None:
-    from trainables.latency import cpu_model, measure_latency
+    from trainables.deploy.latency import cpu_model, measure_latency
 
     arch = DEPLOY_ARCHS["sparse-pre"]
     first = measure_latency(arch, cache_dir=tmp_path, repeats=3, warmup=2, min_sample_s=0.001)

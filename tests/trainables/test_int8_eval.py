@@ -13,8 +13,7 @@ from ray import tune
 
 from trainables.arch import ArchConfig, StageConfig, StemConfig
 from trainables.data import DataConfig, Splits, load_dataset
-from trainables.models import build_model
-from trainables.quantize import (
+from trainables.deploy.quantize import (
     CALIBRATION_IMAGES,
     FP32_ONNX_FILE,
     INT8_ONNX_FILE,
@@ -23,6 +22,7 @@ from trainables.quantize import (
     quantize_int8,
     trial_int8,
 )
+from trainables.models import build_model
 from trainables.train import TrainConfig, TrainConfigError
 from trainables.trial import MODEL_FILE, seeded_model, train_trial
 

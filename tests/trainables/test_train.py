@@ -15,10 +15,10 @@ from trainables.data import DataConfig, Splits, load_dataset
 from trainables.layers import SparseLinear
 from trainables.models import build_model
 from trainables.train import (
+    Batcher,
     TrainConfig,
     TrainConfigError,
     TrainingDiverged,
-    _Batcher,
     accuracy_se,
     fit,
     fold_pruning,
@@ -111,7 +111,7 @@ def test_auto_augment_per_dataset() -> None:
 def test_crop_is_a_zero_padded_shifted_window_and_flip_mirrors() -> None:
     x = torch.randint(1, 256, (16, 3, 6, 7), dtype=torch.uint8)  # no zeros: padding is visible
     ones = torch.ones(1, 3, 1, 1)
-    b = _Batcher(scale=ones, shift=ones * 0, crop=2, flip=True, channels_last=False)
+    b = Batcher(scale=ones, shift=ones * 0, crop=2, flip=True, channels_last=False)
     out = b.augment(x, torch.Generator().manual_seed(0))
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
     flips = 0

@@ -13,15 +13,15 @@ from trainables.arch import ArchConfig, HeadLayer, StageConfig, StemConfig
 from trainables.data import DataConfig, Splits, load_dataset
 from trainables.models import build_model
 from trainables.train import (
+    Batcher,
     TrainConfig,
     TrainConfigError,
-    _Batcher,
     _batcher,
     evaluate,
     fit,
+    make_ema,
     make_optimizer,
 )
-from trainables.train_loop import make_ema
 
 ARCH = ArchConfig(
     in_channels=1, input_size=(8, 8), stem=StemConfig(width=8),
@@ -64,7 +64,7 @@ def test_decay_norms_puts_weight_decay_on_one_dimensional_parameters_too() -> No
 
 def test_cutout_zeroes_one_square_per_image_clipped_at_the_border() -> None:
     ones = torch.ones(1, 1, 1, 1)
-    b = _Batcher(scale=ones, shift=ones * 0, crop=0, flip=False, channels_last=False, cutout=4)
+    b = Batcher(scale=ones, shift=ones * 0, crop=0, flip=False, channels_last=False, cutout=4)
     x = torch.rand(256, 2, 10, 10) + 1.0  # no zeros before the cut
     out = b.cut(x, torch.Generator().manual_seed(0))
     assert torch.equal(out[:, 0] == 0, out[:, 1] == 0)  # the same square in every channel
@@ -77,7 +77,7 @@ def test_cutout_zeroes_one_square_per_image_clipped_at_the_border() -> None:
         sizes.add(int(zero.sum()))
     assert 16 in sizes and min(sizes) < 16  # whole squares inside, clipped ones at the edges
     assert torch.equal(out[out != 0], x[out != 0])
-    off = _Batcher(scale=ones, shift=ones * 0, crop=0, flip=False, channels_last=False)
+    off = Batcher(scale=ones, shift=ones * 0, crop=0, flip=False, channels_last=False)
     assert off.cut(x, torch.Generator()) is x
 
 

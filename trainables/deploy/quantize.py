@@ -86,7 +86,7 @@ def deploy_model(model: nn.Module, input_shape: tuple[int, int, int]) -> nn.Modu
 
     Outputs equal ``model``'s in eval mode up to float rounding; ``model`` is not changed.
     """
-    for m, name in pruning._pruned(model):
+    for m, name in pruning.pruned_tensors(model):
         # A stale non-leaf ``weight`` (after a forward with autograd) cannot be deep-copied.
         with torch.no_grad():
             setattr(m, name, getattr(m, name + "_orig") * getattr(m, name + "_mask"))

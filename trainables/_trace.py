@@ -1,19 +1,20 @@
-"""The shape-only pass and the flop-counter trace behind :mod:`trainables.accounting`.
+"""The shape-only pass and the flop-counter trace behind :mod:`trainables.accounting`, and
+private to it (only accounting imports this module).
 
 Owns how a forward is traced, not what is counted from it:
 
-- :func:`_trace_shapes`: a forward on meta tensors in which each conv/linear/pool/flatten
+- :func:`trace_shapes`: a forward on meta tensors in which each conv/linear/pool/flatten
   leaf only computes its output shape and MACs by a shape rule (``_SHAPE_RULES``), and the
   cat/add between leaves is shape arithmetic (:class:`_ShapeOnlyOps`): the budget screen's
   hot path (~5 ms a net).
-- :func:`_trace_flop_counter`: one real no-grad forward under torch's ``FlopCounterMode``,
+- :func:`trace_flop_counter`: one real no-grad forward under torch's ``FlopCounterMode``,
   the reference the tests hold the shape rules to.
-- :class:`_Flow`: the forward's dataflow at batch 1, which :mod:`trainables.deploy` turns
+- :class:`Flow`: the forward's dataflow at batch 1, which :mod:`trainables.deploy` turns
   into flash and peak SRAM.
-- :class:`_SkipInitOnMeta`: a meta-device build without weight initialisation.
+- :class:`SkipInitOnMeta`: a meta-device build without weight initialisation.
 
 The names are private to the accounting pair; :mod:`trainables.accounting` re-exports the
-ones tests and benches reach for (``accounting._trace_shapes``).
+ones tests and benches reach for (``accounting.trace_shapes``).
 """
 
 from __future__ import annotations
@@ -29,24 +30,24 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
-from trainables.deploy import ALLOC, ELEMENTWISE, VIEW, FlowOp
+from trainables.deploy.budgets import ALLOC, ELEMENTWISE, VIEW, FlowOp
 
 __all__ = [
-    "_NO_ROW",
+    "NO_ROW",
+    "Flow",
+    "SkipInitOnMeta",
     "Trace",
-    "_Flow",
-    "_SkipInitOnMeta",
     "_sample_shape",
-    "_shape_rule",
-    "_trace_flop_counter",
-    "_trace_shapes",
-    "_weight",
+    "shape_rule",
+    "trace_flop_counter",
+    "trace_shapes",
+    "weight_param",
 ]
 
 # Leaves without parameters that do not change the data's shape: no row.
-_NO_ROW = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU, nn.Identity)
+NO_ROW = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU, nn.Identity)
 # Leaves that keep the shape and do no conv/linear MACs.
-_PASS_THROUGH = (*_NO_ROW, _BatchNorm, nn.Dropout)
+_PASS_THROUGH = (*NO_ROW, _BatchNorm, nn.Dropout)
 # Execution-model kinds of leaves (trainables.deploy): views share their input's buffer;
 # elementwise leaves write in place over a dying input; every other leaf allocates.
 _VIEW_LEAVES = (nn.Identity, nn.Flatten, nn.Dropout)
@@ -56,10 +57,10 @@ _ADD_FUNCS = frozenset({torch.add, torch.Tensor.add, torch.Tensor.__add__, torch
 
 # A trace: the row modules' one-sample output shapes in execution order (first call), the
 # MACs each leaf module did, and the dataflow of the forward (None: not recorded).
-Trace = tuple[dict[nn.Module, tuple[int, ...]], dict[nn.Module, int], "_Flow | None"]
+Trace = tuple[dict[nn.Module, tuple[int, ...]], dict[nn.Module, int], "Flow | None"]
 
 
-class _Flow:
+class Flow:
     """The forward's dataflow at batch 1: one :class:`FlowOp` per leaf call and per tensor op
     between leaves (cat, add, ...), each value's elements, and which op produced each value.
 
@@ -114,7 +115,7 @@ class _Flow:
         else:
             self.op(ALLOC, None, args, out, getattr(func, "__name__", "op"))
 
-    def finish(self, out: Any) -> _Flow:
+    def finish(self, out: Any) -> Flow:
         if isinstance(out, torch.Tensor):
             self.output = self.ids.get(id(out), 0)
         self.keep.clear()
@@ -129,9 +130,9 @@ def _leaf_kind(m: nn.Module) -> str:
 
 
 class _RecordOps(TorchFunctionMode):
-    """Records the tensor ops between leaves of a real forward into a :class:`_Flow`."""
+    """Records the tensor ops between leaves of a real forward into a :class:`Flow`."""
 
-    def __init__(self, flow: _Flow) -> None:
+    def __init__(self, flow: Flow) -> None:
         super().__init__()
         self.flow = flow
 
@@ -141,7 +142,7 @@ class _RecordOps(TorchFunctionMode):
         return out
 
 
-def _trace_flop_counter(model: nn.Module, rows: dict[str, nn.Module], input_shape: tuple[int, int, int]) -> Trace:
+def trace_flop_counter(model: nn.Module, rows: dict[str, nn.Module], input_shape: tuple[int, int, int]) -> Trace:
     from torch.utils.flop_counter import FlopCounterMode
 
     first = next(model.parameters(), None)
@@ -157,7 +158,7 @@ def _trace_flop_counter(model: nn.Module, rows: dict[str, nn.Module], input_shap
         leaf_flops[m] += counter.get_total_flops() - starts[m]
 
     x = torch.zeros((1, *input_shape), device=device)
-    flow = _Flow(x)
+    flow = Flow(x)
 
     def flow_pre(_m: nn.Module, _args: Any) -> None:
         flow.depth += 1
@@ -189,7 +190,7 @@ def _trace_flop_counter(model: nn.Module, rows: dict[str, nn.Module], input_shap
     return shapes, {m: f // 2 for m, f in leaf_flops.items()}, flow
 
 
-def _trace_shapes(model: nn.Module, rows: dict[str, nn.Module], input_shape: tuple[int, int, int],
+def trace_shapes(model: nn.Module, rows: dict[str, nn.Module], input_shape: tuple[int, int, int],
                   *, record: bool = True) -> Trace:
     """A forward on meta tensors where known leaves only compute their output shape and MACs.
 
@@ -198,12 +199,12 @@ def _trace_shapes(model: nn.Module, rows: dict[str, nn.Module], input_shape: tup
     median ~37 ms of CPU per random search-space net, against ~5 ms for this pass (measured
     with torch 2.14 on this project's 2-core CPU box). Unknown leaves run their own forward.
 
-    With ``record`` it also records the dataflow (:class:`_Flow`) for flash and SRAM; without,
+    With ``record`` it also records the dataflow (:class:`Flow`) for flash and SRAM; without,
     the pass is today's params/MACs-only one (the baseline bench/deploy.py times it against).
     """
     macs: dict[nn.Module, int] = defaultdict(int)
     x = torch.empty((1, *input_shape), device="meta")
-    flow = _Flow(x) if record else None
+    flow = Flow(x) if record else None
 
     def shape_only(m: nn.Module, rule: _ShapeRule) -> Callable[[torch.Tensor], torch.Tensor]:
         kind = _leaf_kind(m)
@@ -237,7 +238,7 @@ def _trace_shapes(model: nn.Module, rows: dict[str, nn.Module], input_shape: tup
     unpatched: list[nn.Module] = []
     for m in model.modules():
         if not m._modules:
-            rule = _shape_rule(m)
+            rule = shape_rule(m)
             if rule is None:
                 unpatched.append(m)
             else:
@@ -262,7 +263,7 @@ def _trace_shapes(model: nn.Module, rows: dict[str, nn.Module], input_shape: tup
     return shapes, macs, flow
 
 
-class _SkipInitOnMeta(TorchFunctionMode):
+class SkipInitOnMeta(TorchFunctionMode):
     """Skips weight initialisation of meta tensors (there is no data to fill): about a third of
     a meta build's time. A torch function mode is thread-local: other threads are unaffected."""
 
@@ -286,7 +287,7 @@ class _ShapeOnlyOps(TorchFunctionMode):
     _ADD = frozenset({torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__})
     _ADD_INPLACE = frozenset({torch.Tensor.add_, torch.Tensor.__iadd__})
 
-    def __init__(self, flow: _Flow | None = None) -> None:
+    def __init__(self, flow: Flow | None = None) -> None:
         super().__init__()
         self.flow = flow
 
@@ -330,7 +331,7 @@ def _row_shapes(rows: dict[str, nn.Module]) -> Iterator[dict[nn.Module, tuple[in
 _ShapeRule = Callable[[nn.Module, tuple[int, ...]], tuple[tuple[int, ...], int]]
 
 
-def _shape_rule(m: nn.Module) -> _ShapeRule | None:
+def shape_rule(m: nn.Module) -> _ShapeRule | None:
     for cls, rule in _SHAPE_RULES:
         if isinstance(m, cls):
             return rule
@@ -348,12 +349,12 @@ def _conv_rule(m: nn.Module, shape: tuple[int, ...]) -> tuple[tuple[int, ...], i
             pad = 0 if m.padding == "valid" else m.padding[i]
             out.append((size + 2 * pad - m.dilation[i] * (m.kernel_size[i] - 1) - 1) // m.stride[i] + 1)
     # every output position does one MAC per weight: (C_out, C_in/groups, kH, kW)
-    return (n, m.out_channels, *out), n * math.prod(out) * _weight(m).numel()
+    return (n, m.out_channels, *out), n * math.prod(out) * weight_param(m).numel()
 
 
 def _linear_rule(m: nn.Module, shape: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
     assert isinstance(m, nn.Linear)
-    return (*shape[:-1], m.out_features), math.prod(shape[:-1]) * _weight(m).numel()
+    return (*shape[:-1], m.out_features), math.prod(shape[:-1]) * weight_param(m).numel()
 
 
 def _pool_rule(m: nn.Module, shape: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
@@ -399,7 +400,7 @@ def _pair(v: Any) -> tuple[Any, Any]:
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
-def _weight(m: nn.Module) -> torch.Tensor:
+def weight_param(m: nn.Module) -> torch.Tensor:
     """The weight parameter (``weight_orig`` once ``torch.nn.utils.prune`` has wrapped it)."""
     return m._parameters.get("weight_orig", m._parameters.get("weight"))
 

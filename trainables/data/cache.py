@@ -18,7 +18,7 @@ folder, then ``os.replace``), so a killed fetch never leaves a half file behind.
 - :func:`cached` lists the cache without reading any pixels.
 
 This module imports only the standard library, numpy and the file-format readers
-(:mod:`trainables.data_formats`, no torch) at module level (``sparse-search data path`` and
+(:mod:`trainables.data.formats`, no torch) at module level (``sparse-search data path`` and
 ``data list`` stay fast); torch and torchvision are imported by the functions that need them.
 It never imports :mod:`trainables.data`, which builds on it.
 """
@@ -42,14 +42,14 @@ from typing import Any
 
 import numpy as np
 
-from trainables.data_formats import (
-    _KNOWN,
+from trainables.data.formats import (
+    KNOWN,
     DataError,
-    _list_imagefolder,
-    _read_cifar_pickles,
-    _read_torchvision_mnist,
+    list_imagefolder,
+    read_cifar_pickles,
     read_fixed,
     read_npz_headers,
+    read_torchvision_mnist,
 )
 
 __all__ = [
@@ -276,8 +276,8 @@ def _download(name: str, raw: Path) -> tuple[dict[str, np.ndarray], tuple[str, .
             f"{_supply_hint(name)}"
         )
     if is_mnist:
-        return _read_torchvision_mnist(raw, name, False), ()
-    arrays, names = _read_cifar_pickles(raw, name, False)
+        return read_torchvision_mnist(raw, name, False), ()
+    arrays, names = read_cifar_pickles(raw, name, False)
     return arrays, names
 
 
@@ -362,8 +362,8 @@ def _read_image_folder(
     root: Path, name: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[str, ...], str]:
 
-    listing, folders = _list_imagefolder(root)
-    known = _KNOWN[name][1]
+    listing, folders = list_imagefolder(root)
+    known = KNOWN[name][1]
     if len(folders) != len(known):
         raise DataError(f"{root / 'train'}: found {len(folders)} class folders: expected "
                         f"{len(known)} for {name}")
@@ -415,7 +415,7 @@ def _write(name: str, arrays: dict[str, np.ndarray], names: tuple[str, ...]) -> 
     folder = _make_folder()
     target = folder / f"{name}.npz"
     tmp = folder / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.npz.part"
-    names = names or _KNOWN[name][1]
+    names = names or KNOWN[name][1]
     try:
         with open(tmp, "xb") as fh:  # honours the umask (a shared cache stays readable)
             np.savez(fh, **{k: np.ascontiguousarray(arrays[k]) for k in _KEYS},

@@ -3,7 +3,7 @@
 Owns every on-disk layout a dataset can come in and what each must hold: a Keras-layout
 ``.npz``, torchvision's MNIST idx files and CIFAR python pickles, an image folder
 (``<root>/{train,test}/<class>/*``), and sklearn's embedded digits. Readers return uint8
-``(N, C, H, W)`` images and int64 labels (or the raw arrays :mod:`trainables.data_cache`
+``(N, C, H, W)`` images and int64 labels (or the raw arrays :mod:`trainables.data.cache`
 stores); probes check a layout from headers alone. Choosing a format from a
 :class:`~trainables.data.DataConfig`, splitting and subsetting stay in :mod:`trainables.data`.
 The layering: data_formats (readers; imports neither) <- data_cache (the cache, its fetch and
@@ -17,7 +17,7 @@ import pickle
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.error import URLError
 
 import numpy as np
@@ -25,36 +25,29 @@ from numpy.lib import format as npy_format
 
 from trainables.errors import ConfigError
 
-if TYPE_CHECKING:
-    from trainables.data import DataConfig
-
 __all__ = [
     "IMAGE_SUFFIXES",
-    "_KNOWN",
-    "_MNIST_NAMES",
+    "KNOWN",
+    "MNIST_NAMES",
     "DataError",
-    "_check_label_range",
-    "_decode",
-    "_list_imagefolder",
-    "_load_digits_arrays",
-    "_load_imagefolder",
-    "_no_npz",
-    "_probe_cifar",
-    "_probe_idx",
-    "_probe_npz",
-    "_read_cifar_pickles",
-    "_read_npz",
-    "_read_torchvision_mnist",
-    "_to_labels",
-    "_to_nchw",
+    "check_label_range",
+    "decode_image",
+    "list_imagefolder",
+    "load_digits_arrays",
+    "load_imagefolder",
+    "probe_cifar",
+    "probe_idx",
+    "probe_npz",
+    "read_cifar_pickles",
     "read_fixed",
     "read_npz_headers",
+    "read_torchvision_mnist",
 ]
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
-_MNIST_NAMES = tuple(str(i) for i in range(10))
+MNIST_NAMES = tuple(str(i) for i in range(10))
 _FASHION_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                   "Sneaker", "Bag", "Ankle boot")
 _CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
@@ -74,8 +67,8 @@ _CIFAR100_NAMES = (
     "whale", "willow_tree", "wolf", "woman", "worm",
 )
 # name -> (channels, class names) for the fixed-format datasets.
-_KNOWN: dict[str, tuple[int, tuple[str, ...]]] = {
-    "mnist": (1, _MNIST_NAMES),
+KNOWN: dict[str, tuple[int, tuple[str, ...]]] = {
+    "mnist": (1, MNIST_NAMES),
     "fashion-mnist": (1, _FASHION_NAMES),
     "cifar10": (3, _CIFAR10_NAMES),
     "cifar100": (3, _CIFAR100_NAMES),
@@ -90,14 +83,14 @@ class DataError(ConfigError):
     __module__ = "trainables.data"
 
 
-def _check_label_range(y: np.ndarray, where: str | Path, split: str, name: str, k: int) -> None:
+def check_label_range(y: np.ndarray, where: str | Path, split: str, name: str, k: int) -> None:
     if len(y) and (y.min() < 0 or y.max() >= k):
         bad = int(y.min()) if y.min() < 0 else int(y.max())
         raise DataError(f"{where}: {split} label {bad} is out of range: expected 0..{k - 1} "
                         f"for {name} ({k} classes)")
 
 
-def _probe_npz(path: Path, name: str, channels: int, k: int) -> tuple[int, int, int]:
+def probe_npz(path: Path, name: str, channels: int, k: int) -> tuple[int, int, int]:
     if not path.is_file():
         raise DataError(_no_npz(path, name))
     try:
@@ -119,30 +112,30 @@ def _probe_npz(path: Path, name: str, channels: int, k: int) -> tuple[int, int, 
                 y = z[f"y_{split}"]  # labels only: N bytes to 8N, never the pixels
         except (OSError, ValueError, EOFError) as e:
             raise DataError(f"{path}: not a readable .npz file ({e})") from None
-        _check_label_range(_to_labels(y, path, f"y_{split}"), path, split, name, k)
+        check_label_range(_to_labels(y, path, f"y_{split}"), path, split, name, k)
     return shape
 
 
-def _probe_idx(root: Path, cfg: DataConfig) -> tuple[int, int, int]:
+def probe_idx(root: Path, name: str, download: bool) -> tuple[int, int, int]:
     from torchvision.datasets import MNIST, FashionMNIST
 
-    cls = MNIST if cfg.name == "mnist" else FashionMNIST
+    cls = MNIST if name == "mnist" else FashionMNIST
     raw = root / cls.__name__ / "raw"
     files = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
              "t10k-labels-idx1-ubyte")
     if not all((raw / f).is_file() for f in files):
-        if cfg.download:  # what load_dataset would do: download (and read) it
-            arrays = _read_torchvision_mnist(root, cfg.name, True)
+        if download:  # what load_dataset would do: download (and read) it
+            arrays = read_torchvision_mnist(root, name, True)
             return (1, *arrays["x_train"].shape[1:])
         if not root.is_dir():
             raise DataError(f"{root}: no such directory: expected an .npz file or a torchvision "
                             f"root holding {cls.__name__}/raw/*-idx?-ubyte (or set download)")
-        raise DataError(f"{root}: {cfg.name} not found: expected {raw} to hold "
+        raise DataError(f"{root}: {name} not found: expected {raw} to hold "
                         f"{', '.join(files[:3])} and {files[3]} (or set download)")
     shape: tuple[int, int, int] = (1, 0, 0)
     for split, prefix in (("train", "train"), ("test", "t10k")):
-        n, h, w = _idx_header(raw / f"{prefix}-images-idx3-ubyte", 2051, 3, root, cfg.name)
-        (m,) = _idx_header(raw / f"{prefix}-labels-idx1-ubyte", 2049, 1, root, cfg.name)
+        n, h, w = _idx_header(raw / f"{prefix}-images-idx3-ubyte", 2051, 3, root, name)
+        (m,) = _idx_header(raw / f"{prefix}-labels-idx1-ubyte", 2049, 1, root, name)
         if n != m:
             raise DataError(f"{root}: x_{split} has {n} images but y_{split} has {m} "
                             "labels: expected the same number")
@@ -166,15 +159,15 @@ def _idx_header(path: Path, magic: int, ndim: int, root: Path, name: str) -> tup
     return dims
 
 
-def _probe_cifar(root: Path, cfg: DataConfig) -> tuple[int, int, int]:
-    folder = root / ("cifar-10-batches-py" if cfg.name == "cifar10" else "cifar-100-python")
+def probe_cifar(root: Path, name: str, download: bool) -> tuple[int, int, int]:
+    folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
     if not folder.is_dir():
-        if cfg.download:  # what load_dataset would do: download (and read) it
-            arrays, _ = _read_cifar_pickles(root, cfg.name, True)
+        if download:  # what load_dataset would do: download (and read) it
+            arrays, _ = read_cifar_pickles(root, name, True)
             return (3, *arrays["x_train"].shape[1:3])
-        raise DataError(f"{root}: {cfg.name} not found: expected an .npz file or a torchvision "
+        raise DataError(f"{root}: {name} not found: expected an .npz file or a torchvision "
                         f"root holding {folder.name}/ (or set download)")
-    files = ([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"] if cfg.name == "cifar10"
+    files = ([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"] if name == "cifar10"
              else ["train", "test"])
     for f in files:
         path = folder / f
@@ -189,7 +182,7 @@ def _probe_cifar(root: Path, cfg: DataConfig) -> tuple[int, int, int]:
     return 3, 32, 32
 
 
-def _load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -231,7 +224,7 @@ def read_fixed(path: Path, name: str, *, download: bool
     """A fixed dataset ``name`` (mnist, fashion-mnist, cifar10, cifar100) from ``path``: a
     Keras-layout ``.npz`` or a torchvision root folder. uint8 ``(N, C, H, W)`` train and test
     images, int64 labels and the class names."""
-    channels, names = _KNOWN[name]
+    channels, names = KNOWN[name]
     if path.suffix == ".npz":
         if not path.is_file():
             raise DataError(_no_npz(path, name))
@@ -239,9 +232,9 @@ def read_fixed(path: Path, name: str, *, download: bool
         if "class_names" in arrays and len(arrays["class_names"]) == len(names):
             names = tuple(str(n) for n in arrays["class_names"])
     elif name in ("mnist", "fashion-mnist"):
-        arrays = _read_torchvision_mnist(path, name, download)
+        arrays = read_torchvision_mnist(path, name, download)
     else:
-        arrays, names = _read_cifar_pickles(path, name, download)
+        arrays, names = read_cifar_pickles(path, name, download)
     out = []
     for split in ("train", "test"):
         x = _to_nchw(arrays[f"x_{split}"], path, f"x_{split}", channels)
@@ -318,7 +311,7 @@ def _download_error(path: Path, name: str, e: BaseException) -> DataError:
                      "offline; put the files there or pass an .npz file as the data path")
 
 
-def _read_torchvision_mnist(root: Path, name: str, download: bool) -> dict[str, np.ndarray]:
+def read_torchvision_mnist(root: Path, name: str, download: bool) -> dict[str, np.ndarray]:
     from torchvision.datasets import MNIST, FashionMNIST
 
     cls = MNIST if name == "mnist" else FashionMNIST
@@ -348,7 +341,7 @@ def _read_torchvision_mnist(root: Path, name: str, download: bool) -> dict[str, 
     return out
 
 
-def _read_cifar_pickles(
+def read_cifar_pickles(
     root: Path, name: str, download: bool
 ) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
     """torchvision's CIFAR layout, read directly (torchvision would insist on the md5 sums)."""
@@ -390,7 +383,7 @@ def _read_cifar_pickles(
             xs.append(data.reshape(-1, 3, side, side).transpose(0, 2, 3, 1))
             ys.append(labels)
         out[f"x_{split}"], out[f"y_{split}"] = np.concatenate(xs), np.concatenate(ys)
-    names = _KNOWN[name][1]
+    names = KNOWN[name][1]
     meta = folder / meta_file
     if meta.is_file():
         listed = _unpickle(meta).get(names_key)
@@ -412,7 +405,7 @@ def _unpickle(path: Path) -> dict[str, Any]:
     return d
 
 
-def _list_imagefolder(root: Path) -> tuple[dict[str, dict[str, list[Path]]], tuple[str, ...]]:
+def list_imagefolder(root: Path) -> tuple[dict[str, dict[str, list[Path]]], tuple[str, ...]]:
     """{split: {class: sorted image paths}} and the (sorted) train class names, checked."""
     if not root.is_dir():
         raise DataError(f"{root}: no such directory: expected train/<class>/*.jpg and "
@@ -436,10 +429,10 @@ def _list_imagefolder(root: Path) -> tuple[dict[str, dict[str, list[Path]]], tup
     return listing, classes
 
 
-def _load_imagefolder(
+def load_imagefolder(
     root: Path, size: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[str, ...]]:
-    listing, classes = _list_imagefolder(root)
+    listing, classes = list_imagefolder(root)
     out = []
     for split in ("train", "test"):
         files = [(p, classes.index(c)) for c, ps in listing[split].items() for p in ps]
@@ -448,13 +441,13 @@ def _load_imagefolder(
         workers = max(1, len(os.sched_getaffinity(0)))
         # PIL releases the GIL while decoding, so threads give a near-linear speedup here.
         with ThreadPoolExecutor(workers) as pool:
-            images = list(pool.map(lambda p: _decode(p, size), [p for p, _ in files]))
+            images = list(pool.map(lambda p: decode_image(p, size), [p for p, _ in files]))
         out.append(np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2)))
         out.append(np.array([c for _, c in files], dtype=np.int64))
     return out[0], out[1], out[2], out[3], classes
 
 
-def _decode(path: Path, size: int) -> np.ndarray:
+def decode_image(path: Path, size: int) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:

@@ -8,7 +8,7 @@ test. Formats:
 - ``digits``: scikit-learn's embedded 8x8 digits (no files; 0-16 scaled to 0-255), test carved
   with a constant seed (20 %);
 - ``mnist`` / ``fashion-mnist`` / ``cifar10`` / ``cifar100``: by name (``path=None``) from the
-  dataset cache (:mod:`trainables.data_cache`: ``<cache>/<name>.npz``, fetched with torchvision
+  dataset cache (:mod:`trainables.data.cache`: ``<cache>/<name>.npz``, fetched with torchvision
   on first use; ``sparse-search data import`` fills it offline), or from ``path``: a Keras-layout
   ``.npz`` (keys ``x_train, y_train, x_test, y_test``; images ``(N, H, W)`` or ``(N, H, W, C)``)
   or torchvision's on-disk layout under a root dir (``MNIST/raw/*-idx?-ubyte``,
@@ -34,22 +34,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainables import data_cache, flat
+from trainables import flat
+from trainables.data import cache as data_cache
 
-# The file formats live in data_formats (below data_cache, which builds on them).
-from trainables.data_formats import (
-    _KNOWN,
-    _MNIST_NAMES,
+# The file formats live in formats (below cache, which builds on them).
+from trainables.data.formats import (
     IMAGE_SUFFIXES,
+    KNOWN,
+    MNIST_NAMES,
     DataError,
-    _check_label_range,
-    _decode,
-    _list_imagefolder,
-    _load_digits_arrays,
-    _load_imagefolder,
-    _probe_cifar,
-    _probe_idx,
-    _probe_npz,
+    check_label_range,
+    decode_image,
+    list_imagefolder,
+    load_digits_arrays,
+    load_imagefolder,
+    probe_cifar,
+    probe_idx,
+    probe_npz,
     read_fixed,
 )
 
@@ -63,6 +64,9 @@ _DIGITS_TEST_SEED = 20240
 @dataclass(frozen=True)
 class DataConfig:
     """Which dataset, where it lives and how it is split. Flat keys ``data/<field>``."""
+
+    # Ray pickles it under the package's public path (trainables.data.DataConfig), as always.
+    __module__ = "trainables.data"
 
     name: str = "digits"  # digits | mnist | fashion-mnist | cifar10 | cifar100 | imagefolder
     # An .npz file, a torchvision root dir or an image-folder root. None: digits (embedded) or,
@@ -169,21 +173,21 @@ def _rebuild_splits(state: dict[str, Any]) -> Splits:
 
 def _fixed_classes(name: str) -> int | None:
     if name == "digits":
-        return len(_MNIST_NAMES)
-    return len(_KNOWN[name][1]) if name in _KNOWN else None
+        return len(MNIST_NAMES)
+    return len(KNOWN[name][1]) if name in KNOWN else None
 
 
 # ---------------------------------------------------------------------------- entry point
 def load_dataset(cfg: DataConfig) -> Splits:
     """Load, validate, split (stratified val from TRAIN) and subset one dataset."""
     if cfg.name == "digits":
-        x, y = _load_digits_arrays()
+        x, y = load_digits_arrays()
         test_idx, train_idx = _stratified_split(y, DIGITS_TEST_FRACTION, _DIGITS_TEST_SEED)
         x_tr, y_tr, x_te, y_te = x[train_idx], y[train_idx], x[test_idx], y[test_idx]
-        names: tuple[str, ...] = _MNIST_NAMES
+        names: tuple[str, ...] = MNIST_NAMES
         where = "sklearn digits"
     elif cfg.name == "imagefolder":
-        x_tr, y_tr, x_te, y_te, names = _load_imagefolder(Path(cfg.path), int(cfg.image_size or 0))
+        x_tr, y_tr, x_te, y_te, names = load_imagefolder(Path(cfg.path), int(cfg.image_size or 0))
         _check_num_classes(cfg, Path(cfg.path), len(names))
         where = cfg.path
     else:
@@ -191,7 +195,7 @@ def load_dataset(cfg: DataConfig) -> Splits:
         where = str(_fixed_path(cfg))
     k = len(names)
     for split, yy in (("train", y_tr), ("test", y_te)):
-        _check_label_range(yy, where, split, cfg.name, k)
+        check_label_range(yy, where, split, cfg.name, k)
 
     pool = np.arange(len(y_tr))
     if cfg.subset is not None:
@@ -228,9 +232,9 @@ def fixed_shape(cfg: DataConfig) -> tuple[tuple[int, int, int], int] | None:
     ``num_classes``). For the fixed datasets this is the canonical shape (a custom ``path`` may
     hold other sizes; :func:`probe_dataset` reads what it holds)."""
     if cfg.name == "digits":
-        return (1, 8, 8), len(_MNIST_NAMES)
+        return (1, 8, 8), len(MNIST_NAMES)
     if cfg.name in data_cache.SHAPES:
-        return data_cache.SHAPES[cfg.name], len(_KNOWN[cfg.name][1])
+        return data_cache.SHAPES[cfg.name], len(KNOWN[cfg.name][1])
     if cfg.name == "imagefolder" and cfg.num_classes is not None and cfg.image_size is not None:
         return (3, cfg.image_size, cfg.image_size), cfg.num_classes
     return None
@@ -247,26 +251,26 @@ def probe_dataset(cfg: DataConfig) -> tuple[tuple[int, int, int], int]:
     header byte, images of a folder other than the first.
     """
     if cfg.name == "digits":
-        return (1, 8, 8), len(_MNIST_NAMES)
+        return (1, 8, 8), len(MNIST_NAMES)
     if cfg.name == "imagefolder":
         root = Path(cfg.path)
-        listing, classes = _list_imagefolder(root)
+        listing, classes = list_imagefolder(root)
         for split in ("train", "test"):
             first = next((p for ps in listing[split].values() for p in ps), None)
             if first is None:
                 raise DataError(f"{root / split}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
         size = int(cfg.image_size or 0)
-        _decode(next(p for ps in listing["train"].values() for p in ps), size)
+        decode_image(next(p for ps in listing["train"].values() for p in ps), size)
         _check_num_classes(cfg, root, len(classes))
         return (3, size, size), len(classes)
-    channels, names = _KNOWN[cfg.name]
+    channels, names = KNOWN[cfg.name]
     path = _fixed_path(cfg)
     if path.suffix == ".npz":
-        shape = _probe_npz(path, cfg.name, channels, len(names))
+        shape = probe_npz(path, cfg.name, channels, len(names))
     elif cfg.name in ("mnist", "fashion-mnist"):
-        shape = _probe_idx(path, cfg)
+        shape = probe_idx(path, cfg.name, cfg.download)
     else:
-        shape = _probe_cifar(path, cfg)
+        shape = probe_cifar(path, cfg.name, cfg.download)
     return shape, len(names)
 
 

@@ -2,8 +2,8 @@
 
 :func:`measure_latency` builds ``arch`` (seeded, untrained: latency does not depend on the
 weights' values), exports it to ONNX at batch 1 (TorchScript's exporter, the faster one;
-:func:`trainables.quantize.export_onnx` if that fails; ``int8``
-quantizes it first with random calibration data, as :func:`trainables.quantize.quantize_file`
+:func:`trainables.deploy.quantize.export_onnx` if that fails; ``int8``
+quantizes it first with random calibration data, as :func:`trainables.deploy.quantize.quantize_file`
 does for trained models) and times ONNX Runtime on this CPU: batch 1, ``intra_op_num_threads``
 = 1 (the run executes on the calling thread), ``warmup`` untimed runs, then ``rounds`` rounds
 of ``repeats`` samples of ``number`` back-to-back runs each (``number`` chosen so one sample
@@ -170,8 +170,8 @@ def _export(model: torch.nn.Module, shape: tuple[int, int, int], out: Path, *,
     """ONNX of ``model`` at a static batch of 1 (what is timed). TorchScript's exporter first:
     about 10x faster than the dynamo export (0.3 s vs 3-9 s for a small net on a busy 2-core
     box, the same ONNX Runtime time within 5%), which matters when a screen times every
-    proposal; :func:`trainables.quantize.export_onnx` (the deployed file's exporter) if it fails."""
-    from trainables.quantize import export_onnx
+    proposal; :func:`trainables.deploy.quantize.export_onnx` (the deployed file's exporter) if it fails."""
+    from trainables.deploy.quantize import export_onnx
 
     if not fast:
         return export_onnx(model, shape, out)
@@ -225,8 +225,8 @@ def measure_latency(
             return Latency(**{**json.loads(path.read_text()), "cached": True})
         except (ValueError, TypeError):
             pass  # a corrupt or older record: measure again
+    from trainables.deploy.quantize import deploy_model, quantize_file
     from trainables.models import build_model
-    from trainables.quantize import deploy_model, quantize_file
 
     shape = (arch.in_channels, *arch.input_size)
     torch.manual_seed(seed)
