@@ -7,6 +7,10 @@ that bounds it. The spec's allowed objectives and constraints, the scheduler's t
 and the tables of the run dir are read from here: adding a metric is a line here and the code
 that computes it.
 
+It also holds the names every part reads and writes between them: the config keys a trial
+carries beyond its architecture and recipe (``meta/*``), and the keys and MLflow tags of a
+measured latency.
+
 A leaf module: imports nothing of the package's.
 """
 
@@ -16,10 +20,42 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
-    "DEFAULT_OBJECTIVES", "DEPLOY_METRICS", "FRONT_COLUMNS", "INT8_COLUMNS", "METRICS",
-    "OBJECTIVE_MODES", "SCREENED_COLUMNS", "SCREENED_METRICS", "TRAINED_COLUMNS",
-    "TRAINED_METRICS", "Metric", "budget_fields", "headline_objective", "rung_metric",
+    "DEFAULT_OBJECTIVES",
+    "DEPLOY_METRICS",
+    "FRONT_COLUMNS",
+    "INITIAL_KEY",
+    "INT8_COLUMNS",
+    "LATENCY_CPU",
+    "LATENCY_ORT",
+    "METRICS",
+    "OBJECTIVE_MODES",
+    "SCREENED_COLUMNS",
+    "SCREENED_KEY",
+    "SCREENED_METRICS",
+    "TAG_LATENCY_CPU",
+    "TAG_ONNXRUNTIME",
+    "TRAINED_COLUMNS",
+    "TRAINED_METRICS",
+    "TRIAL_KEY",
+    "Metric",
+    "budget_fields",
+    "headline_objective",
+    "rung_metric",
 ]
+
+
+# A trial's config keys beyond its arch/ and train/ values (set by the searcher, read by the
+# scheduler, the recorder and the tuner's trial names).
+TRIAL_KEY = "meta/trial_key"  # the trial key (the Optuna trial number)
+INITIAL_KEY = "meta/initial"  # set on a trial of search.initial: the entry's label
+# The budget screen's count of the model the trial will deliver (after its pruning rounds):
+# what early stopping compares at a rung, where a pruning trial still reports dense counts.
+SCREENED_KEY = "meta/screened_params"
+# A measured latency's provenance: config keys, and the MLflow child-run tags they become.
+LATENCY_CPU = "latency/cpu"  # the CPU model that measured it
+LATENCY_ORT = "latency/onnxruntime"  # the onnxruntime version that measured it
+TAG_LATENCY_CPU = "sparse_search.latency_cpu"
+TAG_ONNXRUNTIME = "sparse_search.onnxruntime"
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from search.pickled import public
 from search.rundir.pareto import crowding_distances, pareto_ranks
-from search.rundir.results import SCREENED_KEY
-from search.schema import rung_metric
+from search.schema import SCREENED_KEY, rung_metric
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial

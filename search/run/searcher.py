@@ -49,7 +49,8 @@ from ray.tune import Callback
 from ray.tune.search import Searcher
 
 from search.pickled import public
-from search.rundir.results import INITIAL_KEY, SCREENED_KEY, TRIAL_KEY, is_final
+from search.rundir.results import is_final
+from search.schema import INITIAL_KEY, SCREENED_KEY, TRIAL_KEY
 from search.space import Proposer, SearchSpace
 from search.spec.dims import finite as _finite
 

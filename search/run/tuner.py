@@ -269,7 +269,7 @@ def max_epochs(train: Mapping[str, Any]) -> int:
 @public("search.run")
 def trial_name(trial: Trial) -> str:
     """``trial_<key>``: short folder and display names (Ray's default lists every param)."""
-    from search.rundir.results import TRIAL_KEY
+    from search.schema import TRIAL_KEY
 
     return f"trial_{trial.config.get(TRIAL_KEY, trial.trial_id)}"
 

@@ -46,7 +46,7 @@ from search.rundir.layout import (
     write_json,
 )
 from search.rundir.pareto import front_indices
-from search.schema import METRICS, SCREENED_COLUMNS, TRAINED_COLUMNS
+from search.schema import INITIAL_KEY, METRICS, SCREENED_COLUMNS, TRAINED_COLUMNS, TRIAL_KEY
 from search.spec.dims import finite as _finite
 
 if TYPE_CHECKING:
@@ -57,11 +57,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sparse_search.results")
 
-TRIAL_KEY = "meta/trial_key"  # the config key holding the trial key (the Optuna trial number)
-INITIAL_KEY = "meta/initial"  # set on a trial of search.initial: the entry's label
-# The budget screen's count of the model the trial will deliver (after its pruning rounds):
-# what early stopping compares at a rung, where a pruning trial still reports dense counts.
-SCREENED_KEY = "meta/screened_params"
 TERMINATED, EARLY_STOPPED, ERROR = "TERMINATED", "EARLY_STOPPED", "ERROR"
 # Report keys kept in records and points (the trainable reports more; Ray adds bookkeeping):
 # every metric of the vocabulary (search/schema.py METRICS: accuracies and their SE, the

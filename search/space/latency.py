@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from search.schema import METRICS
+from search.schema import LATENCY_CPU, LATENCY_ORT, METRICS, TAG_LATENCY_CPU, TAG_ONNXRUNTIME
 
 if TYPE_CHECKING:
     from search.space.searchspace import Proposal
@@ -42,12 +42,8 @@ if TYPE_CHECKING:
     from trainables.deploy.latency import Latency
 
 __all__ = [
-    "LATENCY_CPU",
     "LATENCY_DIR",
     "LATENCY_MS",
-    "LATENCY_ORT",
-    "TAG_LATENCY_CPU",
-    "TAG_ONNXRUNTIME",
     "LatencyScreen",
     "latency_tags",
     "uses_latency",
@@ -57,11 +53,7 @@ log = logging.getLogger("sparse_search.latency")
 
 LATENCY_MS = "latency_ms"  # the metric (search/schema.py) and the config key carrying it
 BUDGET = METRICS[LATENCY_MS].budget  # max_latency_ms
-LATENCY_CPU = "latency/cpu"  # config key: the CPU model that measured it
-LATENCY_ORT = "latency/onnxruntime"  # config key: the onnxruntime version that measured it
 LATENCY_DIR = "latency"  # run-dir folder, next to optuna.journal: one JSON per architecture
-TAG_LATENCY_CPU = "sparse_search.latency_cpu"  # MLflow child-run tags
-TAG_ONNXRUNTIME = "sparse_search.onnxruntime"
 
 
 def uses_latency(spec: SearchSpec) -> bool:

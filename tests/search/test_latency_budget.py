@@ -12,8 +12,14 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from search.schema import FRONT_COLUMNS, OBJECTIVE_MODES, budget_fields
-from search.space.latency import LATENCY_DIR, TAG_LATENCY_CPU, TAG_ONNXRUNTIME
+from search.schema import (
+    FRONT_COLUMNS,
+    OBJECTIVE_MODES,
+    TAG_LATENCY_CPU,
+    TAG_ONNXRUNTIME,
+    budget_fields,
+)
+from search.space.latency import LATENCY_DIR
 from search.space.proposer import Proposer
 from search.space.searchspace import SearchSpace
 from search.spec import SpecError, parse_spec
