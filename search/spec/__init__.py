@@ -56,13 +56,13 @@ class count come from the data.
 allowed, e.g. ``spaces/x.yaml: space.stages.width.int[1]=-3 is invalid: expected an integer
 >= 1``; unknown keys suggest the closest known one; YAML syntax errors give ``file:line:col``.
 
-**Where it lives.** This module is the public face: every name below is re-exported from
-:mod:`search.spec.dims` (searched values), :mod:`search.spec.model` (the section dataclasses and
+**Where it lives.** This module is the folder's public face (imported lazily): every name
+below comes from :mod:`search.spec.dims` (searched values), :mod:`search.spec.model` (the section dataclasses and
 :class:`SearchSpec`) and :mod:`search.spec.parse` (:func:`load_spec`, :func:`parse_spec`; the
 ``space`` section is :mod:`search.spec.arch`, the value reader :mod:`search.spec.reader`).
 Reading a spec builds no network: initial points are checked against the space where a search
-starts (:func:`search.space.check_initial`, from ``preflight`` and ``dry_run``). Old run
-directories pickled these classes as ``search.spec.<name>``; that path keeps working.
+starts (:func:`search.space.check_initial`, from ``preflight`` and ``dry_run``). Ray pickles
+these classes as ``search.spec.<name>`` (:mod:`search.pickled` pins them here).
 """
 
 from __future__ import annotations
