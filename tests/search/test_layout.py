@@ -227,3 +227,21 @@ def test_pickles_naming_the_old_module_paths_still_load():
     clone = pickle.loads(old)
     assert type(clone) is SearchSpace and clone.spec == space.spec
     assert type(clone.spec) is SearchSpec
+
+
+def test_every_name_a_lazy_face_lists_is_what_it_names():
+    """Each folder face's ``_PUBLIC`` name resolves to the object its module defines, never
+    to a submodule of the same name (``search.space.dry_run`` the module once shadowed
+    ``dry_run`` the function: the module is ``preview`` now)."""
+    import importlib
+    import types
+
+    wrong = []
+    for face, names in FACES.items():
+        package = importlib.import_module(face)
+        for name, module in names.items():
+            got = getattr(package, name)
+            if isinstance(got, types.ModuleType) or got is not getattr(
+                    importlib.import_module(module), name):
+                wrong.append(f"{face}.{name}")
+    assert wrong == []
