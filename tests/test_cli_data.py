@@ -19,7 +19,7 @@ pytestmark = pytest.mark.ray  # starts Ray (in-process or a CLI search)
 
 ROOT = Path(__file__).resolve().parents[1]
 # The app as search/cli.py registers it, run the way the console script runs it.
-_MAIN = ("import typer; from search.cli.data import data_app; from search.cli.app import run_cli; "
+_MAIN = ("import typer; from search.cli.data import data_app; from search.cli.commands import run_cli; "
          "app = typer.Typer(add_completion=False); app.add_typer(data_app, name='data'); run_cli(app)")
 
 

@@ -96,7 +96,7 @@ def test_dry_run_samples_without_training(tmp_path):
 
 
 def test_user_errors_exit_2_without_traceback(tmp_path, monkeypatch, capsys):
-    from search.cli.app import main
+    from search.cli.commands import main
 
     bad = _spec(tmp_path, SPEC.replace("num_samples: 3", "num_samples: -3"))
     with socket.socket() as s:  # a port nobody listens on
@@ -130,7 +130,7 @@ def test_user_errors_exit_2_without_traceback(tmp_path, monkeypatch, capsys):
 ])
 def test_usage_errors_exit_2_without_traceback(monkeypatch, capsys, args, expected):
     # typer >= 0.22 raises the usage errors of its own click copy, not click's
-    from search.cli.app import main
+    from search.cli.commands import main
 
     monkeypatch.setattr(sys, "argv", ["sparse-search", *args])
     with pytest.raises(SystemExit) as exit_:

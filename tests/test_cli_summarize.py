@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from search.cli.app import main
+from search.cli.commands import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CNN704K = ROOT / "spaces" / "archs" / "cnn704k.yaml"

@@ -1,5 +1,6 @@
-"""The ``sparse-search`` command line (typer): ``app``, and ``main``, the console script; each
-command's own module (``data``, ``export``) is imported when that command runs.
+"""The ``sparse-search`` command line: ``app`` (typer, in ``commands``) and ``main``, the
+console script; each command's own module (``data``, ``export``) is imported when that
+command runs.
 
 Imported lazily: ``import search.cli.data`` does not build the whole app.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_PUBLIC = {"app": "search.cli.app", "main": "search.cli.app", "run_cli": "search.cli.app",
+_PUBLIC = {"app": "search.cli.commands", "main": "search.cli.commands", "run_cli": "search.cli.commands",
            "export_run": "search.cli.export"}
 __all__ = sorted(_PUBLIC)
 

@@ -1,5 +1,5 @@
 """``python -m search.cli``: the same as the ``sparse-search`` console script."""
 
-from search.cli.app import main
+from search.cli.commands import main
 
 main()

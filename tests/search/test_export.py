@@ -108,7 +108,7 @@ def test_export_errors_are_user_errors(recorded, tmp_path, monkeypatch, capsys):
         export_run(runs["dominated"], fmt="onnx", out=tmp_path / "m.onnx", tracking_uri=uri)
     with pytest.raises(UserError, match="not found"):
         export_run("0" * 32, fmt="onnx", out=tmp_path / "m.onnx", tracking_uri=uri)
-    from search.cli.app import main
+    from search.cli.commands import main
 
     monkeypatch.setattr(sys, "argv", ["sparse-search", "export", runs["front"], "--format", "tflite",
                                       "-o", str(tmp_path / "m"), "--tracking-uri", uri])
@@ -180,7 +180,7 @@ def test_export_onnx_int8_without_recorded_data_is_a_user_error(recorded, tmp_pa
 def test_export_help_lists_every_format_it_accepts():
     from typer.testing import CliRunner
 
-    from search.cli.app import app
+    from search.cli.commands import app
     from search.cli.export import FORMATS
 
     shown = CliRunner().invoke(app, ["export", "--help"], env={"COLUMNS": "200"})

@@ -280,7 +280,7 @@ def test_unreachable_server_is_a_user_error_before_anything_runs(monkeypatch, ca
     dead = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(UserError, match=re.escape(dead) + ".*not reachable"):
         check_reachable(dead, timeout=2)
-    from search.cli.app import main
+    from search.cli.commands import main
 
     monkeypatch.setattr(sys, "argv", ["sparse-search", "pareto", "--tracking-uri", dead])
     with pytest.raises(SystemExit) as exit_:
@@ -320,7 +320,7 @@ def test_local_sqlite_store_and_pareto_command(monkeypatch, tmp_path, capsys):
     text = format_front(report)
     assert all(f["arch"] in text for f in report["front"])
 
-    from search.cli.app import main
+    from search.cli.commands import main
 
     monkeypatch.setattr(sys, "argv", ["sparse-search", "pareto", "--json"])
     with pytest.raises(SystemExit) as exit_:  # main() exits with the command's code (7f94876)
