@@ -1,6 +1,6 @@
 """`sparse-search data ...`: the dataset cache (list, fetch, import, path).
 
-Registered by search/cli.py as ``app.add_typer(data_app, name="data")``. Cheap to import (no
+Registered by search/cli/commands.py as ``app.add_typer(data_app, name="data")``. Cheap to import (no
 torch or numpy at module level): the commands import :mod:`trainables.data.cache` themselves.
 """
 

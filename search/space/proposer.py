@@ -95,7 +95,7 @@ class Proposer:
         self.seed = seed
         self.rejected = 0  # infeasible proposals told to Optuna by this proposer
         self.duplicates = 0  # proposals equal to an earlier trial's config, never trained twice
-        # Measured latency (search/latency_screen.py), only when the spec uses it: in the driver,
+        # Measured latency (search/space/latency.py), only when the spec uses it: in the driver,
         # after the shape-only screens, run-dir cache beside the journal.
         self.latency = LatencyScreen.for_spec(space.spec, storage)
         # Optuna logs every study and trial at INFO; a search tells hundreds of rejected ones.

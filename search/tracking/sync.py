@@ -1,6 +1,6 @@
 """After the fact: bring MLflow in line with a run directory (``sparse-search sync``, ``resume``).
 
-Reads only the run dir's files (search/rundir.py names them) and drives a :class:`SearchTracker`
+Reads only the run dir's files (search/rundir/layout.py names them) and drives a :class:`SearchTracker`
 through its public methods: a child run is created, finalized or closed as the files say.
 """
 
@@ -40,7 +40,7 @@ from search.tracking.store import (
 )
 from search.tracking.tracker import SearchTracker
 
-# results.csv statuses (search/results.py writes Ray's) -> MLflow's; others (RUNNING...) -> KILLED
+# results.csv statuses (search/rundir/results.py writes Ray's) -> MLflow's; others (RUNNING...) -> KILLED
 _STATUS_MAP = {"TERMINATED": "FINISHED", "EARLY_STOPPED": "FINISHED", "FINISHED": "FINISHED",
                "ERROR": "FAILED", "FAILED": "FAILED"}
 _NOT_METRICS = ("trial_key", "status", "error", "arch")
@@ -86,7 +86,7 @@ def sync_run_dir(run_dir: str | Path, tracking_uri: str | None = None, *,
     spec_dict = yaml.safe_load(spec_text) or {}
     if not isinstance(spec_dict, dict):
         spec_dict = {}
-    # The experiment the search itself used (the spec's name, see search/tuner.py _tracker).
+    # The experiment the search itself used (the spec's name, see search/run/tuner.py _tracker).
     experiment = state.get("experiment") or spec_dict.get("name") or DEFAULT_EXPERIMENT
     tracker = SearchTracker(
         uri, str(experiment), run_dir=run_dir, location=location or state.get("location"),
