@@ -94,7 +94,7 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("flash_bytes", "min", trained=False, budget="max_flash_bytes", unit="bytes"),
     Metric("sram_bytes", "min", trained=False, budget="max_sram_bytes", unit="bytes"),
     # Measured, not counted: the untrained net's ONNX Runtime time at batch 1 on the CPU of the
-    # machine that screens (search/latency_screen.py), before training.
+    # machine that screens (search/space/latency.py), before training.
     Metric("latency_ms", "min", trained=False, budget="max_latency_ms", unit="ms"),
 )}
 # Metrics a trial reports that can be objectives, with the only sensible direction of each.

@@ -13,7 +13,7 @@ epoch_seconds, train_seconds, node_id (the Ray node running it), done (True only
 test_loss).
 
 The last report also carries the trial's int8 evaluation (when ``train.int8_eval``: the spec turns it on
-for deployment searches, search/spec_model.py ``SearchSpec.int8_eval``;
+for deployment searches, search/spec/model.py ``SearchSpec.int8_eval``;
 :func:`trainables.deploy.quantize.trial_int8`): int8_val_accuracy (= int8_accuracy, the objective),
 int8_test_accuracy, int8_drop, int8_calibration_images, int8_seconds, or int8_error when the
 quantization failed; its checkpoint adds model.onnx and model-int8.onnx (FP32_ONNX_FILE,
@@ -109,7 +109,7 @@ def train_trial(config: dict[str, Any], splits: Splits) -> None:
                                           threads=cfg.threads or 1))
             # report() copies the directory to the trial's storage before returning. node_id:
             # where this attempt runs (results.csv's ``node`` column).
-            # latency_ms: the driver's measurement (search/latency_screen.py), in the config
+            # latency_ms: the driver's measurement (search/space/latency.py), in the config
             # when the spec uses latency; reported so Ray, the schedulers and MLflow see it.
             screened = {k: config[k] for k in ("latency_ms",) if k in config}
             report({**metrics, **screened, "node_id": get_runtime_context().get_node_id()},

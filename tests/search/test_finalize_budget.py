@@ -1,4 +1,4 @@
-"""search/finalize_budget.py: the time budget's plan, from a real results.csv's measured pace."""
+"""search/finalize/budget.py: the time budget's plan, from a real results.csv's measured pace."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Latency as a budget and an objective: measured with ONNX Runtime in the driver, before
-training (search/latency_screen.py), cached in the run dir and the user's cache."""
+training (search/space/latency.py), cached in the run dir and the user's cache."""
 
 from __future__ import annotations
 
