@@ -16,10 +16,8 @@ torch, Ray or MLflow): ``from search import run_search`` imports :mod:`search.ru
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from search import pickled
+from trainables.lazy import lazy_attributes
 
 pickled.install()
 
@@ -43,7 +41,4 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(_PUBLIC[name]), name)
-    raise AttributeError(f"module 'search' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _PUBLIC)

@@ -8,8 +8,7 @@ torch until a name is used).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from trainables.lazy import lazy_attributes
 
 _PUBLIC = {
     "ArchConfig": "trainables.arch", "StageConfig": "trainables.arch",
@@ -28,7 +27,4 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(_PUBLIC[name]), name)
-    raise AttributeError(f"module 'trainables' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _PUBLIC)

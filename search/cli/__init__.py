@@ -7,15 +7,11 @@ Imported lazily: ``import search.cli.data`` does not build the whole app.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from trainables.lazy import lazy_attributes
 
 _PUBLIC = {"app": "search.cli.commands", "main": "search.cli.commands", "run_cli": "search.cli.commands",
            "export_run": "search.cli.export"}
 __all__ = sorted(_PUBLIC)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(_PUBLIC[name]), name)
-    raise AttributeError(f"module 'search.cli' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _PUBLIC)

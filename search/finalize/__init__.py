@@ -7,8 +7,7 @@ Imported lazily (``import search.finalize`` trains nothing and imports no torch)
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from trainables.lazy import lazy_attributes
 
 _PUBLIC = {
     "finalize_run": "search.finalize.retrain", "FinalizeOutcome": "search.finalize.retrain",
@@ -17,7 +16,4 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(_PUBLIC[name]), name)
-    raise AttributeError(f"module 'search.finalize' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _PUBLIC)

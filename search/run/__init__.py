@@ -8,8 +8,7 @@ Imported lazily (``import search.run`` starts no Ray); the names Ray pickles are
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from trainables.lazy import lazy_attributes
 
 _PUBLIC = {
     "run_search": "search.run.driver", "resume_search": "search.run.driver",
@@ -23,7 +22,4 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(_PUBLIC[name]), name)
-    raise AttributeError(f"module 'search.run' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _PUBLIC)

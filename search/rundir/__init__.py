@@ -7,8 +7,7 @@ Imported lazily; the names Ray pickles are pinned here (:mod:`search.pickled`).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from trainables.lazy import lazy_attributes
 
 _PUBLIC = {
     "RunDir": "search.rundir.layout", "Recorder": "search.rundir.results",
@@ -20,7 +19,4 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(_PUBLIC[name]), name)
-    raise AttributeError(f"module 'search.rundir' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _PUBLIC)

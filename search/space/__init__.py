@@ -29,8 +29,7 @@ Ray pickles the searcher with its SearchSpace into a run directory as
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from trainables.lazy import lazy_attributes
 
 # name -> the module that defines it (imported on first use: reading a spec imports
 # no torch until a network is built)
@@ -56,7 +55,4 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(_PUBLIC[name]), name)
-    raise AttributeError(f"module 'search.space' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _PUBLIC)

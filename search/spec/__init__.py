@@ -67,8 +67,7 @@ these classes as ``search.spec.<name>`` (:mod:`search.pickled` pins them here).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from trainables.lazy import lazy_attributes
 
 # name -> the module that defines it (imported on first use: reading a spec imports
 # no torch until a network is built)
@@ -111,7 +110,4 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(_PUBLIC[name]), name)
-    raise AttributeError(f"module 'search.spec' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _PUBLIC)

@@ -9,8 +9,7 @@ by Ray under this path (``trainables.data.DataConfig``).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from trainables.lazy import lazy_attributes
 
 _PUBLIC = {
     "DataConfig": "trainables.data.splits", "Splits": "trainables.data.splits",
@@ -22,7 +21,4 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(_PUBLIC[name]), name)
-    raise AttributeError(f"module 'trainables.data' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _PUBLIC)

@@ -8,8 +8,7 @@ Imported lazily (``import trainables.deploy`` imports neither torch nor ONNX Run
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from trainables.lazy import lazy_attributes
 
 _PUBLIC = {
     "weight_bytes": "trainables.deploy.budgets", "peak_activation": "trainables.deploy.budgets",
@@ -20,7 +19,4 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(_PUBLIC[name]), name)
-    raise AttributeError(f"module 'trainables.deploy' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _PUBLIC)
