@@ -221,13 +221,15 @@ def test_a_custom_resource_places_trials_only_on_the_node_that_has_it(cluster, t
     assert len(rows) == 4 and {r["node"] for r in rows} == {accel}, rows
 
 
-def _spread(cluster: LoopbackCluster, rows: list[dict[str, str]], before: dict[str, str]
-            ) -> set[str]:
-    """The trials' nodes (results.csv): two at least, all of them this cluster's, and Ray's
-    state API agrees (this search's trial actors, new since ``before``, ran there)."""
+def _spread(cluster: LoopbackCluster, rows: list[dict[str, str]],
+            before: dict[str, str] | None) -> set[str]:
+    """The trials' nodes (results.csv): two at least, all of them this cluster's, and, given
+    ``before``, Ray's state API agrees (this search's trial actors, new since then, ran there)."""
     ids = {n.node_id for n in cluster.nodes}
     nodes = {r["node"] for r in rows}
     assert nodes <= ids and len(nodes) >= 2, (nodes, ids)
+    if before is None:
+        return nodes
     actors = {a: n for a, n in cluster.trial_actors().items() if a not in before}
     assert nodes <= set(actors.values()), (nodes, actors)
     return nodes
@@ -290,7 +292,6 @@ def test_submit_follow_to_s3_spreads_trials_over_nodes_and_mlflow_agrees(cluster
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     prefix = f"{tmp_path.name}/runs"  # this test's own (a repeated test finds the last one's)
     storage = f"s3://{BUCKET}/{prefix}?endpoint_override={S3_ENDPOINT}&region={REGION}"
-    before = cluster.trial_actors()
     done = cluster.run([CLI, "submit", str(spec), "--address", cluster.dashboard_url,
                         "--follow", "--json", "--storage", storage,
                         "--tracking-uri", uri], cwd=tmp_path, timeout=600)
@@ -306,7 +307,10 @@ def test_submit_follow_to_s3_spreads_trials_over_nodes_and_mlflow_agrees(cluster
     files = _s3_files(cluster, f"{prefix}/{name}")
     rows = list(csv.DictReader(io.StringIO(_s3_read(cluster, f"{prefix}/{name}/results.csv"))))
     assert summary["complete"] and summary["trials"] == SPREAD["n"] == len(rows)
-    _spread(cluster, rows, before)
+    # Nodes from results.csv, and MLflow's node tags below. Not the state API: the same trial
+    # code records its node in ``run`` (the test above checks it against Ray's actors), and
+    # once in CI the state API listed none of a finished Ray Job's trial actors.
+    _spread(cluster, rows, None)
     keys = [r["trial_key"] for r in rows]
     for needed in ("spec.yaml", "results.csv", "pareto.csv", "optuna.journal", "ray/tuner.pkl",
                    *(f"trials/{k}/{f}" for k in keys
