@@ -1,55 +1,59 @@
-"""Search quality on real MNIST: hypervolume against wall time, sparse-search vs two baselines.
+"""Search quality at equal wall time: sparse-search's default against fair peers.
 
-Three ways to search the same space (default spaces/studies/tiny-mnist.yaml: tiny CNNs under a
-3,500-param budget) with the same trainable, data, epochs, trials and resources:
+Every method searches the same space (default spaces/studies/tiny-mnist.yaml: tiny CNNs under
+a 3,500-param budget, on real MNIST) for the same wall time (``--wall`` seconds, counted from
+the call that starts it), with the same trainable, data, epochs, trials at once and the same
+budget screen before training, through the same driver (``search.run.driver.run_search``, Ray
+Tune underneath). Only the search strategy differs:
 
-- ``sparse-search``: ``search.run.driver.run_search`` as ``sparse-search run`` runs it: the Proposer's
-  TPE with the budget screen (each proposal is built on the meta device and counted, ~80 ms on
-  a 2-core machine; over-budget shapes are told to Optuna as infeasible and never trained),
-  Ray Tune underneath;
-- ``random``: Ray Tune + ``OptunaSearch`` with a ``RandomSampler`` over the same define-by-run
-  space (Ray's own random search cannot express its conditionals), WITHOUT the screen: an
-  over-budget config is trained like any other and then counts as infeasible;
-- ``optuna``: stock Ray Tune ``OptunaSearch`` with Optuna's default ``TPESampler``; each trial
-  carries its params excess as an Optuna constraint (``Trial.set_constraint``, the count a user
-  would take from the built model), but TPE only reads the constraints of COMPLETE trials and
-  ``OptunaSearch`` has no way to skip a suggestion: every config is trained, and the budget is
-  learned only from trials that finished training.
+- ``sparse-search``: the space's own ``search`` settings as shipped (sampler, size bands,
+  early stopping), changed only by ``--ours KEY=YAML`` for experiments;
+- ``random``: Optuna's ``RandomSampler``; a screened-out proposal costs no training;
+- ``optuna-tpe``: Optuna 5's ``TPESampler`` with its defaults (seed only), given the budget
+  as its documentation teaches: the proposal's params excess set with ``trial.set_constraint``
+  and the trial pruned before training (TPE ranks a pruned trial with a positive constraint
+  as infeasible);
+- ``optuna-nsga2``: ``NSGAIISampler(population_size=10)`` (the default 50 would be random
+  sampling for the whole of a search this short), constraint set, pruned before training.
 
-Quality is the hypervolume of the (test error, log10 nonzero params) front of the finished,
-within-budget trials (``search.rundir.pareto.hypervolume_2d``, reference: the budget; an over-budget
-trial adds nothing), recorded each time a trial finishes, against wall time since that
-method's search started (its own data loading, Tuner start and training; one Ray runtime,
-started before any method, is shared). Each method runs ``--seeds`` times (sampler seeds 0..).
+Peers are plain samplers over the same space: a searched fill fraction (``fill_budget``: every
+width scaled so the params land at that fraction of the budget) is a dimension their sampler
+draws too; giving each size band its share of trials (``fill_budget.bands``) and early
+stopping are sparse-search's, off for them.
 
-Prints a per-run table, the mean final hypervolume of each method, the ratios, and the time
-each method's mean curve takes to reach random search's mean final hypervolume; writes a plot
-(``--out``) and every finished trial as CSV (``--csv``). The LAST line is JSON with
-``hv_ratio_vs_random``, ``hv_ratio_vs_optuna`` and ``time_to_random_hv_ratio`` (sparse-search's
-time to reach random's final hypervolume / random's own; < 1 is faster; null if never reached).
+Quality is the hypervolume of the (test error, log10 nonzero params) front of the trials
+finished by the wall time (``search.rundir.pareto.hypervolume_2d``; reference point fixed in
+advance: error 1 and the params budget). Each method runs ``--seeds`` times (sampler seeds
+0..); the data split is the same for all. Prints a per-run table and the mean (sd) of each
+method; writes every finished trial as CSV, a plot, and ``--json-out``
+(docs/results/search_quality-<space>.json) with ``hv_ratio_vs_best_peer`` (ours over the
+best peer's mean hypervolume at the wall time), ``time_to_best_peer_hv_ratio`` (the time our
+mean curve takes to reach the best peer's mean final hypervolume over the time the peer's own
+takes; < 1 is faster; null if never), ``peers``, ``seeds`` and the per-method figures. The
+LAST line printed is the same JSON.
 
-    .venv/bin/python bench/search_quality.py --quick     # ~2-minute smoke check
-    .venv/bin/python bench/search_quality.py             # ~15 minutes on 2 idle cores
-    .venv/bin/python bench/search_quality.py --trials 40 --subset 12000 --epochs 2 --seeds 5
+    .venv/bin/python bench/search_quality.py --quick          # ~3-minute smoke check
+    .venv/bin/python bench/search_quality.py                  # 4 methods x 5 seeds x 45 s: ~17 min
+    .venv/bin/python bench/search_quality.py --methods sparse-search \\
+        --ours 'search.early_stopping={scheduler: moasha}'   # try a change against the peers
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
-import dataclasses
 import json
 import math
+import statistics
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from ray.tune import Callback
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `python bench/search_quality.py` from anywhere
@@ -57,16 +61,19 @@ if str(REPO_ROOT) not in sys.path:  # `python bench/search_quality.py` from anyw
 
 DEFAULT_SPACE = REPO_ROOT / "spaces" / "studies" / "tiny-mnist.yaml"
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "datasets" / "mnist.npz"
-DEFAULT_OUT = REPO_ROOT / "docs" / "results" / "search_quality.png"
-DEFAULT_CSV = REPO_ROOT / "docs" / "results" / "search_quality.csv"
-METHODS = ("sparse-search", "random", "optuna")
+RESULTS = REPO_ROOT / "docs" / "results"
+OURS = "sparse-search"
+PEERS = ("random", "optuna-tpe", "optuna-nsga2")
+METHODS = (OURS, *PEERS)
 # The default run and --quick. A small batch, so that tiny nets learn in the few optimizer
 # steps a CPU budget allows (3,000 images x 1 epoch at 128 leave a 2k-param net near chance).
-DEFAULT_SIZE = {"trials": 16, "subset": 6000, "test_subset": 2000, "epochs": 2,
-                "batch_size": 32, "seeds": 3}
-QUICK_SIZE = {"trials": 6, "subset": 1500, "test_subset": 1000, "epochs": 1,
+# 45 s of 1-epoch trials on 2,700 images: ~100-150 trained trials per search, enough that
+# five seeds resolve a 1.2x difference (the per-seed sd was ~0.02-0.04 on a mean of ~0.27).
+DEFAULT_SIZE = {"wall": 45, "subset": 3000, "test_subset": 2000, "epochs": 1,
+                "batch_size": 32, "seeds": 5}
+QUICK_SIZE = {"wall": 20, "subset": 1500, "test_subset": 1000, "epochs": 1,
               "batch_size": 32, "seeds": 1}
-CONFIG_KEY = "flat_config"  # baselines: the flat arch/train config travels as one JSON string
+MAX_TRIALS = 10_000  # num_samples: the wall time ends every search first
 
 
 @dataclass(frozen=True)
@@ -84,18 +91,15 @@ class RunResult:
 
     method: str
     seed: int
-    wall_seconds: float
+    wall_seconds: float  # until its last trial ended (the trials in flight at --wall finish)
     points: tuple[TrialPoint, ...]  # in completion order
-    rejected: int  # proposals screened out without training (sparse-search only)
+    rejected: int  # proposals screened out without training
 
     def trained(self) -> int:
         return sum(1 for p in self.points if not math.isnan(p.test_error))
 
     def failed(self) -> int:
         return len(self.points) - self.trained()
-
-    def over_budget(self, max_params: int) -> int:
-        return sum(1 for p in self.points if p.nonzero_params > max_params)
 
 
 # ---------------------------------------------------------------------- curves (pure)
@@ -135,36 +139,102 @@ def time_to_reach(curve: Sequence[tuple[float, float]], target: float) -> float 
 
 
 # ---------------------------------------------------------------------- the spec
-def bench_spec(space: Path, *, data: Path, trials: int, subset: int, test_subset: int,
-               epochs: int, batch_size: int, seed: int, concurrent: int, cpus: float,
-               method: str) -> Any:
-    """The study space with the benchmark's size; every method gets the same one."""
-    from search.spec import load_spec
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """``data['a']['b'] = value`` for ``a.b`` (the raw YAML mapping, before validation)."""
+    *parents, leaf = dotted.split(".")
+    node = data
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--ours {dotted}: {key} is not a mapping in the space")
+    node[leaf] = value
 
-    spec = load_spec(space, num_samples=trials, seed=seed)
+
+def bench_spec(space: Path, *, data: Path, wall: int, subset: int, test_subset: int,
+               epochs: int, batch_size: int, seed: int, concurrent: int, cpus: float,
+               method: str, ours: Sequence[tuple[str, Any]] = (),
+               every: Sequence[tuple[str, Any]] = ()) -> Any:
+    """The space at the benchmark's size for one method (``every``: changes to the space for
+    all methods, ``ours``: for sparse-search's only); the spec's validation applies."""
+    import yaml
+
+    from search.spec import parse_spec
+
+    raw = yaml.safe_load(space.read_text())
+    for dotted, value in every:
+        set_dotted(raw, dotted, value)
+    search = raw.setdefault("search", {})
+    search["max_concurrent"] = concurrent
+    search.pop("initial", None)  # no seed networks: the strategies start from nothing
+    if method == OURS:
+        for dotted, value in ours:
+            set_dotted(raw, dotted, value)
+    else:
+        search.pop("early_stopping", None)
+        if isinstance(search.get("fill_budget"), dict):
+            # The fill fraction is a dimension of the space: the peers' samplers draw it
+            # too; giving each size band its share of trials is sparse-search's.
+            search["fill_budget"] = {**search["fill_budget"], "bands": 1}
+    raw["name"] = f"search-quality-{method}-s{seed}"
+    raw["data"] = {**raw["data"], "path": str(data.resolve()), "subset": subset,
+                   "test_subset": test_subset, "seed": 0}
+    raw["train"] = {**raw.get("train", {}), "epochs": epochs, "batch_size": batch_size}
+    raw["resources"] = {"cpu": cpus / concurrent, "gpu": 0}
+    spec = parse_spec(raw, source=str(space), num_samples=MAX_TRIALS, seed=seed,
+                      time_budget=float(wall))
     if spec.constraints.max_params is None:
         raise ValueError(f"{space}: constraints.max_params is null: the benchmark needs a budget")
-    search = dataclasses.replace(spec.search, max_concurrent=concurrent, early_stopping=None)
-    if method != "sparse-search":
-        search = dataclasses.replace(search, fill_budget=None)  # filling needs the screen
-    return dataclasses.replace(
-        spec,
-        name=f"search-quality-{method}-s{seed}",
-        data=spec.data.replace(path=str(data.resolve()), subset=subset, test_subset=test_subset,
-                               seed=0),
-        train={**spec.train, "epochs": epochs, "batch_size": batch_size},
-        search=search,
-        resources=dataclasses.replace(spec.resources, cpu=cpus / concurrent, gpu=0.0),
-    )
+    return spec
 
 
-# ---------------------------------------------------------------------- (a) sparse-search
-def run_sparse_search(spec: Any, storage: Path) -> RunResult:
-    """``sparse-search run`` in-process; trial end times are its result.json write times."""
+# ---------------------------------------------------------------------- the peers
+def peer_sampler(method: str, seed: int) -> Any:
+    import optuna
+
+    if method == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if method == "optuna-tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if method == "optuna-nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=10, seed=seed)
+    raise ValueError(f"{method=} must be one of {PEERS}")
+
+
+@contextlib.contextmanager
+def peer_proposals(method: str) -> Iterator[None]:
+    """Inside: the driver's searcher asks its proposals as an Optuna user would for ``method``:
+    its stock sampler, and a screened-out proposal told PRUNED (its constraint set), never
+    trained. The screen, the duplicate check and everything else are the driver's own."""
+    from optuna.trial import TrialState
+
+    import search.run.searcher as searcher
+    from search.space.proposer import Proposer
+
+    class PeerProposer(Proposer):
+        def __init__(self, space: Any, **kw: Any) -> None:
+            super().__init__(space, **kw)
+            self.study.sampler = peer_sampler(method, kw["seed"] + len(self.study.trials))
+
+        def _reject(self, trial: Any, proposal: Any, streak: list) -> None:
+            self.study.tell(trial, state=TrialState.PRUNED)
+            self.rejected += 1
+            streak.append(proposal)
+
+    saved = searcher.Proposer
+    searcher.Proposer = PeerProposer
+    try:
+        yield
+    finally:
+        searcher.Proposer = saved
+
+
+def run_one(spec: Any, storage: Path, method: str) -> RunResult:
+    """One search in-process; trial end times are its result.json write times."""
     from search.run.driver import run_search
 
     start = time.time()
-    outcome = run_search(spec, storage_dir=storage, mlflow=False, progress=False)
+    with peer_proposals(method) if method != OURS else contextlib.nullcontext():
+        outcome = run_search(spec, storage_dir=storage, mlflow=False, progress=False)
     wall = time.time() - start
     points = []
     for path in sorted((outcome.run_dir / "trials").glob("*/result.json")):
@@ -175,172 +245,84 @@ def run_sparse_search(spec: Any, storage: Path) -> RunResult:
             seconds=path.stat().st_mtime - start,
             test_error=1.0 - m["test_accuracy"] if ok else math.nan,
             nonzero_params=float(m["nonzero_params"]) if ok else math.nan))
-    return RunResult("sparse-search", spec.search.seed, wall,
+    return RunResult(method, spec.search.seed, wall,
                      tuple(sorted(points, key=lambda p: p.seconds)),
                      rejected=int(outcome.summary["rejected"]))
 
 
-# ---------------------------------------------------------------------- (b), (c) stock Tune
-class DefineByRun:
-    """OptunaSearch's define-by-run space: the same suggestions as sparse-search, no screen.
-
-    Returns the flat config as one JSON string: OptunaSearch unflattens "/" keys, and
-    ``arch/stem`` (a flag) next to ``arch/stem/width`` cannot be unflattened. A sampled
-    combination that makes no valid network goes out as ``{}``: the trial then fails on its
-    worker, as it would in any search without a screen. With ``max_params``, the trial's
-    relative params excess is set as its Optuna constraint (> 0: over budget).
-    """
-
-    def __init__(self, space: Any, *, max_params: int | None = None) -> None:
-        self.space, self.max_params = space, max_params
-
-    def __call__(self, trial: Any) -> dict[str, Any]:
-        proposal = self.space.sample(trial)
-        if self.max_params is not None and proposal.screened_params is not None:
-            trial.set_constraint("max_params",
-                                 (proposal.screened_params - self.max_params) / self.max_params)
-        return {CONFIG_KEY: json.dumps(proposal.config)}
-
-
-class FinishTimes(Callback):
-    """A Ray Tune callback in the driver: when each trial ended and what it reported last."""
-
-    def __init__(self) -> None:
-        self.start = time.time()
-        self.points: list[TrialPoint] = []
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        r = trial.last_result or {}
-        ok = "test_accuracy" in r
-        self.points.append(TrialPoint(time.time() - self.start,
-                                      1.0 - r["test_accuracy"] if ok else math.nan,
-                                      float(r["nonzero_params"]) if ok else math.nan))
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.points.append(TrialPoint(time.time() - self.start, math.nan, math.nan))
-
-
-def stock_trial(config: dict[str, Any], splits: Any) -> None:
-    """The project's trainable, fed the flat config the define-by-run space serialised."""
-    from trainables.trial import train_trial
-
-    train_trial(json.loads(config[CONFIG_KEY]), splits)
-
-
-def run_stock(spec: Any, storage: Path, *, method: str) -> RunResult:
-    import optuna
-    from ray import tune
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
-
-    from search.run.ray_runtime import TUNE_ENV, scoped_env
-    from search.space import SearchSpace
-    from trainables.data import load_dataset
-
-    timer = FinishTimes()
-    splits = load_dataset(spec.data)
-    space = SearchSpace(spec, input_shape=splits.input_shape, num_classes=splits.num_classes)
-    metrics = [o.metric for o in spec.objectives]
-    seed = spec.search.seed
-    if method == "random":
-        sampler: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=seed)
-        define_by_run = DefineByRun(space)
-    else:
-        sampler = optuna.samplers.TPESampler(seed=seed)
-        define_by_run = DefineByRun(space, max_params=spec.constraints.max_params)
-    searcher = OptunaSearch(space=define_by_run, metric=metrics,
-                            mode=[o.mode for o in spec.objectives], sampler=sampler)
-    trainable = tune.with_resources(tune.with_parameters(stock_trial, splits=splits),
-                                    {"cpu": spec.resources.cpu, "gpu": 0})
-    tuner = tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(
-            search_alg=ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent),
-            num_samples=spec.search.num_samples, reuse_actors=True),
-        run_config=tune.RunConfig(
-            name=spec.name, storage_path=str(storage), verbose=0, callbacks=[timer],
-            failure_config=tune.FailureConfig(max_failures=0),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
-    )
-    # The Tune settings run_search uses (no per-result CSV/JSON/TensorBoard loggers, quiet
-    # output): without them the baselines would pay for logging that sparse-search skips.
-    with scoped_env(TUNE_ENV):
-        tuner.fit()
-    return RunResult(method, seed, time.time() - timer.start,
-                     tuple(sorted(timer.points, key=lambda p: p.seconds)), rejected=0)
-
-
 # ---------------------------------------------------------------------- report
-def summarize(runs: Sequence[RunResult], *, max_params: int
-              ) -> tuple[dict[str, Any], dict[str, list[tuple[float, float]]]]:
-    """Mean final hypervolumes, ratios and times to random's final hypervolume; mean curves."""
-    curves = {m: [hv_curve(r.points, max_params=max_params) for r in runs if r.method == m]
-              for m in METHODS}
-    final = {m: sum(c[-1][1] if c else 0.0 for c in cs) / len(cs) for m, cs in curves.items()}
+def summarize(runs: Sequence[RunResult], *, max_params: int, wall: float,
+              methods: Sequence[str]) -> tuple[dict[str, Any], dict[str, list]]:
+    """Per method: mean / sd of the hypervolume at ``wall``; ours against the best peer."""
+    curves = {m: [[(s, h) for s, h in hv_curve(r.points, max_params=max_params) if s <= wall]
+                  for r in runs if r.method == m] for m in methods}
+    at_wall = {m: [hv_at(c, wall) for c in cs] for m, cs in curves.items()}
     means = {m: mean_curve(cs) for m, cs in curves.items()}
-    target = final["random"]
-    reach = {m: time_to_reach(means[m], target) for m in METHODS}
 
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return None if a is None or b is None or b == 0 else a / b
+    def stats(m: str) -> dict[str, Any]:
+        vs = at_wall[m]
+        mine = [r for r in runs if r.method == m]
+        return {"hv_mean": statistics.fmean(vs), "hv_sd": statistics.stdev(vs) if len(vs) > 1
+                else 0.0, "hv_per_seed": vs,
+                "trained_mean": statistics.fmean(sum(p.seconds <= wall for p in r.points
+                                                     if not math.isnan(p.test_error))
+                                                 for r in mine),
+                "screened_out_mean": statistics.fmean(r.rejected for r in mine)}
 
-    return {
-        "hv_ratio_vs_random": ratio(final["sparse-search"], final["random"]),
-        "hv_ratio_vs_optuna": ratio(final["sparse-search"], final["optuna"]),
-        "time_to_random_hv_ratio": ratio(reach["sparse-search"], reach["random"]),
-        "final_hv": final,
-        "seconds_to_random_hv": reach,
-        "mean_wall_seconds": {m: sum(r.wall_seconds for r in runs if r.method == m)
-                              / max(1, sum(r.method == m for r in runs)) for m in METHODS},
-    }, means
+    per = {m: stats(m) for m in methods}
+    peers = [m for m in methods if m != OURS]
+    result: dict[str, Any] = {"peers": peers, "methods": per}
+    if OURS in per and peers:
+        best = max(peers, key=lambda m: per[m]["hv_mean"])
+        target = per[best]["hv_mean"]
+        ours_t, peer_t = time_to_reach(means[OURS], target), time_to_reach(means[best], target)
+        result |= {
+            "best_peer": best,
+            "hv_ratio_vs_best_peer": per[OURS]["hv_mean"] / target if target else None,
+            "time_to_best_peer_hv_ratio": None if ours_t is None or not peer_t
+            else ours_t / peer_t,
+            "hv_ratio_vs": {m: per[OURS]["hv_mean"] / per[m]["hv_mean"]
+                            for m in peers if per[m]["hv_mean"]},
+        }
+    return result, means
 
 
-def table(runs: Sequence[RunResult], *, max_params: int) -> str:
-    lines = [f"{'method':<14}{'seed':>5}{'wall s':>9}{'trained':>9}{'over budget':>13}"
-             f"{'failed':>8}{'screened out':>14}{'best test acc':>15}{'final HV':>10}"]
+def table(runs: Sequence[RunResult], *, max_params: int, wall: float) -> str:
+    lines = [f"{'method':<14}{'seed':>5}{'wall s':>9}{'trained':>9}{'no test':>9}"
+             f"{'screened out':>14}{'best test acc':>15}{'HV at wall':>12}"]
     for r in runs:
-        ok = [p for p in r.points if p.nonzero_params <= max_params]
-        best = max((1 - p.test_error for p in ok), default=math.nan)
-        curve = hv_curve(r.points, max_params=max_params)
+        best = max((1 - p.test_error for p in r.points
+                    if p.nonzero_params <= max_params and p.seconds <= wall), default=math.nan)
+        hv = hv_at(hv_curve(r.points, max_params=max_params), wall)
         lines.append(f"{r.method:<14}{r.seed:>5}{r.wall_seconds:>9.1f}{r.trained():>9}"
-                     f"{r.over_budget(max_params):>13}{r.failed():>8}{r.rejected:>14}"
-                     f"{best:>15.4f}{(curve[-1][1] if curve else 0.0):>10.4f}")
+                     f"{r.failed():>9}{r.rejected:>14}{best:>15.4f}{hv:>12.4f}")
     return "\n".join(lines)
 
 
-def write_csv(runs: Sequence[RunResult], path: Path, *, max_params: int) -> None:
+def write_csv(runs: Sequence[RunResult], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
-        w.writerow(["method", "seed", "seconds", "test_accuracy", "nonzero_params", "within_budget"])
+        w.writerow(["method", "seed", "seconds", "test_accuracy", "nonzero_params"])
         for r in runs:
             for p in r.points:
                 trained = not math.isnan(p.test_error)
                 w.writerow([r.method, r.seed, f"{p.seconds:.2f}",
                             f"{1 - p.test_error:.4f}" if trained else "",
-                            int(p.nonzero_params) if trained else "",
-                            trained and p.nonzero_params <= max_params])
+                            int(p.nonzero_params) if trained else ""])
 
 
-def plot(runs: Sequence[RunResult], means: dict[str, list[tuple[float, float]]], path: Path, *,
-         max_params: int, target: float, title: str) -> None:
+def plot(means: dict[str, list[tuple[float, float]]], path: Path, *, wall: float,
+         title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"sparse-search": "tab:blue", "random": "tab:gray", "optuna": "tab:orange"}
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for r in runs:
-        c = hv_curve(r.points, max_params=max_params)
-        if c:
-            ax.step([0, *[s for s, _ in c]], [0, *[h for _, h in c]], where="post",
-                    color=colors[r.method], alpha=0.25, lw=0.8)
     for m, c in means.items():
-        if c:
-            ax.step([0, *[s for s, _ in c]], [0, *[h for _, h in c]], where="post",
-                    color=colors[m], lw=2, label=f"{m} (mean of seeds)")
-    ax.axhline(target, color="tab:gray", ls="--", lw=0.8, label="random: final mean HV")
+        xs, ys = [0, *[s for s, _ in c], wall], [0, *[h for _, h in c], c[-1][1] if c else 0]
+        ax.step(xs, ys, where="post", lw=2.5 if m == OURS else 1.5, label=f"{m} (mean of seeds)")
     ax.set_xlabel("wall time since the search started (s)")
     ax.set_ylabel("hypervolume (test error, log10 params)")
     ax.set_title(title, fontsize=9)
@@ -353,11 +335,25 @@ def plot(runs: Sequence[RunResult], means: dict[str, list[tuple[float, float]]],
 
 
 # ---------------------------------------------------------------------- main
+def parse_changes(flag: str, items: Sequence[str]) -> list[tuple[str, Any]]:
+    import yaml
+
+    out = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} {item!r}: expected KEY=YAML, e.g. "
+                             "'search.early_stopping={scheduler: moasha}'")
+        out.append((key, yaml.safe_load(value)))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--space", type=Path, default=DEFAULT_SPACE, help="search space YAML")
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="MNIST npz (Keras layout)")
-    helps = {"trials": "trained trials per search", "subset": "train+val images",
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                    help="the space's dataset file (default: MNIST .npz, Keras layout)")
+    helps = {"wall": "wall seconds per search", "subset": "train+val images",
              "test_subset": "test images", "epochs": "epochs per trial",
              "batch_size": "images per step", "seeds": "searches per method (seeds 0..)"}
     for name, text in helps.items():
@@ -365,73 +361,96 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"{text} (default {DEFAULT_SIZE[name]}, --quick {QUICK_SIZE[name]})")
     ap.add_argument("--concurrent", type=int, default=2, help="trials at once (default 2)")
     ap.add_argument("--cpus", type=float, default=2.0, help="CPUs shared by those trials")
-    ap.add_argument("--quick", action="store_true", help="a ~2-minute smoke check")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="plot (png)")
-    ap.add_argument("--csv", type=Path, default=DEFAULT_CSV, help="every finished trial (csv)")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"comma-separated, of {', '.join(METHODS)} (default: all)")
+    ap.add_argument("--ours", action="append", default=[], metavar="KEY=YAML",
+                    help="change sparse-search's spec (dotted key, YAML value); repeatable")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=YAML", dest="every",
+                    help="change the space for every method (dotted key, YAML value); "
+                    "repeatable")
+    ap.add_argument("--quick", action="store_true", help="a ~3-minute smoke check")
+    ap.add_argument("--json-out", type=Path, help="default docs/results/search_quality-"
+                    "<space>.json (--quick, --set, --ours or --methods: not written unless "
+                    "given)")
+    ap.add_argument("--csv", type=Path, help="every finished trial (default: beside --json-out)")
     args = ap.parse_args(argv)
     base = QUICK_SIZE if args.quick else DEFAULT_SIZE
     size = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in base.items()}
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        print(f"error: --methods {args.methods!r}: expected some of {', '.join(METHODS)}",
+              file=sys.stderr)
+        return 2
     for name, v in [*size.items(), ("concurrent", args.concurrent)]:
         if v < 1:
             print(f"error: --{name.replace('_', '-')}={v} must be >= 1", file=sys.stderr)
             return 2
     if not args.data.is_file():
-        print(f"error: MNIST not found at {args.data} (a Keras-layout .npz with x_train, y_train, "
-              "x_test, y_test as uint8): pass --data PATH", file=sys.stderr)
+        print(f"error: no dataset at {args.data}: pass --data PATH", file=sys.stderr)
         return 2
+    official = not (args.quick or args.ours or args.every or args.methods != ",".join(METHODS))
+    json_out = args.json_out or (RESULTS / f"search_quality-{args.space.stem}.json"
+                                 if official else None)
 
     from search.errors import UserError
     from search.run.ray_runtime import init_ray
 
-    seeds = size.pop("seeds")
+    seeds, wall = size.pop("seeds"), size["wall"]
     try:
+        ours, every = parse_changes("--ours", args.ours), parse_changes("--set", args.every)
         specs = {(m, s): bench_spec(args.space, method=m, seed=s, data=args.data,
-                                    concurrent=args.concurrent, cpus=args.cpus, **size)
-                 for s in range(seeds) for m in METHODS}
+                                    concurrent=args.concurrent, cpus=args.cpus, ours=ours,
+                                    every=every, **size)
+                 for s in range(seeds) for m in methods}
     except (UserError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    max_params = specs[(METHODS[0], 0)].constraints.max_params
-    trials, subset, epochs = size["trials"], size["subset"], size["epochs"]
-    print(f"space {args.space.name}: budget {max_params:,} params; {trials} trials x "
-          f"{len(METHODS)} methods x {seeds} seeds; MNIST subset {subset}, test "
-          f"{size['test_subset']}, {epochs} epoch(s), batch {size['batch_size']}; "
-          f"{args.concurrent} trials at once on {args.cpus:g} CPUs", flush=True)
-    warnings.filterwarnings("ignore", message=".*Define-by-run function.*")
+    max_params = specs[(methods[0], 0)].constraints.max_params
+    print(f"space {args.space.name}: budget {max_params:,} params; {len(methods)} methods x "
+          f"{seeds} seeds x {wall} s; data subset {size['subset']}, test {size['test_subset']}, "
+          f"{size['epochs']} epoch(s), batch {size['batch_size']}; {args.concurrent} trials at "
+          f"once on {args.cpus:g} CPUs" + (f"; all: {args.every}" if args.every else "")
+          + (f"; ours: {args.ours}" if args.ours else ""),
+          flush=True)
+    warnings.filterwarnings("ignore", category=UserWarning, module="optuna")
     init_ray(num_cpus=math.ceil(args.cpus))
     runs: list[RunResult] = []
+    started = time.time()
     with tempfile.TemporaryDirectory(prefix="search-quality-") as tmp:
-        for s in range(seeds):
-            for m in METHODS:
-                spec, storage = specs[(m, s)], Path(tmp) / f"{m}-{s}"
-                run = (run_sparse_search(spec, storage) if m == "sparse-search"
-                       else run_stock(spec, storage, method=m))
+        for s in range(seeds):  # seeds outermost: a drift in the machine's speed hits all
+            for m in methods:
+                run = run_one(specs[(m, s)], Path(tmp) / f"{m}-{s}", m)
                 runs.append(run)
-                print(f"  {m:<14} seed {s}: {run.wall_seconds:6.1f} s, {run.trained()} trained, "
-                      f"{run.over_budget(max_params)} over budget, {run.failed()} failed, "
-                      f"{run.rejected} screened out", flush=True)
-    result, means = summarize(runs, max_params=max_params)
+                hv = hv_at(hv_curve(run.points, max_params=max_params), wall)
+                print(f"  {m:<14} seed {s}: {run.wall_seconds:6.1f} s, {run.trained()} trained,"
+                      f" {run.rejected} screened out, HV at {wall} s {hv:.4f}", flush=True)
+    result, means = summarize(runs, max_params=max_params, wall=wall, methods=methods)
     print()
-    print(table(runs, max_params=max_params))
+    print(table(runs, max_params=max_params, wall=wall))
     print()
-    for m in METHODS:
-        t = result["seconds_to_random_hv"][m]
-        print(f"{m:<14} mean final HV {result['final_hv'][m]:.4f}   mean wall "
-              f"{result['mean_wall_seconds'][m]:6.1f} s   reaches random's final HV "
-              + ("never" if t is None else f"after {t:.1f} s"))
-
-    def fmt(v: float | None) -> str:
-        return "n/a" if v is None else f"{v:.3f}"
-
-    print(f"HV ratio vs random {fmt(result['hv_ratio_vs_random'])}, vs optuna "
-          f"{fmt(result['hv_ratio_vs_optuna'])}; time to random's final HV, sparse-search / "
-          f"random: {fmt(result['time_to_random_hv_ratio'])}")
-    write_csv(runs, args.csv, max_params=max_params)
-    plot(runs, means, args.out, max_params=max_params, target=result["final_hv"]["random"],
-         title=f"{args.space.name}, MNIST subset {subset}, {epochs} epoch(s), {trials} trials, "
-               f"{seeds} seed(s), budget {max_params:,}")
-    print(f"wrote {args.out} and {args.csv}")
-    print(json.dumps({**result, **size, "seeds": seeds}))
+    for m in methods:
+        r = result["methods"][m]
+        print(f"{m:<14} HV at {wall} s: mean {r['hv_mean']:.4f} (sd {r['hv_sd']:.4f}), "
+              f"{r['trained_mean']:.1f} trained, {r['screened_out_mean']:.1f} screened out")
+    if "best_peer" in result:
+        print(f"ours / best peer ({result['best_peer']}): HV {result['hv_ratio_vs_best_peer']:.3f}"
+              f"x; time to its HV: {result['time_to_best_peer_hv_ratio']}")
+    result |= {"space": args.space.name, "seeds": seeds, **size, "concurrent": args.concurrent,
+               "cpus": args.cpus, "space_changes": args.every, "ours_changes": args.ours,
+               "minutes": round((time.time() - started) / 60, 1)}
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=1) + "\n")
+        csv_out = args.csv or json_out.with_suffix(".csv")
+        write_csv(runs, csv_out)
+        plot(means, json_out.with_suffix(".png"), wall=wall,
+             title=f"{args.space.name}: {seeds} seeds x {wall} s, data subset {size['subset']}, "
+                   f"{size['epochs']} epoch(s), budget {max_params:,}")
+        print(f"wrote {json_out}, {csv_out} and {json_out.with_suffix('.png')}")
+    elif args.csv:
+        write_csv(runs, args.csv)
+    print(json.dumps(result))
     return 0
 
 
