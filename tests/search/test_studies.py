@@ -216,3 +216,40 @@ def test_search_quality_curves_on_hand_computed_steps():
     assert [round(h, 12) for _, h in mean] == [0.0, 0.05, 0.175, 0.175, 0.25, 0.35]
     assert sq.time_to_reach(mean, 0.25) == 4.0
     assert sq.time_to_reach(mean, 0.36) is None
+
+
+def test_search_quality_peers_search_the_same_space_without_our_strategy(tmp_path):
+    """Fairness: every method gets the same space, data, size and time; the peers' samplers
+    draw the fill fraction over the same range, without sparse-search's size bands."""
+    sq = load_script("search_quality")
+    size = {"wall": 30, "subset": 900, "test_subset": 300, "epochs": 1, "batch_size": 32}
+    specs = {m: sq.bench_spec(ROOT / "spaces/studies/tiny-mnist.yaml", data=tmp_path / "d.npz",
+                              seed=1, concurrent=2, cpus=2.0, method=m, **size)
+             for m in sq.METHODS}
+    ours = specs[sq.OURS]
+    assert ours.search.fill_budget.bands == 8 and ours.search.time_budget == 30
+    for m in sq.PEERS:
+        peer = specs[m]
+        assert peer.search.fill_budget.bands == 1, m
+        assert peer.search.fill_budget.fraction == ours.search.fill_budget.fraction
+        assert (peer.data, peer.train, peer.resources, peer.constraints, peer.search.seed,
+                peer.search.time_budget) == (ours.data, ours.train, ours.resources,
+                                             ours.constraints, 1, 30)
+    with pytest.raises(ValueError, match="optuna-tpe"):
+        sq.peer_sampler("grid", 0)
+
+
+# ---------------------------------------------------------------------- rank_fidelity.py
+def test_rank_fidelity_taus_are_taken_within_size_bands():
+    rf = load_script("rank_fidelity")
+    edges = rf.log_edges(10, 1000, 2)
+    assert [round(e, 9) for e in edges] == [10, 100, 1000]
+    assert [rf.band_of(p, edges) for p in (10, 99, 100, 999, 1000)] == [0, 0, 1, 1, 1]
+    # Band 0 ranks perfectly (tau 1, 3 pairs), band 1 inversely (tau -1, 1 pair), and a
+    # one-member band adds nothing: (3 * 1 + 1 * -1) / 4 = 0.5. Overall the size decides.
+    signal = [1, 2, 3, 20, 10, 7]
+    reference = [0.1, 0.2, 0.3, 0.4, 0.5, 0.9]
+    band = [0, 0, 0, 1, 1, 2]
+    mean, per_band = rf.within_bands(signal, reference, band)
+    assert per_band == {0: 1.0, 1: -1.0} and mean == 0.5
+    assert math.isnan(rf.kendall([1.0], [2.0])) and math.isnan(rf.kendall([1, 1], [1, 2]))
