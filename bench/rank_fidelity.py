@@ -363,6 +363,10 @@ def main(argv: list[str] | None = None) -> int:
           " s per net; bands "
           + ", ".join(f"{edges[b]:,.0f}-{edges[b + 1]:,.0f}: {band.count(b)}"
                       for b in range(args.bands)))
+    if known:  # the space's own data and training, as they were used
+        size = {"n": size["n"], "subset": data_cfg.subset, "test_subset": data_cfg.test_subset,
+                "epochs": sorted(epochs), "batch_size": sorted({int(c["train/batch_size"])
+                                                                for c in configs})}
     result = {"space": args.space.name, "networks": len(configs), **size, "bands": args.bands,
               "band_edges": edges, "band_counts": [band.count(b) for b in range(args.bands)],
               "recorded": len(known), "results_csv": str(args.results) if known else None,

@@ -146,7 +146,7 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     for key in parents:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise ValueError(f"--ours {dotted}: {key} is not a mapping in the space")
+            raise ValueError(f"{dotted}: {key} is not a mapping in the space")
     node[leaf] = value
 
 
