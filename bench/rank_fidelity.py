@@ -316,9 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     configs = [c for c, _, _ in known] + [c for c, _ in sampled]
     params = [p for _, p, _ in known] + [p for _, p in sampled]
     epochs = {int(c["train/epochs"]) for c in configs}
-    signals = [s for s in SIGNALS if not (s == "seed" and known)
-               and not (s == "epochs" and max(epochs) // args.epochs_divisor < 1)
-               and not (s == "epochs" and max(epochs) == 1)]
+    signals = [s for s in SIGNALS if not (s == "seed" and known) and not (
+        s == "epochs" and (max(epochs) == 1 or max(epochs) // args.epochs_divisor < 1))]
     print(f"{len(configs)} networks of {args.space.name} ({len(known)} recorded) "
           f"({min(params):,.0f}-{max(params):,.0f} params); reference: {sorted(epochs)} "
           f"epoch(s) on {len(splits.y_train):,} images, val {len(splits.y_val):,}; "

@@ -52,7 +52,7 @@ from search.pickled import public
 from search.rundir.results import is_final
 from search.schema import INITIAL_KEY, SCREENED_KEY, TRIAL_KEY
 from search.space import Proposer, SearchSpace
-from search.spec.dims import finite as _finite
+from search.spec.dims import finite
 
 log = logging.getLogger("sparse_search.searcher")
 
@@ -202,7 +202,7 @@ class ProposerSearcher(Searcher):
             self.told["failed"] += 1
         elif is_final(result):
             values = [result.get(m) for m in self.metric]
-            if all(_finite(v) for v in values):
+            if all(finite(v) for v in values):
                 self.proposer.tell(number, [float(v) for v in values])
                 self.told["complete"] += 1
             else:  # a final report without its objectives: nothing to learn from

@@ -47,7 +47,7 @@ from search.rundir.layout import (
 )
 from search.rundir.pareto import front_indices
 from search.schema import INITIAL_KEY, METRICS, SCREENED_COLUMNS, TRAINED_COLUMNS, TRIAL_KEY
-from search.spec.dims import finite as _finite
+from search.spec.dims import finite
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
@@ -100,9 +100,9 @@ def eligible(point: Mapping[str, Any], *, objectives: Sequence[tuple[str, str]],
              budgets: Mapping[str, float]) -> bool:
     """With a finite value for every objective and within every budget (``budgets``: metric ->
     limit, ``Constraints.limits()``; a point without the budgeted metric is not within it)."""
-    if not all(_finite(point.get(m)) for m, _ in objectives):
+    if not all(finite(point.get(m)) for m, _ in objectives):
         return False
-    return all(_finite(v := point.get(m)) and float(v) <= limit for m, limit in budgets.items())
+    return all(finite(v := point.get(m)) and float(v) <= limit for m, limit in budgets.items())
 
 
 def candidate_points(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
