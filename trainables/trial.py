@@ -12,6 +12,13 @@ train_loss, train_accuracy, nonzero_params, macs, nonzero_macs, epoch, fidelity,
 epoch_seconds, train_seconds, node_id (the Ray node running it), done (True only on the last report, which adds test_accuracy and
 test_loss).
 
+A child of ``search.sampler: lamarckian`` carries ``meta/parent`` (its parent's trial key) and
+``meta/child_epochs``: it starts from the parent's ``model.pt`` (its newest checkpoint in the
+experiment's storage, wherever the run dir lives: a local folder or a URI, read through Ray's
+storage file system; :func:`trainables.models.inherit.inherit`), trains ``meta/child_epochs``
+epochs instead of ``train/epochs`` (which stays the recipe finalize retrains from scratch), and
+reports inherited_fraction (of its parameters copied from the parent) with every epoch.
+
 The last report also carries the trial's int8 evaluation (when ``train.int8_eval``: the spec turns it on
 for deployment searches, search/spec/model.py ``SearchSpec.int8_eval``;
 :func:`trainables.deploy.quantize.trial_int8`): int8_val_accuracy (= int8_accuracy, the objective),
@@ -22,11 +29,14 @@ INT8_ONNX_FILE).
 
 from __future__ import annotations
 
+import io
+import posixpath
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import torch
 from ray import get_runtime_context
 from ray.tune import Checkpoint, get_checkpoint, get_context, report
@@ -35,11 +45,36 @@ from trainables.arch import ArchConfig, ArchError
 from trainables.data import Splits
 from trainables.deploy.quantize import trial_int8
 from trainables.models import build_model
+from trainables.models.inherit import inherit
 from trainables.train import EpochCallback, FitResult, TrainConfig, fit, fold_pruning
+
+# Config keys of a lamarckian child (set by the searcher, search/run/searcher.py).
+PARENT_KEY = "meta/parent"  # the parent's trial key
+CHILD_EPOCHS_KEY = "meta/child_epochs"  # epochs the child trains from the parent's weights
 
 STATE_FILE = "state.pt"  # resumable training state (torch.save of a dict)
 MODEL_FILE = "model.pt"  # plain state_dict of the model (pruning folded in)
 ARCH_FILE = "arch.yaml"  # the ArchConfig that builds the model
+
+
+def trial_dirname(key: str) -> str:
+    """The folder of the trial with this key inside the experiment (Ray Tune's trial dir)."""
+    return f"trial_{key}"
+
+
+def parent_state(parent: str) -> dict[str, torch.Tensor]:
+    """The parent trial's newest ``model.pt``, read from the experiment's storage."""
+    storage = get_context().get_storage()
+    fs, folder = storage.storage_filesystem, posixpath.join(storage.experiment_fs_path,
+                                                           trial_dirname(parent))
+    found = [i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
+             if i.type == pyarrow.fs.FileType.Directory
+             and posixpath.basename(i.path).startswith("checkpoint_")]
+    if not found:
+        raise FileNotFoundError(f"parent trial {parent}: no checkpoint under {folder}")
+    with fs.open_input_file(posixpath.join(max(found), MODEL_FILE)) as f:
+        data = f.read()
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def check_compatible(arch: ArchConfig, splits: Splits) -> None:
@@ -93,6 +128,12 @@ def train_trial(config: dict[str, Any], splits: Splits) -> None:
             start_state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
     arch_yaml = arch.to_yaml()
     model = seeded_model(arch, splits, cfg)
+    inherited: dict[str, Any] = {}
+    if config.get(PARENT_KEY) is not None:
+        cfg = cfg.replace(epochs=int(config[CHILD_EPOCHS_KEY]))
+        if start_state is None:  # a resumed child has its own weights in its checkpoint
+            fraction = inherit(model, parent_state(str(config[PARENT_KEY])))
+            inherited = {"inherited_fraction": fraction}
 
     def on_epoch(metrics: dict[str, Any], state: Any) -> None:
         st = state()
@@ -112,7 +153,7 @@ def train_trial(config: dict[str, Any], splits: Splits) -> None:
             # latency_ms: the driver's measurement (search/space/latency.py), in the config
             # when the spec uses latency; reported so Ray, the schedulers and MLflow see it.
             screened = {k: config[k] for k in ("latency_ms",) if k in config}
-            report({**metrics, **screened, "node_id": get_runtime_context().get_node_id()},
+            report({**metrics, **screened, **inherited, "node_id": get_runtime_context().get_node_id()},
                    checkpoint=Checkpoint.from_directory(d))
 
     fit(model, splits, cfg, device=device, on_epoch=on_epoch, start_state=start_state)

@@ -53,6 +53,7 @@ from search.rundir.results import is_final
 from search.schema import INITIAL_KEY, SCREENED_KEY, TRIAL_KEY
 from search.space import Proposer, SearchSpace
 from search.spec.dims import finite
+from trainables.trial import CHILD_EPOCHS_KEY, PARENT_KEY
 
 log = logging.getLogger("sparse_search.searcher")
 
@@ -182,6 +183,11 @@ class ProposerSearcher(Searcher):
         config = {**proposal.config, TRIAL_KEY: key, SCREENED_KEY: proposal.screened_params}
         if proposal.initial is not None:
             config[INITIAL_KEY] = proposal.initial
+        if proposal.parent is not None:  # a lamarckian child: trained from its parent's weights
+            settings = self.space.spec.search.lamarckian
+            assert settings is not None and proposal.train is not None
+            config[PARENT_KEY] = str(proposal.parent)
+            config[CHILD_EPOCHS_KEY] = settings.epochs_for(proposal.train.epochs)
         return config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,

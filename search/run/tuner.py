@@ -268,10 +268,12 @@ def max_epochs(train: Mapping[str, Any]) -> int:
 
 @public("search.run")
 def trial_name(trial: Trial) -> str:
-    """``trial_<key>``: short folder and display names (Ray's default lists every param)."""
+    """``trial_<key>``: short folder and display names (Ray's default lists every param); a
+    lamarckian child finds its parent's checkpoints by it (trainables.trial.parent_state)."""
     from search.schema import TRIAL_KEY
+    from trainables.trial import trial_dirname
 
-    return f"trial_{trial.config.get(TRIAL_KEY, trial.trial_id)}"
+    return trial_dirname(str(trial.config.get(TRIAL_KEY, trial.trial_id)))
 
 
 # ---------------------------------------------------------------------- MLflow front

@@ -61,17 +61,21 @@ TERMINATED, EARLY_STOPPED, ERROR = "TERMINATED", "EARLY_STOPPED", "ERROR"
 # Report keys kept in records and points (the trainable reports more; Ray adds bookkeeping):
 # every metric of the vocabulary (search/schema.py METRICS: accuracies and their SE, the
 # int8 scores of the final report, the counted and measured budgets), and the trial's own
-# bookkeeping: int8_error when the int8 step failed (the trial did not), node_id (where it ran).
+# bookkeeping: int8_error when the int8 step failed (the trial did not), node_id (where it ran),
+# inherited_fraction (a lamarckian child's).
 METRIC_KEYS = (*METRICS, "test_loss", "train_loss", "nonzero_macs", "epoch", "prune_round",
                "fidelity", "train_seconds", "node_id", "int8_error", "int8_calibration_images",
-               "int8_seconds")
+               "int8_seconds", "inherited_fraction")
 # The tables' columns: the vocabulary's (trained, then counted) between each table's own.
 # node: the Ray node id (hex) of the worker that ran the trial's last attempt (the trainable
 # reports it as ``node_id``); retries: attempts that failed and were retried (Ray's
 # ``max_failures``: a lost node, a killed worker); retry_error: ``node: error`` of each.
+# parent: a lamarckian child's parent trial key; inherited_fraction: the share of the child's
+# parameters that started from the parent's trained weights (trainables/trial.py).
 RESULT_COLUMNS = ("trial_key", "trial_id", "status", "error", "arch", *SCREENED_COLUMNS,
                   *TRAINED_COLUMNS, "int8_error", "train_seconds", "int8_seconds", "epochs",
-                  "prune_round", "fidelity", "initial", "node", "retries", "retry_error")
+                  "prune_round", "fidelity", "initial", "parent", "inherited_fraction", "node",
+                  "retries", "retry_error")
 POINT_COLUMNS = ("trial_key", "trial_id", "prune_round", "epoch", *SCREENED_COLUMNS,
                  *TRAINED_COLUMNS, "eligible", "on_front", "model", "arch")
 # pareto.csv: what a front member is judged by (its val_loss stays in results.csv).
@@ -205,7 +209,8 @@ class Recorder(Callback):
         rows = [{**r["config"], **r["metrics"], "trial_key": r["trial_key"],
                  "trial_id": r["trial_id"], "status": r["status"], "error": r["error"],
                  "arch": r["arch"], "epochs": r["metrics"].get("epoch"),
-                 "initial": r.get("initial"), "node": r.get("node") or r["metrics"].get("node_id"),
+                 "initial": r.get("initial"), "parent": r.get("parent"),
+                 "node": r.get("node") or r["metrics"].get("node_id"),
                  "retries": len(r.get("failed_attempts", ())),
                  "retry_error": " | ".join(f"{a.get('node') or '?'}: {a['error']}"
                                            for a in r.get("failed_attempts", ()))}
@@ -324,6 +329,7 @@ class Recorder(Callback):
     def _save(self, trial: Trial, key: str, *, status: str, error: str | None,
               metrics: dict[str, Any], points: list[dict[str, Any]], final: bool) -> None:
         from trainables.arch import ArchConfig
+        from trainables.trial import PARENT_KEY
 
         config = {k: v for k, v in trial.config.items() if not k.startswith("meta/")}
         out = self.run.trial(key)
@@ -339,7 +345,8 @@ class Recorder(Callback):
         record = {"trial_key": key, "trial_id": trial.trial_id, "status": status, "error": error,
                   "arch": arch_name, "finished_at": time.time(), "metrics": metrics,
                   "points": points, "config": config,
-                  "initial": trial.config.get(INITIAL_KEY), "node": metrics.get("node_id"),
+                  "initial": trial.config.get(INITIAL_KEY), "parent": trial.config.get(PARENT_KEY),
+                  "node": metrics.get("node_id"),
                   "failed_attempts": self._failed.pop(key, [])}
         write_json(out / RESULT_JSON, record)
         self.records[key] = record

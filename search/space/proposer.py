@@ -7,7 +7,8 @@ violated), which TPE (it ranks infeasible trials last when it splits good from b
 NSGA-II (constrained domination) learn from, so the rejection rate falls as the search goes
 on. It never returns an infeasible proposal. ``search.initial`` points are enqueued first;
 with ``fill_budget.bands`` each trial is given the band with the fewest trials
-(:mod:`search.space.bands`). ``search.space`` re-exports every name here.
+(:mod:`search.space.bands`); with ``sampler: lamarckian`` most proposals after a warm-up
+are children of a front member (:mod:`search.space.lamarckian`). ``search.space`` re-exports every name here.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from search.run.ray_compat import optuna_fixed_params
-from search.space import bands
+from search.space import bands, lamarckian
 from search.space.latency import LatencyScreen
 from search.space.suggest import FILL_FRACTION
 from search.spec.model import SpecError
@@ -55,8 +56,10 @@ log = logging.getLogger("sparse_search.space")
 _WORST = {"max": 0.0, "min": math.inf}
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    """tpe: multivariate + group (conditional spaces) + constant liar (parallel asks)."""
-    if name == "tpe":
+    """tpe: multivariate + group (conditional spaces) + constant liar (parallel asks);
+    lamarckian: the same TPE for its warm-up, exploring and new values (the Proposer makes
+    the children)."""
+    if name in ("tpe", "lamarckian"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.samplers.TPESampler(
@@ -66,7 +69,7 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.NSGAIISampler(seed=seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    raise ValueError(f"{name=} must be one of tpe, nsga2, random")
+    raise ValueError(f"{name=} must be one of tpe, nsga2, random, lamarckian")
 
 
 class Proposer:
@@ -98,6 +101,8 @@ class Proposer:
         # Measured latency (search/space/latency.py), only when the spec uses it: in the driver,
         # after the shape-only screens, run-dir cache beside the journal.
         self.latency = LatencyScreen.for_spec(space.spec, storage)
+        # Children of the front (search/space/lamarckian.py), with sampler: lamarckian.
+        self.lamarckian = space.spec.search.lamarckian if sampler == "lamarckian" else None
         # Optuna logs every study and trial at INFO; a search tells hundreds of rejected ones.
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study = optuna.create_study(
@@ -118,7 +123,7 @@ class Proposer:
         """The next feasible proposal and its Optuna trial number."""
         streak: list[Proposal] = []
         while True:
-            self._queue_band()
+            self._queue_next()
             trial = self.study.ask()
             proposal = self.space.sample(trial)
             for key, value in self.space.constraint_values(proposal).items():
@@ -138,6 +143,9 @@ class Proposer:
                         label = trial.user_attrs.get(INITIAL)
                         if label is not None:
                             proposal = dataclasses.replace(proposal, initial=label)
+                        parent = trial.user_attrs.get(lamarckian.PARENT)
+                        if parent is not None:
+                            proposal = dataclasses.replace(proposal, parent=int(parent))
                         return trial.number, proposal
                     self._reject(trial, proposal, streak)  # over max_latency_ms: never trained
             else:
@@ -164,23 +172,77 @@ class Proposer:
         self._retry_initial(trial)
         streak.append(proposal)
 
-    def _queue_band(self) -> None:
-        """With ``fill_budget.bands`` > 1 and nothing queued (initial points go first): queue
-        a fill fraction inside the band with the fewest trials handed out so far."""
-        fill = self.space.spec.search.fill_budget
-        if fill is None or fill.bands <= 1:
-            return
+    def _queue_next(self) -> None:
+        """With nothing queued (initial points go first): queue what the next proposal keeps
+        fixed: a lamarckian child's values (:mod:`search.space.lamarckian`), else with
+        ``fill_budget.bands`` > 1 a fill fraction inside the band with the fewest trials
+        handed out so far; else nothing (the sampler proposes it all)."""
         trials = self.study.get_trials(deepcopy=False)
         if any(t.state == TrialState.WAITING for t in trials):
             return
+        band = self._band(trials)
+        parent = self._parent(trials, band)
+        if parent is not None:
+            self._queue_child(trials, parent, band)
+        elif band is not None:
+            fill = self.space.spec.search.fill_budget
+            assert fill is not None
+            cuts = bands.edges(fill.fraction, fill.bands)
+            # The value inside the band depends on every trial asked (a retry draws a new one).
+            value = bands.draw(fill.fraction, cuts, band,
+                               random.Random(f"{self.seed}/{len(trials)}"))
+            self.study.enqueue_trial({FILL_FRACTION: value}, user_attrs={BAND: band})
+
+    def _band(self, trials: Sequence[optuna.trial.FrozenTrial]) -> int | None:
+        """With ``fill_budget.bands`` > 1: the band with the fewest trials handed out so far
+        (a rejected proposal's retry stays in its band); else None."""
+        fill = self.space.spec.search.fill_budget
+        if fill is None or fill.bands <= 1:
+            return None
         cuts = bands.edges(fill.fraction, fill.bands)
         handed = [t.params[FILL_FRACTION] for t in trials
                   if CONFIG_KEY in t.user_attrs and FILL_FRACTION in t.params]
-        # The band depends on the trials handed out only (a rejected proposal's retry stays
-        # in its band); the value inside it on every trial asked (a retry draws a new one).
-        band = bands.pick(bands.counts(handed, cuts), random.Random(f"{self.seed}/{len(handed)}"))
-        value = bands.draw(fill.fraction, cuts, band, random.Random(f"{self.seed}/{len(trials)}"))
-        self.study.enqueue_trial({FILL_FRACTION: value}, user_attrs={BAND: band})
+        return bands.pick(bands.counts(handed, cuts), random.Random(f"{self.seed}/{len(handed)}"))
+
+    def _parent(self, trials: Sequence[optuna.trial.FrozenTrial],
+                band: int | None) -> optuna.trial.FrozenTrial | None:
+        """A lamarckian search's next parent: a non-dominated trained trial of ``band`` (of
+        all, without bands); None before the warm-up ends, for an exploring proposal, or when
+        the band has no trained trial yet."""
+        s = self.lamarckian
+        if s is None:
+            return None
+        trained = [t for t in trials if t.state == TrialState.COMPLETE
+                   and CONFIG_KEY in t.user_attrs and t.values is not None]
+        rng = random.Random(f"{self.seed}/parent/{len(trials)}")
+        if len(trained) < s.warmup or rng.random() < s.explore:
+            return None
+        if band is not None:
+            fill = self.space.spec.search.fill_budget
+            assert fill is not None
+            cuts = bands.edges(fill.fraction, fill.bands)
+            trained = [t for t in trained if FILL_FRACTION in t.params
+                       and bands.band_of(t.params[FILL_FRACTION], cuts) == band]
+        if not trained:
+            return None
+        directions = [d.name.lower() for d in self.study.directions]
+        return rng.choice(lamarckian.non_dominated(trained, directions))
+
+    def _queue_child(self, trials: Sequence[optuna.trial.FrozenTrial],
+                     parent: optuna.trial.FrozenTrial, band: int | None) -> None:
+        s = self.lamarckian
+        assert s is not None
+        rng = random.Random(f"{self.seed}/child/{len(trials)}")
+        params = lamarckian.mutate(parent.params, parent.distributions, rng,
+                                   changes=rng.randint(1, s.mutations))
+        attrs: dict[str, Any] = {lamarckian.PARENT: parent.number}
+        if band is not None and FILL_FRACTION in params:  # a size step stays inside the band
+            fill = self.space.spec.search.fill_budget
+            assert fill is not None
+            cuts = bands.edges(fill.fraction, fill.bands)
+            params[FILL_FRACTION] = min(cuts[band + 1], max(cuts[band], params[FILL_FRACTION]))
+            attrs[BAND] = band
+        self.study.enqueue_trial(params, user_attrs=attrs)
 
     def _retry_initial(self, trial: optuna.Trial) -> None:
         """An initial point whose open values came out over budget is asked again (with fresh

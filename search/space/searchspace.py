@@ -254,6 +254,7 @@ class Proposal:
     params: dict[str, Any] = field(default_factory=dict)  # what Optuna sampled
     error: str | None = None  # why the sampled values make no valid config
     initial: str | None = None  # the label of the search.initial entry it comes from
+    parent: int | None = None  # a lamarckian child's parent (its Optuna trial number)
 
 
 @public("search.space")

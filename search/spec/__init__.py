@@ -9,7 +9,7 @@ optional except ``data``; omitted values take the defaults shown here::
     objectives: {val_accuracy: max, nonzero_params: min}   # optional: macs: min (or val_loss: min)
     constraints: {max_params: 1000000, max_macs: null}      # hard budgets, screened before training
     search:
-      sampler: tpe                    # tpe | nsga2 | random
+      sampler: tpe                    # tpe | nsga2 | random | lamarckian (weight inheritance)
       num_samples: 20                 # trials to train (over-budget proposals do not count)
       max_concurrent: 1               # trials training at once
       seed: 0
@@ -17,6 +17,7 @@ optional except ``data``; omitted values take the defaults shown here::
       max_rejects: 1000               # over-budget proposals in a row before giving up
       early_stopping: null            # or {scheduler: moasha | asha, grace_epochs: 1, reduction_factor: 3}
       fill_budget: null               # or {fraction: 0.9} / {fraction: {float: [0.3, 1.0]}, bands: 4}
+      lamarckian: null                # or {warmup: 8, child_epochs: null, mutations: 2, explore: 0.25}
       time_budget: null               # or 45m, 2h, 3600: no trial starts that would end later
       initial: []                     # trained first: arch files, {arch: ..., train/lr: ...}, params
     resources: {cpu: 1, gpu: 0}       # per trial; fractions allowed (gpu: 0.25); or auto (planned
@@ -93,6 +94,7 @@ _PUBLIC = {
     "EarlyStopping": "search.spec.model",
     "FillBudget": "search.spec.model",
     "Finalize": "search.spec.model",
+    "Lamarckian": "search.spec.model",
     "InitialPoint": "search.spec.model",
     "Objective": "search.spec.model",
     "Resources": "search.spec.model",

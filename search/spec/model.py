@@ -46,6 +46,7 @@ __all__ = [
     "EarlyStopping",
     "FillBudget",
     "Finalize",
+    "Lamarckian",
     "InitialPoint",
     "Objective",
     "Resources",
@@ -57,7 +58,7 @@ __all__ = [
 ]
 
 FLAT_PREFIX = "spec"
-SAMPLERS = ("tpe", "nsga2", "random")
+SAMPLERS = ("tpe", "nsga2", "random", "lamarckian")
 SCHEDULERS = ("asha", "moasha")
 FINALIZE_PICKS = ("best", "smallest")
 # OBJECTIVE_MODES, TRAINED_METRICS, DEFAULT_OBJECTIVES: the shared vocabulary (search/schema.py).
@@ -132,6 +133,23 @@ class FillBudget:
 
 @public("search.spec")
 @dataclass(frozen=True)
+class Lamarckian:
+    """``search.lamarckian`` (with ``sampler: lamarckian``, search/space/lamarckian.py): after
+    ``warmup`` trials trained from scratch, most proposals are children of a front member,
+    a few of its values changed, trained from its weights for ``child_epochs``."""
+
+    warmup: int = 8  # trials trained from scratch (TPE's proposals) before the first child
+    child_epochs: int | None = None  # epochs a child trains; null: half its train.epochs (>= 1)
+    mutations: int = 2  # at most this many values change from parent to child (at least 1)
+    explore: float = 0.25  # share of proposals after the warm-up that TPE makes from scratch
+
+    def epochs_for(self, epochs: int) -> int:
+        """A child's epochs when a trial from scratch trains ``epochs``."""
+        return self.child_epochs if self.child_epochs is not None else max(1, epochs // 2)
+
+
+@public("search.spec")
+@dataclass(frozen=True)
 class Finalize:
     """``search.finalize``: retrain the front at full fidelity (``sparse-search finalize``),
     each member with its own recorded architecture and recipe, on the search's data splits."""
@@ -178,7 +196,8 @@ class InitialPoint:
 @public("search.spec")
 @dataclass(frozen=True)
 class SearchSettings:
-    sampler: str = "tpe"  # tpe (multivariate, constant liar) | nsga2 | random
+    # tpe (multivariate, constant liar) | nsga2 | random | lamarckian (weight inheritance)
+    sampler: str = "tpe"
     num_samples: int = 20  # trials to train; over-budget proposals never count
     max_concurrent: int = 1  # trials in flight at once
     seed: int = 0  # seeds the sampler (and nothing else)
@@ -186,6 +205,7 @@ class SearchSettings:
     max_rejects: int = 1000  # infeasible proposals in a row before the search gives up
     early_stopping: EarlyStopping | None = None
     fill_budget: FillBudget | None = None
+    lamarckian: Lamarckian | None = None  # with sampler: lamarckian; null: its defaults
     # Wall seconds for the whole search, from the command's start (resumes add theirs): no trial
     # starts once it is spent, nor one the median finished trial says would not end in what
     # is left. None: no limit.

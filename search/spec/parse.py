@@ -34,6 +34,7 @@ from search.spec.model import (
     FillBudget,
     Finalize,
     InitialPoint,
+    Lamarckian,
     Objective,
     Resources,
     SearchSettings,
@@ -208,6 +209,7 @@ def _duration_or_null(v: Any) -> str | None:
 def _search_settings(r: Reader, d: Any) -> SearchSettings:
     kw = r.mapping(d, "search", [f.name for f in fields(SearchSettings)])
     early, fill = kw.pop("early_stopping", None), kw.pop("fill_budget", None)
+    lamarck = kw.pop("lamarckian", None)
     final = kw.pop("finalize", None)
     initial = _initial(r, kw.pop("initial", None))
     settings = r.dataclass(SearchSettings, kw, "search", {
@@ -242,6 +244,18 @@ def _search_settings(r: Reader, d: Any) -> SearchSettings:
             r.fail("search.fill_budget.bands", f"={fill.bands} needs a searched fraction to split "
                    f"({{float: [lo, hi]}}), but fraction is {plain(fill.fraction)!r}: drop bands "
                    "or search the fraction")
+    if lamarck is not None:
+        if settings.sampler != "lamarckian":
+            r.fail("search.lamarckian", f"is set but search.sampler is {settings.sampler!r}: "
+                   "set sampler: lamarckian or drop it")
+        lamarck = r.dataclass(Lamarckian, lamarck, "search.lamarckian", {
+            "warmup": int_check(1),
+            "child_epochs": int_check(1, nullable=True),
+            "mutations": int_check(1),
+            "explore": lambda v: None if is_number(v) and 0 <= v <= 1 else "a number in [0, 1]",
+        })
+    elif settings.sampler == "lamarckian":
+        lamarck = Lamarckian()
     if final is not None:
         final_train = None
         if isinstance(final, Mapping) and "train" in final:
@@ -259,7 +273,7 @@ def _search_settings(r: Reader, d: Any) -> SearchSettings:
         if final_train:
             final = dataclasses.replace(final, train=final_train)
     return dataclasses.replace(settings, early_stopping=early, fill_budget=fill, initial=initial,
-                               finalize=final)
+                               finalize=final, lamarckian=lamarck)
 
 
 INITIAL_ENTRY = ("an architecture file, or a mapping of arch (a file or an inline network), "

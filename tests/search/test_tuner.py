@@ -444,3 +444,36 @@ def test_a_search_with_multi_objective_asha_ends_complete(local_ray, tmp_path):
     smallest = {k for k, v in sizes.items() if v == min(sizes.values())}
     assert smallest - stopped
     assert "meta/screened_params" not in rows["0"]  # bookkeeping stays out of the tables
+
+
+LAMARCKIAN_SPEC = """
+name: lamarckian
+data: {name: digits, val_fraction: 0.2, subset: 300}
+constraints: {max_params: 3000}
+search: {sampler: lamarckian, num_samples: 6, max_concurrent: 2, seed: 0,
+         lamarckian: {warmup: 2, explore: 0.0, child_epochs: 1}}
+train: {epochs: 2, batch_size: 64, optimizer: adamw, lr: 0.02}
+space:
+  stem: {width: {int: [4, 12]}}
+  num_stages: 1
+  stages: {width: {int: [4, 24]}, layers: {int: [1, 2]}, kernel: {choice: [3, 5]}}
+"""
+
+
+def test_lamarckian_children_train_from_their_parents_weights(local_ray, tmp_path):
+    spec = _spec(tmp_path, LAMARCKIAN_SPEC)
+    out = run_search(spec, storage_dir=tmp_path / "runs", mlflow=False, progress=False)
+    assert out.complete
+    rows = {r["trial_key"]: r for r in _rows(out.run_dir)}
+    assert len(rows) == 6 and {r["status"] for r in rows.values()} == {TERMINATED}
+    children = {k: r for k, r in rows.items() if r["parent"]}
+    assert len(children) >= 3  # after the 2 warm-up trials, one at a time as parents finish
+    for key, row in children.items():
+        # the parent finished before its child was asked, and the child started from its
+        # model.pt (read from the experiment's storage): part of the child is the parent's
+        assert rows[row["parent"]]["status"] == TERMINATED and int(row["parent"]) < int(key)
+        assert 0 < float(row["inherited_fraction"]) <= 1
+        assert row["epochs"] == "1" and row["train/epochs"] == "2"  # child_epochs; the recipe
+    assert all(r["epochs"] == "2" and not r["inherited_fraction"]
+               for k, r in rows.items() if k not in children)
+    assert load_spec(out.run_dir / "spec.yaml").to_dict() == spec.to_dict()
