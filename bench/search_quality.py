@@ -7,7 +7,8 @@ budget screen before training, through the same driver (``search.run.driver.run_
 Tune underneath). Only the search strategy differs:
 
 - ``sparse-search``: the space's own ``search`` settings as shipped (sampler, size bands,
-  early stopping), changed only by ``--ours KEY=YAML`` for experiments;
+  early stopping; tiny-mnist's: ``lamarckian``, children of the front trained from their
+  parents' weights), changed only by ``--ours KEY=YAML`` for experiments;
 - ``random``: Optuna's ``RandomSampler``; a screened-out proposal costs no training;
 - ``optuna-tpe``: Optuna 5's ``TPESampler`` with its defaults (seed only), given the budget
   as its documentation teaches: the proposal's params excess set with ``trial.set_constraint``
@@ -18,8 +19,8 @@ Tune underneath). Only the search strategy differs:
 
 Peers are plain samplers over the same space: a searched fill fraction (``fill_budget``: every
 width scaled so the params land at that fraction of the budget) is a dimension their sampler
-draws too; giving each size band its share of trials (``fill_budget.bands``) and early
-stopping are sparse-search's, off for them.
+draws too; giving each size band its share of trials (``fill_budget.bands``), weight
+inheritance (``sampler: lamarckian``) and early stopping are sparse-search's, off for them.
 
 Quality is the hypervolume of the (test error, log10 nonzero params) front of the trials
 finished by the wall time (``search.rundir.pareto.hypervolume_2d``; reference point fixed in
@@ -171,6 +172,9 @@ def bench_spec(space: Path, *, data: Path, wall: int, subset: int, test_subset: 
             set_dotted(raw, dotted, value)
     else:
         search.pop("early_stopping", None)
+        # Their own sampler replaces ours (peer_proposals); no children of ours either.
+        search["sampler"] = "tpe"
+        search.pop("lamarckian", None)
         if isinstance(search.get("fill_budget"), dict):
             # The fill fraction is a dimension of the space: the peers' samplers draw it
             # too; giving each size band its share of trials is sparse-search's.

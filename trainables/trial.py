@@ -131,9 +131,10 @@ def train_trial(config: dict[str, Any], splits: Splits) -> None:
     inherited: dict[str, Any] = {}
     if config.get(PARENT_KEY) is not None:
         cfg = cfg.replace(epochs=int(config[CHILD_EPOCHS_KEY]))
-        if start_state is None:  # a resumed child has its own weights in its checkpoint
-            fraction = inherit(model, parent_state(str(config[PARENT_KEY])))
-            inherited = {"inherited_fraction": fraction}
+        # A resumed child has its own weights in its checkpoint: the share it inherited is
+        # counted again on a scratch copy, so every report of the trial says it.
+        target = model if start_state is None else seeded_model(arch, splits, cfg)
+        inherited = {"inherited_fraction": inherit(target, parent_state(str(config[PARENT_KEY])))}
 
     def on_epoch(metrics: dict[str, Any], state: Any) -> None:
         st = state()

@@ -34,12 +34,14 @@ REPO = Path(__file__).resolve().parents[2]
 BUCKET = "sparse-search-test"
 REGION = "us-east-1"
 # Four small trials, two at a time, three epochs each (a checkpoint per epoch): killed once two
-# are recorded on the URI, the others are in flight.
+# are recorded on the URI, the others are in flight. Lamarckian after two: the later trials are
+# children that read their parent's weights from the bucket (from a resumed driver too).
 SPEC = """
 name: ons3
 data: {name: digits, val_fraction: 0.2, subset: 300}
 constraints: {max_params: 3000}
-search: {sampler: random, num_samples: 4, max_concurrent: 2, seed: 3}
+search: {sampler: lamarckian, num_samples: 4, max_concurrent: 2, seed: 3,
+         lamarckian: {warmup: 2, explore: 0.0, child_epochs: 2}}
 train: {epochs: 3, batch_size: 32, optimizer: adamw, lr: 0.02}
 space:
   stem: {width: {int: [4, 12]}}
@@ -248,6 +250,9 @@ def test_run_on_s3_sigkilled_resumes_from_the_uri_alone(s3: S3, tmp_path: Path) 
     keys = [r["trial_key"] for r in rows]
     assert len(keys) == len(set(keys)) == 4, keys
     assert {r["status"] for r in rows} == {"TERMINATED"}
+    children = [r for r in rows if r["parent"]]  # their parents' model.pt came from the bucket
+    assert children and all(r["parent"] in keys and float(r["inherited_fraction"]) > 0
+                            for r in children), rows
     for needed in ("spec.yaml", "optuna.journal", "pareto.csv", "mlflow.json", "ray/tuner.pkl",
                    *(f"trials/{k}/{f}" for k in keys for f in ("result.json", "model.pt"))):
         assert files.get(needed), f"{needed} is not in the bucket: {sorted(files)}"

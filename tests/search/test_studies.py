@@ -220,7 +220,8 @@ def test_search_quality_curves_on_hand_computed_steps():
 
 def test_search_quality_peers_search_the_same_space_without_our_strategy(tmp_path):
     """Fairness: every method gets the same space, data, size and time; the peers' samplers
-    draw the fill fraction over the same range, without sparse-search's size bands."""
+    draw the fill fraction over the same range, without sparse-search's size bands and
+    weight inheritance."""
     sq = load_script("search_quality")
     size = {"wall": 30, "subset": 900, "test_subset": 300, "epochs": 1, "batch_size": 32}
     specs = {m: sq.bench_spec(ROOT / "spaces/studies/tiny-mnist.yaml", data=tmp_path / "d.npz",
@@ -228,9 +229,11 @@ def test_search_quality_peers_search_the_same_space_without_our_strategy(tmp_pat
              for m in sq.METHODS}
     ours = specs[sq.OURS]
     assert ours.search.fill_budget.bands == 8 and ours.search.time_budget == 30
+    assert ours.search.sampler == "lamarckian" and ours.search.lamarckian is not None
     for m in sq.PEERS:
         peer = specs[m]
         assert peer.search.fill_budget.bands == 1, m
+        assert peer.search.sampler == "tpe" and peer.search.lamarckian is None, m
         assert peer.search.fill_budget.fraction == ours.search.fill_budget.fraction
         assert (peer.data, peer.train, peer.resources, peer.constraints, peer.search.seed,
                 peer.search.time_budget) == (ours.data, ours.train, ours.resources,
