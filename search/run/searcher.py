@@ -183,9 +183,10 @@ class ProposerSearcher(Searcher):
         config = {**proposal.config, TRIAL_KEY: key, SCREENED_KEY: proposal.screened_params}
         if proposal.initial is not None:
             config[INITIAL_KEY] = proposal.initial
-        if proposal.parent is not None:  # a lamarckian child: trained from its parent's weights
-            settings = self.space.spec.search.lamarckian
-            assert settings is not None and proposal.train is not None
+        settings = self.space.spec.search.lamarckian
+        if proposal.parent is not None and settings is not None and settings.inherit:
+            # a lamarckian child: trained from its parent's weights
+            assert proposal.train is not None
             config[PARENT_KEY] = str(proposal.parent)
             config[CHILD_EPOCHS_KEY] = settings.epochs_for(proposal.train.epochs)
         return config

@@ -19,7 +19,8 @@ for a fraction of the epochs. Here:
 - the child goes through the same budget screen as any proposal (an infeasible or repeated
   child is told to Optuna like any other and a new child is drawn), and the trainable builds
   it, copies the parent's weights into it (trainables/models/inherit.py) and trains it
-  ``child_epochs``.
+  ``child_epochs`` (``inherit: false``: from scratch for ``train.epochs``, the same evolution
+  without the weights, to measure what they add).
 
 The population is the Optuna study itself (each child's parent is a user attr, ``parent``),
 so a resumed search goes on from the front it had; the parents' weights are their

@@ -17,7 +17,7 @@ optional except ``data``; omitted values take the defaults shown here::
       max_rejects: 1000               # over-budget proposals in a row before giving up
       early_stopping: null            # or {scheduler: moasha | asha, grace_epochs: 1, reduction_factor: 3}
       fill_budget: null               # or {fraction: 0.9} / {fraction: {float: [0.3, 1.0]}, bands: 4}
-      lamarckian: null                # or {warmup: 8, child_epochs: null, mutations: 2, explore: 0.25}
+      lamarckian: null                # or {warmup: 8, child_epochs: null, mutations: 2, explore: 0.25, inherit: true}
       time_budget: null               # or 45m, 2h, 3600: no trial starts that would end later
       initial: []                     # trained first: arch files, {arch: ..., train/lr: ...}, params
     resources: {cpu: 1, gpu: 0}       # per trial; fractions allowed (gpu: 0.25); or auto (planned

@@ -142,9 +142,14 @@ class Lamarckian:
     child_epochs: int | None = None  # epochs a child trains; null: half its train.epochs (>= 1)
     mutations: int = 2  # at most this many values change from parent to child (at least 1)
     explore: float = 0.25  # share of proposals after the warm-up that TPE makes from scratch
+    # false: children train from scratch for train.epochs (the evolution without the weights:
+    # what bench/search_quality.py compares inheritance against)
+    inherit: bool = True
 
     def epochs_for(self, epochs: int) -> int:
         """A child's epochs when a trial from scratch trains ``epochs``."""
+        if not self.inherit:
+            return epochs
         return self.child_epochs if self.child_epochs is not None else max(1, epochs // 2)
 
 

@@ -253,6 +253,7 @@ def _search_settings(r: Reader, d: Any) -> SearchSettings:
             "child_epochs": int_check(1, nullable=True),
             "mutations": int_check(1),
             "explore": lambda v: None if is_number(v) and 0 <= v <= 1 else "a number in [0, 1]",
+            "inherit": lambda v: None if isinstance(v, bool) else "true or false",
         })
     elif settings.sampler == "lamarckian":
         lamarck = Lamarckian()

@@ -118,3 +118,26 @@ def test_explore_one_means_no_children_and_lamarckian_needs_its_sampler():
     data["search"] = {"sampler": "tpe", "lamarckian": {"warmup": 2}}
     with pytest.raises(SpecError, match="search.lamarckian is set but search.sampler is 'tpe'"):
         make_space(data)
+
+
+@pytest.mark.parametrize("inherit", [True, False])
+def test_the_searcher_hands_a_child_its_parent_and_epochs_unless_inherit_is_false(tmp_path,
+                                                                                  inherit):
+    from search.run.searcher import ProposerSearcher
+    from search.schema import SCREENED_KEY, TRIAL_KEY
+    from trainables.trial import CHILD_EPOCHS_KEY, PARENT_KEY
+
+    space = lamarckian_space(inherit=inherit)  # warm-up 4, never exploring, train.epochs 4
+    searcher = ProposerSearcher(space, journal=tmp_path / "s.journal", study_name="s",
+                                num_samples=10)
+    for i in range(4):
+        config = searcher.suggest(f"t{i}")
+        assert PARENT_KEY not in config
+        searcher.on_trial_complete(f"t{i}", {"val_accuracy": 0.5 + i / 10, "test_accuracy": 0.5,
+                                             "nonzero_params": config[SCREENED_KEY]})
+    config = searcher.suggest("child")
+    parent = searcher.proposer.study.trials[int(config[TRIAL_KEY])].user_attrs[PARENT]
+    if inherit:  # from the parent's weights, for half the epochs
+        assert config[PARENT_KEY] == str(parent) and config[CHILD_EPOCHS_KEY] == 2
+    else:  # the same evolution, each child trained from scratch for train.epochs
+        assert PARENT_KEY not in config and CHILD_EPOCHS_KEY not in config
