@@ -15,7 +15,15 @@ Tune underneath). Only the search strategy differs:
   and the trial pruned before training (TPE ranks a pruned trial with a positive constraint
   as infeasible);
 - ``optuna-nsga2``: ``NSGAIISampler(population_size=10)`` (the default 50 would be random
-  sampling for the whole of a search this short), constraint set, pruned before training.
+  sampling for the whole of a search this short), constraint set, pruned before training;
+- ``syne-tune-morea``: Syne Tune's ``MultiObjectiveRegularizedEvolution`` (MOREA;
+  ``population_size=10``, ``sample_size=5``: its defaults 100 / 10 would be random sampling
+  for most of the search) over the same parameters as a Syne Tune config space; each config
+  it suggests is screened (a screened-out one is never trained and never reaches its
+  population, as a failed evaluation would not), each trained one is told its objectives.
+  Needs the bench extra (``pip install -e '.[bench]'``, never a dependency of the product).
+  Syne Tune's MOASHA is not a peer here: at 1 epoch per trial it has no rung to stop at and
+  is random sampling.
 
 Peers are plain samplers over the same space: a searched fill fraction (``fill_budget``: every
 width scaled so the params land at that fraction of the budget) is a dimension their sampler
@@ -64,7 +72,8 @@ DEFAULT_SPACE = REPO_ROOT / "spaces" / "studies" / "tiny-mnist.yaml"
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "datasets" / "mnist.npz"
 RESULTS = REPO_ROOT / "docs" / "results"
 OURS = "sparse-search"
-PEERS = ("random", "optuna-tpe", "optuna-nsga2")
+MOREA = "syne-tune-morea"
+PEERS = ("random", "optuna-tpe", "optuna-nsga2", MOREA)
 METHODS = (OURS, *PEERS)
 # The default run and --quick. A small batch, so that tiny nets learn in the few optimizer
 # steps a CPU budget allows (3,000 images x 1 epoch at 128 leave a 2k-param net near chance).
@@ -201,7 +210,36 @@ def peer_sampler(method: str, seed: int) -> Any:
         return optuna.samplers.TPESampler(seed=seed)
     if method == "optuna-nsga2":
         return optuna.samplers.NSGAIISampler(population_size=10, seed=seed)
+    if method == MOREA:  # draws only what MOREA's config leaves open (nothing, in practice)
+        return optuna.samplers.RandomSampler(seed=seed)
     raise ValueError(f"{method=} must be one of {PEERS}")
+
+
+def syne_tune_space(space: Any, n: int = 400, seed: int = 0) -> dict[str, Any]:
+    """The space as a Syne Tune config space: every Optuna parameter ``n`` random proposals
+    touch (the conditional ones too: a config names them all, a trial uses what applies),
+    with its range and scale."""
+    import optuna
+    from syne_tune import config_space as cs
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    found: dict[str, Any] = {}
+    for _ in range(n):
+        trial = study.ask()
+        space.sample(trial)
+        found.update(trial.distributions)
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    out: dict[str, Any] = {}
+    for name, d in sorted(found.items()):
+        if isinstance(d, optuna.distributions.CategoricalDistribution):
+            out[name] = cs.choice(list(d.choices))
+        elif isinstance(d, optuna.distributions.IntDistribution):
+            out[name] = (cs.lograndint(d.low, d.high) if d.log else
+                         cs.randint(d.low, d.high) if d.step == 1 else
+                         cs.choice(list(range(d.low, d.high + 1, d.step))))
+        else:
+            out[name] = cs.loguniform(d.low, d.high) if d.log else cs.uniform(d.low, d.high)
+    return out
 
 
 @contextlib.contextmanager
@@ -224,8 +262,39 @@ def peer_proposals(method: str) -> Iterator[None]:
             self.rejected += 1
             streak.append(proposal)
 
+    class MoreaProposer(PeerProposer):
+        """Syne Tune's multi-objective regularized evolution proposes every config (enqueued
+        into the Optuna study, so the driver's screen and duplicate check are the same), and
+        hears every trained trial's objectives, each to be minimised."""
+
+        def __init__(self, space: Any, **kw: Any) -> None:
+            super().__init__(space, **kw)
+            import numpy as np
+            from syne_tune.optimizer.schedulers.multiobjective import (
+                MultiObjectiveRegularizedEvolution,
+            )
+
+            np.random.seed(kw["seed"])  # its random start-up draws from numpy's global state
+            self.morea = MultiObjectiveRegularizedEvolution(
+                syne_tune_space(space, seed=kw["seed"]), population_size=10, sample_size=5,
+                random_seed=kw["seed"])
+
+        def _queue_next(self) -> None:
+            if not any(t.state == TrialState.WAITING
+                       for t in self.study.get_trials(deepcopy=False)):
+                self.study.enqueue_trial(self.morea.suggest())
+
+        def tell(self, number: int, values: Any) -> None:
+            super().tell(number, values)
+            trial = self.study.get_trials(deepcopy=False)[number]
+            config = trial.system_attrs.get("fixed_params")
+            if config is not None and trial.values is not None:
+                signs = [1.0 if d.name == "MINIMIZE" else -1.0 for d in self.study.directions]
+                self.morea.on_trial_complete(number, dict(config),
+                                             [s * v for s, v in zip(signs, trial.values)])
+
     saved = searcher.Proposer
-    searcher.Proposer = PeerProposer
+    searcher.Proposer = MoreaProposer if method == MOREA else PeerProposer
     try:
         yield
     finally:
@@ -393,6 +462,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.data.is_file():
         print(f"error: no dataset at {args.data}: pass --data PATH", file=sys.stderr)
         return 2
+    if MOREA in methods:
+        import importlib.util
+
+        if importlib.util.find_spec("syne_tune") is None:
+            print(f"error: --methods has {MOREA}, which needs Syne Tune: pip install -e '.[bench]'"
+                  f" (or leave it out: --methods {','.join(m for m in methods if m != MOREA)})",
+                  file=sys.stderr)
+            return 2
     official = not (args.quick or args.ours or args.every or args.methods != ",".join(METHODS))
     json_out = args.json_out or (RESULTS / f"search_quality-{args.space.stem}.json"
                                  if official else None)

@@ -89,7 +89,7 @@ def step(dist: BaseDistribution, value: Any, rng: random.Random) -> Any:
     x = to(float(value)) + rng.gauss(0.0, STEP * (b - a))
     x = min(b, max(a, 2 * a - x if x < a else 2 * b - x if x > b else x))  # reflected at a bound
     new = min(hi, max(lo, back(x)))
-    grid = dist.step if isinstance(dist, IntDistribution) else dist.step
+    grid = dist.step  # None for a continuous float
     if grid is None:
         return float(new)
     new = lo + round((new - lo) / grid) * grid

@@ -8,7 +8,8 @@ NSGA-II (constrained domination) learn from, so the rejection rate falls as the 
 on. It never returns an infeasible proposal. ``search.initial`` points are enqueued first;
 with ``fill_budget.bands`` each trial is given the band with the fewest trials
 (:mod:`search.space.bands`); with ``sampler: lamarckian`` most proposals after a warm-up
-are children of a front member (:mod:`search.space.lamarckian`). ``search.space`` re-exports every name here.
+are children of a front member (:mod:`search.space.lamarckian`). ``search.space`` re-exports
+every name here.
 """
 
 from __future__ import annotations
@@ -187,9 +188,8 @@ class Proposer:
         elif band is not None:
             fill = self.space.spec.search.fill_budget
             assert fill is not None
-            cuts = bands.edges(fill.fraction, fill.bands)
             # The value inside the band depends on every trial asked (a retry draws a new one).
-            value = bands.draw(fill.fraction, cuts, band,
+            value = bands.draw(fill.fraction, self._cuts(), band,
                                random.Random(f"{self.seed}/{len(trials)}"))
             self.study.enqueue_trial({FILL_FRACTION: value}, user_attrs={BAND: band})
 
@@ -199,10 +199,16 @@ class Proposer:
         fill = self.space.spec.search.fill_budget
         if fill is None or fill.bands <= 1:
             return None
-        cuts = bands.edges(fill.fraction, fill.bands)
         handed = [t.params[FILL_FRACTION] for t in trials
                   if CONFIG_KEY in t.user_attrs and FILL_FRACTION in t.params]
-        return bands.pick(bands.counts(handed, cuts), random.Random(f"{self.seed}/{len(handed)}"))
+        return bands.pick(bands.counts(handed, self._cuts()),
+                          random.Random(f"{self.seed}/{len(handed)}"))
+
+    def _cuts(self) -> list[float]:
+        """The band edges of ``fill_budget`` (only called with bands)."""
+        fill = self.space.spec.search.fill_budget
+        assert fill is not None
+        return bands.edges(fill.fraction, fill.bands)
 
     def _parent(self, trials: Sequence[optuna.trial.FrozenTrial],
                 band: int | None) -> optuna.trial.FrozenTrial | None:
@@ -218,9 +224,7 @@ class Proposer:
         if len(trained) < s.warmup or rng.random() < s.explore:
             return None
         if band is not None:
-            fill = self.space.spec.search.fill_budget
-            assert fill is not None
-            cuts = bands.edges(fill.fraction, fill.bands)
+            cuts = self._cuts()
             trained = [t for t in trained if FILL_FRACTION in t.params
                        and bands.band_of(t.params[FILL_FRACTION], cuts) == band]
         if not trained:
@@ -230,6 +234,7 @@ class Proposer:
 
     def _queue_child(self, trials: Sequence[optuna.trial.FrozenTrial],
                      parent: optuna.trial.FrozenTrial, band: int | None) -> None:
+        """Queue ``parent``'s values with 1 to ``mutations`` of them stepped (in its band)."""
         s = self.lamarckian
         assert s is not None
         rng = random.Random(f"{self.seed}/child/{len(trials)}")
@@ -237,9 +242,7 @@ class Proposer:
                                    changes=rng.randint(1, s.mutations))
         attrs: dict[str, Any] = {lamarckian.PARENT: parent.number}
         if band is not None and FILL_FRACTION in params:  # a size step stays inside the band
-            fill = self.space.spec.search.fill_budget
-            assert fill is not None
-            cuts = bands.edges(fill.fraction, fill.bands)
+            cuts = self._cuts()
             params[FILL_FRACTION] = min(cuts[band + 1], max(cuts[band], params[FILL_FRACTION]))
             attrs[BAND] = band
         self.study.enqueue_trial(params, user_attrs=attrs)
