@@ -222,11 +222,17 @@ def syne_tune_space(space: Any, n: int = 400, seed: int = 0) -> dict[str, Any]:
     import optuna
     from syne_tune import config_space as cs
 
+    from search.space.suggest import FILL_FRACTION, suggest
+
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     found: dict[str, Any] = {}
-    for _ in range(n):
+    fill = space.spec.search.fill_budget
+    for _ in range(n):  # the parameters only, not screened: ~1 ms each, inside the wall time
         trial = study.ask()
-        space.sample(trial)
+        space.suggest_arch(trial)
+        space.suggest_train(trial)
+        if fill is not None:
+            suggest(trial, FILL_FRACTION, fill.fraction)
         found.update(trial.distributions)
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
     out: dict[str, Any] = {}
@@ -291,7 +297,7 @@ def peer_proposals(method: str) -> Iterator[None]:
             if config is not None and trial.values is not None:
                 signs = [1.0 if d.name == "MINIMIZE" else -1.0 for d in self.study.directions]
                 self.morea.on_trial_complete(number, dict(config),
-                                             [s * v for s, v in zip(signs, trial.values)])
+                                             [s * v for s, v in zip(signs, trial.values, strict=True)])
 
     saved = searcher.Proposer
     searcher.Proposer = MoreaProposer if method == MOREA else PeerProposer

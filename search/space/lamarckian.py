@@ -97,4 +97,4 @@ def step(dist: BaseDistribution, value: Any, rng: random.Random) -> Any:
         new = rng.choice([v for v in (value + grid, value - grid)
                           if lo - 1e-12 <= v <= hi + 1e-12] or [value])
     new = min(hi, max(lo, new))
-    return int(round(new)) if isinstance(dist, IntDistribution) else float(new)
+    return round(new) if isinstance(dist, IntDistribution) else float(new)

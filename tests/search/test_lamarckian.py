@@ -116,7 +116,7 @@ def test_explore_one_means_no_children_and_lamarckian_needs_its_sampler():
         assert p.parent is None
     data = copy.deepcopy(TIGHT)
     data["search"] = {"sampler": "tpe", "lamarckian": {"warmup": 2}}
-    with pytest.raises(SpecError, match="search.lamarckian is set but search.sampler is 'tpe'"):
+    with pytest.raises(SpecError, match=r"search\.lamarckian is set but search\.sampler is 'tpe'"):
         make_space(data)
 
 
