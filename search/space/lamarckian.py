@@ -42,33 +42,26 @@ from optuna.distributions import (
 )
 from optuna.trial import FrozenTrial
 
-__all__ = ["PARENT", "dominated", "mutate", "non_dominated"]
+from search.rundir.pareto import front_indices
+
+__all__ = ["PARENT", "mutate", "non_dominated", "step"]
 
 PARENT = "parent"  # Optuna user attr of a child: its parent's trial number
 STEP = 0.25  # a numeric mutation's standard deviation, as a share of the value's range
 
 
-def dominated(a: Sequence[float], b: Sequence[float], directions: Sequence[str]) -> bool:
-    """``a`` is dominated by ``b``: no worse in every objective, better in one."""
-    better = [(y > x) if d == "maximize" else (y < x) for x, y, d in zip(a, b, directions,
-                                                                           strict=True)]
-    worse = [(y < x) if d == "maximize" else (y > x) for x, y, d in zip(a, b, directions,
-                                                                          strict=True)]
-    return any(better) and not any(worse)
-
-
 def non_dominated(trials: Sequence[FrozenTrial], directions: Sequence[str]) -> list[FrozenTrial]:
-    """The trials no other of ``trials`` dominates (all must have values)."""
-    return [t for t in trials
-            if not any(dominated(t.values, o.values, directions) for o in trials if o is not t)]
+    """The trials no other of ``trials`` dominates (all must have values); ``directions`` as
+    Optuna names them (``maximize`` / ``minimize``)."""
+    senses = [d.removesuffix("imize") for d in directions]  # max / min
+    return [trials[i] for i in front_indices([t.values for t in trials], senses)]
 
 
 def mutate(params: Mapping[str, Any], distributions: Mapping[str, BaseDistribution],
-           rng: random.Random, *, changes: int, frozen: Sequence[str] = ()) -> dict[str, Any]:
-    """``params`` with ``changes`` of them (those not ``frozen``, and that can change) moved by
-    one small step each; fewer when fewer can change."""
-    movable = [k for k in sorted(params) if k not in frozen and k in distributions
-               and not distributions[k].single()]
+           rng: random.Random, *, changes: int) -> dict[str, Any]:
+    """``params`` with ``changes`` of them (those that can change) moved by one small step
+    each; fewer when fewer can change."""
+    movable = [k for k in sorted(params) if k in distributions and not distributions[k].single()]
     out = dict(params)
     for k in rng.sample(movable, min(changes, len(movable))):
         out[k] = step(distributions[k], params[k], rng)
