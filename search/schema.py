@@ -87,6 +87,10 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("int8_accuracy", "max", trained=True, rung_proxy="val_accuracy",
            alias_of="int8_val_accuracy"),
     Metric("nonzero_params", "min", trained=False, budget="max_params", unit="params"),
+    # Every parameter the shipped model carries: nonzero_params + a frozen transfer trunk's
+    # weights (trainables/accounting.py); nonzero_params counts what trains (studies 002, 003),
+    # this what a user deploys. Equal for a net trained from scratch.
+    Metric("deploy_params", "min", trained=False, budget="max_deploy_params", unit="params"),
     Metric("macs", "min", trained=False, budget="max_macs", unit="MACs"),
     # int8 deployment (trainables/accounting.py, formats in trainables/deploy.py): weights,
     # per-channel scales and int32 biases, BatchNorm folded, sparse layers as bitmask where

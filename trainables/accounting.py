@@ -17,6 +17,9 @@ checks the fast arithmetic.
 Definitions (the search's objectives use these):
 
 - ``trainable_params``: elements of parameters with ``requires_grad``; ``frozen_params``: the rest.
+- ``deploy_params`` (a property): every parameter the deployed model carries, ``nonzero_params``
+  + ``frozen_params``: a frozen transfer trunk ships all its weights (resnet18: 11.2M) though
+  none of them trains. It equals ``nonzero_params`` for a net trained from scratch.
 - ``nonzero_params``: trainable elements that are not structurally zero. Conv/linear weights
   count their nonzeros after any mask (a :class:`SparseLinear` mask, a ``torch.nn.utils.prune``
   ``*_mask``); biases and norm parameters count in full. On the meta device a SparseLinear
@@ -116,6 +119,12 @@ class Accounting:
     layers: tuple[LayerRow, ...]
 
     @property
+    def deploy_params(self) -> int:
+        """Every parameter the deployed model carries: the trained nonzeros + the frozen trunk
+        (pretrained weights are dense; pruning never touches frozen layers)."""
+        return self.nonzero_params + self.frozen_params
+
+    @property
     def total_params(self) -> int:
         """Keras' "Total params": trainable + frozen parameters + BatchNorm running mean/var."""
         return self.trainable_params + self.frozen_params + self.bn_buffers
@@ -124,6 +133,7 @@ class Accounting:
         """JSON-ready: the totals, ``total_params`` and ``layers`` as a list of dicts."""
         d: dict[str, Any] = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["total_params"] = self.total_params
+        d["deploy_params"] = self.deploy_params
         d["layers"] = [
             {**dataclasses.asdict(row), "output_shape": list(row.output_shape)} for row in self.layers
         ]

@@ -566,6 +566,7 @@ def fit(
                 "train_loss": train_loss,
                 "train_accuracy": train_acc,
                 "nonzero_params": counts.nonzero_params,
+                "deploy_params": counts.deploy_params,  # + a frozen trunk's weights
                 "macs": counts.macs,
                 "nonzero_macs": counts.nonzero_macs,
                 "flash_bytes": counts.flash_bytes,  # int8, after this round's pruning

@@ -8,7 +8,7 @@ resume exactly), ``model.pt`` (a plain state_dict with pruning folded in: it loa
 ``build_model(arch)``) and ``arch.yaml``. A restarted trial resumes from the latest checkpoint.
 
 Metrics per epoch: val_accuracy, val_accuracy_se (its binomial standard error), val_loss,
-train_loss, train_accuracy, nonzero_params, macs, nonzero_macs, epoch, fidelity, prune_round, lr,
+train_loss, train_accuracy, nonzero_params, deploy_params (+ a frozen trunk's weights), macs, nonzero_macs, epoch, fidelity, prune_round, lr,
 epoch_seconds, train_seconds, node_id (the Ray node running it), done (True only on the last report, which adds test_accuracy and
 test_loss).
 

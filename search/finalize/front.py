@@ -29,11 +29,12 @@ FINAL_PARETO = "final-pareto.csv"
 # Metrics averaged over seeds (mean and std columns) where the retraining reports them.
 AVERAGED = ("val_accuracy", "test_accuracy")
 # Counts of the delivered model (the same for every seed, up to pruning ties): their mean.
-COUNTS = ("nonzero_params", "macs", "nonzero_macs", "flash_bytes", "sram_bytes")
+COUNTS = ("nonzero_params", "deploy_params", "macs", "nonzero_macs", "flash_bytes",
+          "sram_bytes")
 # val_accuracy / test_accuracy repeat the means under pareto.csv's names, so a tool that reads
 # a front reads this one too.
-FINAL_COLUMNS = ("trial_key", "prune_round", "nonzero_params", "macs", "val_accuracy_mean",
-                 "val_accuracy_std", "test_accuracy_mean", "test_accuracy_std", "seeds",
+FINAL_COLUMNS = ("trial_key", "prune_round", "nonzero_params", "deploy_params", "macs",
+                 "val_accuracy_mean", "val_accuracy_std", "test_accuracy_mean", "test_accuracy_std", "seeds",
                  "epochs", "search_val_accuracy", "on_front", "arch", "val_accuracy",
                  "test_accuracy")
 FINAL_PNG = "final-pareto.png"  # test accuracy (mean over seeds) vs nonzero params
@@ -141,12 +142,16 @@ def front_text(rows: Sequence[Mapping[str, Any]]) -> str:
         spread = "" if std is None or std == "" else f"+-{f(std, '.4f')}"
         return f"{f(r.get(f'{metric}_mean'), '.4f'):>7}{spread:<8}"
 
-    lines = [f"{'':1} {'trial':>6} {'params':>10} {'macs':>12} {'val_acc':>15} "
-             f"{'test_acc':>15} {'seeds':>5} {'epochs':>6}  arch"]
+    # A frozen trunk ships more than trains: its deploy_params column, only where they differ.
+    deploy = any(r.get("deploy_params") not in (None, "", r.get("nonzero_params")) for r in rows)
+    lines = [f"{'':1} {'trial':>6} {'params':>10} " + (f"{'deploy':>11} " if deploy else "")
+             + f"{'macs':>12} {'val_acc':>15} {'test_acc':>15} {'seeds':>5} {'epochs':>6}  arch"]
     for r in rows:
         lines.append(
             f"{'*' if str(r.get('on_front')).lower() == 'true' else ' '} {r['trial_key']:>6} "
-            f"{f(r.get('nonzero_params'), ',.0f'):>10} {f(r.get('macs'), ',.0f'):>12} "
+            f"{f(r.get('nonzero_params'), ',.0f'):>10} "
+            + (f"{f(r.get('deploy_params'), ',.0f'):>11} " if deploy else "")
+            + f"{f(r.get('macs'), ',.0f'):>12} "
             f"{mean_std(r, 'val_accuracy')} {mean_std(r, 'test_accuracy')} "
             f"{r.get('seeds', ''):>5} {r.get('epochs', ''):>6}  {r.get('arch', '')}")
     return "\n".join(lines)

@@ -325,7 +325,7 @@ def dry_run_report(spec: SearchSpec, n: int, *, as_json: bool, echo: Any = print
         "feasible": len(result.proposals), "rejected": result.rejected,
         "asked": result.asked, "exhausted": result.exhausted,
         "feasible_fraction": result.feasible_fraction, "ms_per_screen": result.ms_per_screen,
-        "proposals": [{"nonzero_params": p.screened_params,
+        "proposals": [{"nonzero_params": p.screened_params, "deploy_params": p.deploy_params,
                        "macs": p.accounting.macs if p.accounting else None,
                        "arch": str(p.arch)} for p in result.proposals],
     }))

@@ -6,7 +6,8 @@ the small end of the front needs. This scheduler keeps ASHA's asynchronous rule,
 ranking of MO-ASHA (Schmucker et al. 2021, "Multi-objective Asynchronous Successive
 Halving"): at each rung a trial's objective values (``val_accuracy`` at that epoch and the
 ``nonzero_params`` of the model it will deliver, as the budget screen counted it: a
-lottery-ticket trial still reports its dense count before its pruning rounds; ...) are
+lottery-ticket trial still reports its dense count before its pruning rounds; ``deploy_params``
+likewise, plus the frozen trunk; ...) are
 ranked against those recorded at the same rung by
 non-dominated sorting, then by crowding distance within a sorting front (NSGA-II: spread
 points before crowded ones). A trial goes on when it is in the top ``1 / reduction_factor``
@@ -129,6 +130,10 @@ class MultiObjectiveASHA(FIFOScheduler):
             v = result.get(metric)
             if metric == "nonzero_params" and config.get(SCREENED_KEY) is not None:
                 v = config[SCREENED_KEY]
+            elif metric == "deploy_params" and config.get(SCREENED_KEY) is not None:
+                # the delivered nonzeros + the frozen trunk (reported deploy - nonzero)
+                frozen = (v or 0) - (result.get("nonzero_params") or 0)
+                v = config[SCREENED_KEY] + frozen
             if not isinstance(v, (int, float)) or isinstance(v, bool):
                 return None
             out.append(float(v))  # NaN stays: such a trial stops (see goes_on)

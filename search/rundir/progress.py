@@ -88,6 +88,7 @@ def _fmt(v: Any, spec: str) -> str:
 _OBJECTIVE_COLUMNS: dict[str, tuple[tuple[str, str, str], ...]] = {
     "int8_accuracy": (("int8_val", "int8_val_accuracy", ".4f"),
                       ("int8_test", "int8_test_accuracy", ".4f")),
+    "deploy_params": (("deploy", "deploy_params", ",d"),),
     "macs": (("macs", "macs", ",d"),),
     "flash_bytes": (("flash_B", "flash_bytes", ",d"),),
     "sram_bytes": (("sram_B", "sram_bytes", ",d"),),
@@ -104,7 +105,11 @@ def front_table(front: Sequence[Mapping[str, Any]], objectives: Sequence[str] = 
         # (said of a search stopped by its budget and of one interrupted before any trial ended)
         return "Pareto front: empty (no trial finished)"
     rounds = any(p.get("prune_round") for p in front)
-    extra = [c for o in objectives for c in _OBJECTIVE_COLUMNS.get(o, ())]
+    shown = list(objectives)
+    if "deploy_params" not in shown and any(
+            p.get("deploy_params") not in (None, p.get("nonzero_params")) for p in front):
+        shown.insert(0, "deploy_params")  # a frozen trunk ships more than trains: show both
+    extra = [c for o in shown for c in _OBJECTIVE_COLUMNS.get(o, ())]
     # val_acc +- its standard error: front neighbours closer than about two of these are
     # ranked by the validation split's noise, not told apart.
     head = f"{'nonzero_params':>14}  {'val_acc':>7} {'+-se':>6}  {'test_acc':>8}"

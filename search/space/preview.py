@@ -48,14 +48,20 @@ class DryRun:
             "MACs:",
             text_histogram(macs),
             "",
-            "first proposals:",
         ]
+        deploy = [p.deploy_params or 0 for p in self.proposals]
+        ships_more = deploy != params  # a frozen trunk: what ships is not what trains
+        if ships_more:
+            lines += ["deploy params (every weight shipped, frozen trunks too):",
+                      text_histogram(deploy), ""]
+        lines.append("first proposals:" + ("  (nonzero params, deploy params)" if ships_more
+                                            else ""))
         if self.exhausted:
             lines[-1] = (f"the space holds only {len(self.proposals)} distinct configs (asked for "
                          f"{self.asked}); all of them:")
-            lines += [f"  {p.screened_params:>10,}  {p.arch}" for p in self.proposals]
-        else:
-            lines += [f"  {p.screened_params:>10,}  {p.arch}" for p in self.proposals[:10]]
+        shown = self.proposals if self.exhausted else self.proposals[:10]
+        lines += [f"  {p.screened_params:>10,}" + (f" {p.deploy_params:>11,}" if ships_more else "")
+                  + f"  {p.arch}" for p in shown]
         return "\n".join(lines)
 
 

@@ -300,6 +300,7 @@ class Proposer:
         known: dict[str, float] = {}
         if proposal.accounting is not None and proposal.screened_params is not None:
             known = {"nonzero_params": float(proposal.screened_params),
+                     "deploy_params": float(proposal.deploy_params or 0),
                      "macs": float(proposal.accounting.macs)}
         if "latency_ms" in proposal.config:  # measured before it was refused
             known["latency_ms"] = float(proposal.config["latency_ms"])

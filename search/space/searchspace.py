@@ -100,8 +100,7 @@ def initial_params(space: SearchSpace, i: int, point: InitialPoint) -> dict[str,
     train = TrainConfig(**train_kw)
     screen = space.screen(built)
     acc = screen.accounting
-    over = {k: v for k, v in space.violations(delivered_params(screen, train), acc.macs,
-                                              flash=acc.flash_bytes, sram=acc.sram_bytes).items()
+    over = {k: v for k, v in space.violations(delivered_params(screen, train), acc).items()
             if v > 0}
     if over:
         units = {budget: METRICS[name].unit for budget, name in budget_fields().items()}
@@ -256,6 +255,13 @@ class Proposal:
     initial: str | None = None  # the label of the search.initial entry it comes from
     parent: int | None = None  # a lamarckian child's parent (its Optuna trial number)
 
+    @property
+    def deploy_params(self) -> int | None:
+        """Every param the delivered model ships: its nonzeros + a frozen trunk's weights."""
+        if self.screened_params is None or self.accounting is None:
+            return None
+        return self.screened_params + self.accounting.frozen_params
+
 
 @public("search.space")
 class SearchSpace:
@@ -305,9 +311,7 @@ class SearchSpace:
             return Proposal(None, None, None, {}, None, False, {"valid": 1.0},
                             dict(trial.params), str(e))
         screened = delivered_params(screen, train)
-        violations = self.violations(screened, screen.accounting.macs,
-                                     flash=screen.accounting.flash_bytes,
-                                     sram=screen.accounting.sram_bytes)
+        violations = self.violations(screened, screen.accounting)
         return Proposal(
             arch=arch,
             train=train,
@@ -328,12 +332,14 @@ class SearchSpace:
         out["valid"] = proposal.violations.get("valid", 0.0)
         return out
 
-    def violations(self, params: int, macs: int, *, flash: int | None = None,
-                   sram: int | None = None) -> dict[str, float]:
-        """Excess over each budget that is set (<= 0: within it), in the budget's units."""
+    def violations(self, params: int, acc: Accounting) -> dict[str, float]:
+        """Excess over each budget that is set (<= 0: within it), in the budget's units.
+        ``params``: the delivered model's nonzero params (after its pruning rounds); the rest
+        is ``acc``'s count of the unpruned net."""
         c = self.spec.constraints
-        values = {"max_params": params, "max_macs": macs, "max_flash_bytes": flash,
-                  "max_sram_bytes": sram}
+        values = {"max_params": params, "max_deploy_params": params + acc.frozen_params,
+                  "max_macs": acc.macs, "max_flash_bytes": acc.flash_bytes,
+                  "max_sram_bytes": acc.sram_bytes}
         return {field: float(values[field] - limit) for field in budget_fields()
                 if (limit := getattr(c, field)) is not None and values.get(field) is not None}
 

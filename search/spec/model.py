@@ -91,6 +91,8 @@ class Objective:
 @dataclass(frozen=True)
 class Constraints:
     max_params: int | None = None  # nonzero trainable params of the delivered (pruned) model
+    # Every param the shipped model carries: max_params's count + a frozen trunk's weights
+    max_deploy_params: int | None = None
     max_macs: int | None = None  # dense conv + linear multiply-accumulates per image
     # int8 deployment budgets, screened before training on the unpruned net (no credit for
     # pruning rounds yet: conservative): stored weights + scales + int32 biases, BatchNorm

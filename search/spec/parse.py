@@ -156,6 +156,7 @@ def parse_spec(
 def _constraints(r: Reader, d: Any) -> Constraints:
     return r.dataclass(Constraints, d, "constraints", {
         "max_params": int_check(1, nullable=True),
+        "max_deploy_params": int_check(1, nullable=True),
         "max_macs": int_check(1, nullable=True),
         "max_flash_bytes": int_check(1, nullable=True),
         "max_sram_bytes": int_check(1, nullable=True),

@@ -43,7 +43,8 @@ def front_from_store(tracking_uri: str, experiment: str | None = None) -> dict[s
         "trial_key": r.data.tags.get(TAG_TRIAL_KEY),
         "arch": r.info.run_name,
         **{k: r.data.metrics.get(k) for k in ("val_accuracy", "val_accuracy_se", "test_accuracy",
-                                               "nonzero_params", "macs", *extra)},
+                                               "nonzero_params", "deploy_params", "macs",
+                                               *extra)},
         "status": r.info.status,
         "url": run_url(base, eid, r.info.run_id),
     } for r in runs]
@@ -67,6 +68,9 @@ def format_front(report: Mapping[str, Any]) -> str:
     """The `sparse-search pareto` table: the standard columns, then any other objective the
     search used (flash_bytes, sram_bytes, ...)."""
     extra = [m for m in report.get("objectives", []) if m not in _COLUMNS]
+    if "deploy_params" not in extra and any(
+            f.get("deploy_params") not in (None, f.get("nonzero_params")) for f in report["front"]):
+        extra.insert(0, "deploy_params")  # a frozen trunk ships more than trains: show both
     modes = report.get("objective_modes") or {}
     used = ", ".join(f"{m} ({modes[m]})" if m in modes else m for m in report.get("objectives", []))
     lines = [f"search {report['search']} ({report['status']}), parent run {report['parent_run_id']}"

@@ -66,6 +66,11 @@ def test_a_pruning_trial_is_ranked_by_the_size_it_will_deliver():
     assert s.recorded[1]["ticket"] == (0.8, 1000.0)
     # by its dense count it would have been dominated and stopped
     assert s._on_result("ticket-2", report) == STOP
+    # ranked by deploy_params, a pruning trial on a frozen trunk delivers its pruned head plus
+    # the whole trunk: 1,000 + (reported deploy 9,000 - reported nonzero 4,000)
+    s = make(objectives=[("val_accuracy", "max"), ("deploy_params", "min")])
+    s._on_result("trunk", {**report, "deploy_params": 9000}, {"meta/screened_params": 1000})
+    assert s.recorded[1]["trunk"] == (0.8, 6000.0)
 
 
 def test_dominated_trials_keep_the_top_share_of_the_order():

@@ -30,6 +30,15 @@ def test_the_table_shows_the_searchs_objectives():
     assert table[-1].startswith("* a network of search.initial")
 
 
+def test_the_table_shows_deploy_params_where_a_frozen_trunk_ships_more_than_trains():
+    same = [{**p, "deploy_params": p["nonzero_params"]} for p in FRONT]
+    assert "deploy" not in front_table(same).splitlines()[1]
+    trunk = [{**same[0], "deploy_params": 11_182_000}, same[1]]
+    table = front_table(trunk).splitlines()
+    assert table[1].split()[4] == "deploy"
+    assert table[2].split()[4] == "11,182,000" and table[3].split()[4] == "60,001"
+
+
 def test_the_objectives_come_from_the_run_dirs_spec(tmp_path):
     (tmp_path / "spec.yaml").write_text("name: x\nobjectives: {int8_accuracy: max, flash_bytes: min}\n")
     assert read_objectives(tmp_path) == ["int8_accuracy", "flash_bytes"]

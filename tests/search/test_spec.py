@@ -21,6 +21,7 @@ from search.spec import (
     load_spec,
     parse_duration,
     parse_spec,
+    possible_values,
 )
 from trainables.data import DataConfig
 
@@ -88,6 +89,20 @@ def test_shipped_spaces_are_the_documented_set():
     assert quick.data.name == "digits" and quick.search.max_concurrent == 2
     assert quick.resources.cpu == 1 and quick.constraints.max_params <= 5000
     assert "--max-params 50000" in (SPACES[0].parent / "cifar10.yaml").read_text()
+
+
+def test_spaces_offering_a_frozen_trunk_rank_and_budget_what_ships():
+    """A headline space with a transfer trunk ranks by deploy_params (the trunk's weights ship)
+    and budgets it; the lottery-ticket study, about trained params, keeps nonzero_params."""
+    offering = [load_spec(p) for p in SPACES
+                if set(possible_values(load_spec(p).space.backbone)) - {"none"}]
+    assert {s.name for s in offering} >= {"cifar10", "intel-scenes"}
+    for spec in offering:
+        assert "deploy_params" in {o.metric for o in spec.objectives}, spec.name
+        assert "nonzero_params" not in {o.metric for o in spec.objectives}, spec.name
+        assert spec.constraints.max_deploy_params, spec.name
+    study = load_spec(SPACES[0].parent / "studies" / "lottery-ticket.yaml")
+    assert [o.metric for o in study.objectives] == ["val_accuracy", "nonzero_params"]
 
 
 def test_readme_example_is_a_valid_spec():

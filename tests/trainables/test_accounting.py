@@ -176,6 +176,7 @@ def test_backbone_frozen_params() -> None:
     acc = count(arch)  # the weights file is never opened
     assert acc.frozen_params == trunk - layer4
     assert acc.trainable_params == acc.nonzero_params == layer4 + 512 * 10 + 10
+    assert acc.deploy_params == trunk + 512 * 10 + 10  # every weight it ships, frozen ones too
     assert acc.bn_buffers == 2 * (64 + 4 * 64 + 5 * 128 + 5 * 256 + 5 * 512)
     frozen_rows = [r for r in acc.layers if r.trainable == 0 and r.type == "Convolution"]
     assert frozen_rows and frozen_rows[0].name == "backbone.conv1"
@@ -193,9 +194,10 @@ def test_to_dict_and_table() -> None:
     acc = count(ArchConfig.load(ARCHS / "cnn704k.yaml"))
     d = json.loads(json.dumps(acc.to_dict()))
     assert {k: d[k] for k in ("trainable_params", "nonzero_params", "frozen_params", "bn_buffers",
-                              "macs", "nonzero_macs", "total_params")} == {
+                              "macs", "nonzero_macs", "total_params", "deploy_params")} == {
         "trainable_params": 703114, "nonzero_params": 703114, "frozen_params": 0, "bn_buffers": 1728,
-        "macs": 12035328, "nonzero_macs": 12035328, "total_params": 704842}
+        "macs": 12035328, "nonzero_macs": 12035328, "total_params": 704842,
+        "deploy_params": 703114}  # trained from scratch: what ships is what trains
     assert d["layers"][0] == {"name": "stem.conv", "type": "Convolution", "params": 896, "trainable": 896,
                               "nonzero": 896, "macs": 221184, "nonzero_macs": 221184,
                               "output_shape": [16, 16, 32],

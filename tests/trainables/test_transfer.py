@@ -259,3 +259,24 @@ def test_meta_build_loads_nothing_and_warns_nothing(tmp_path: Path) -> None:
             uncached = build_transfer_model(_arch("densenet121"))
     for model in (absent, uncached):
         assert all(p.is_meta for p in model.parameters())
+
+
+def test_a_trained_frozen_trunk_reports_every_weight_it_ships() -> None:
+    """deploy_params (what ships) = the trained nonzeros + the frozen trunk; nonzero_params
+    (what trains) is the head alone: a real epoch of a frozen resnet18 on 24 random images."""
+    from trainables.data import Splits
+    from trainables.train import TrainConfig, fit
+
+    gen = torch.Generator().manual_seed(0)
+
+    def images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen),
+                torch.randint(0, 6, (n,), generator=gen))
+
+    (xt, yt), (xv, yv), (xs, ys) = images(24), images(8), images(8)
+    splits = Splits("random", xt, yt, xv, yv, xs, ys, 6, tuple("abcdef"), (0.5,) * 3, (0.25,) * 3)
+    trunk = sum(p.numel() for p in tv.resnet18().parameters()) - (512 * 1000 + 1000)
+    result = fit(_build(_arch()), splits, TrainConfig(epochs=1, batch_size=8, threads=1))
+    report = result.metrics
+    assert report["nonzero_params"] == 512 * 6 + 6  # the head trains, nothing else
+    assert report["deploy_params"] == trunk + 512 * 6 + 6 > 11_000_000
