@@ -529,7 +529,6 @@ def fit(
             ema = make_ema(model, cfg.ema) if cfg.ema else None
             prog = dataclasses.replace(prog, phase=phase, epoch_in_phase=0, phase_done=False,
                                        best_val=-1.0, bad_epochs=0)
-        counts = count_built(model, splits.input_shape)  # nonzeros change only when pruned
         model.train()
         for e in range(prog.epoch_in_phase, cfg.epochs):
             t0 = time.perf_counter()
@@ -557,6 +556,9 @@ def fit(
                     prog.epoch_in_phase == cfg.rewind_epoch or prog.phase_done):
                 snap = pruning.snapshot(model)  # the rewind point (at phase end if stopped early)
             last = prog.phase_done and phase == cfg.prune_rounds
+            # Counted after each epoch, not once per phase: a lamarckian child starts with
+            # weights set to zero (a widened layer's new inputs) that training makes nonzero.
+            counts = count_built(model, splits.input_shape)  # ~ms: the shape-only pass
             metrics = {
                 "epoch": prog.epoch,
                 "prune_round": phase,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from trainables.arch import ArchConfig, HeadLayer, StageConfig, StemConfig
@@ -69,3 +71,24 @@ def test_a_narrower_child_keeps_the_first_channels_and_its_own_masks() -> None:
     weight = sd["head.0.linear.weight"]
     assert int((weight * (1 - mask)).count_nonzero()) == 0
     torch.testing.assert_close(weight, state["head.0.linear.weight"] * mask)
+
+
+def test_a_widened_child_reports_the_params_it_delivers_once_trained() -> None:
+    """Its zero-started weights (new inputs into inherited outputs, a larger kernel's rim) are
+    not structural zeros: after an epoch the trial reports the count the budget screen made."""
+    from trainables.accounting import count, count_built
+    from trainables.data import DataConfig, load_dataset
+    from trainables.train import TrainConfig, fit
+
+    digits = load_dataset(DataConfig(name="digits", subset=200))
+    big = arch((9, 11), kernel=5)
+    shape = dataclasses.replace(big, input_size=(8, 8), num_classes=10)
+    small = dataclasses.replace(arch((6, 8)), input_size=(8, 8), num_classes=10)
+    torch.manual_seed(0)
+    child = build_model(shape)
+    # (a freshly built parent: trained_like's random BatchNorm shifts leave some units dead,
+    # whose weights no epoch moves off zero)
+    inherit(child, build_model(small).state_dict())
+    assert count_built(child, (1, 8, 8)).nonzero_params < count(shape).nonzero_params
+    result = fit(child, digits, TrainConfig(epochs=1, batch_size=64, threads=1))
+    assert result.metrics["nonzero_params"] == count(shape).nonzero_params
