@@ -10,7 +10,9 @@ Design (what made it sound here, Ray 2.60, root in a container):
   and the Ray that other people run on this machine (8265 / 52365 / 6379) is invisible;
 - **a temp folder per node** (``--temp-dir``, per node since Ray 2.x): sessions, runtime-env
   caches (a job's working_dir copy) and logs are never shared, so one node's runtime-env
-  clean-up cannot remove a folder another node's driver runs in;
+  clean-up cannot remove a folder another node's driver runs in; ``as_docs=True`` starts the
+  nodes as Ray's docs do instead (a joining node gives no temp dir and no ports: it shares the
+  head's session folder), the way users start them;
 - **token auth on**: ``RAY_AUTH_MODE=token`` and a fresh ``RAY_AUTH_TOKEN`` in the environment
   of every process (head, joining nodes, drivers); ``~/.ray/auth_token`` is neither read nor
   written;
@@ -161,12 +163,23 @@ class LoopbackCluster:
 
     # ------------------------------------------------------------------ nodes
     def _start(self, args: list[str], *, num_cpus: int,
-               resources: Mapping[str, float] | None) -> Node:
+               resources: Mapping[str, float] | None, as_docs: bool = False) -> Node:
         i = len(self.nodes)
         temp = self.root / f"n{i}"
-        temp.mkdir(exist_ok=True)
         log = self.root / f"n{i}.log"
         base = NODE_PORT_BASE + 100 * i
+        if as_docs:
+            # Ray's docs' way: no port but the head's own, no temp dir on a joining node (it
+            # takes the head's: one session folder for both), no usage-stats flag.
+            temp = self.nodes[0].temp_dir if self.nodes else temp
+            temp.mkdir(exist_ok=True)
+            argv = [str(RAY), "start", "--block", f"--num-cpus={num_cpus}", *args]
+            if not self.nodes:
+                argv.append(f"--temp-dir={temp}")
+            node = Node(i, self._popen_node(argv, log), temp, log, num_cpus, argv=argv)
+            self.nodes.append(node)
+            return node
+        temp.mkdir(exist_ok=True)
         ports = {"node-manager-port": base, "object-manager-port": base + 1,
                  "dashboard-agent-listen-port": base + 2, "dashboard-agent-grpc-port": base + 3,
                  "runtime-env-agent-port": base + 4, "metrics-export-port": base + 5,
@@ -197,24 +210,30 @@ class LoopbackCluster:
         return True
 
     def start_head(self, *, num_cpus: int = 2, resources: Mapping[str, float] | None = None,
-                   timeout_s: float = 120, wait: bool = True) -> Node:
+                   timeout_s: float = 120, wait: bool = True, as_docs: bool = False,
+                   args: Sequence[str] = ()) -> Node:
         """The head; ``wait=False``: return once ``ray start`` runs (see :meth:`wait_nodes`,
-        :meth:`wait_job_server`)."""
+        :meth:`wait_job_server`). ``as_docs``: started as Ray's docs start one (``--port``,
+        the dashboard's host and port, a temp dir; every other port Ray's default). ``args``:
+        more ``ray start`` flags (``--autoscaling-config=FILE``)."""
         assert not self.nodes, "the head is the first node"
+        ports = HEAD_PORTS if not as_docs else {k: v for k, v in HEAD_PORTS.items()
+                                                 if k in ("port", "dashboard-port")}
         node = self._start(["--head", "--dashboard-host=127.0.0.1",
-                            *(f"--{k}={v}" for k, v in HEAD_PORTS.items())],
-                           num_cpus=num_cpus, resources=resources)
+                            *(f"--{k}={v}" for k, v in ports.items()), *args],
+                           num_cpus=num_cpus, resources=resources, as_docs=as_docs)
         if wait:
             self.wait_nodes(1, timeout_s=timeout_s)
         return node
 
     def add_node(self, *, num_cpus: int = 2, resources: Mapping[str, float] | None = None,
-                 timeout_s: float = 120) -> Node:
+                 timeout_s: float = 120, as_docs: bool = False) -> Node:
         """A node joins the head, alive on return. One at a time: nodes joining at once on a
-        loaded box overran Ray's fixed 30 s registration wait."""
+        loaded box overran Ray's fixed 30 s registration wait. ``as_docs``: ``ray start
+        --address=HEAD --num-cpus=N``, nothing else (it shares the head's temp dir)."""
         assert self.nodes, "start the head first"
         node = self._start([f"--address={self.gcs_address}"], num_cpus=num_cpus,
-                           resources=resources)
+                           resources=resources, as_docs=as_docs)
         self.wait_nodes(sum(1 for n in self.nodes if n.proc.poll() is None or
                             n.node_id is None), timeout_s=timeout_s)
         return node

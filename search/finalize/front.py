@@ -34,9 +34,9 @@ COUNTS = ("nonzero_params", "deploy_params", "macs", "nonzero_macs", "flash_byte
 # val_accuracy / test_accuracy repeat the means under pareto.csv's names, so a tool that reads
 # a front reads this one too.
 FINAL_COLUMNS = ("trial_key", "prune_round", "nonzero_params", "deploy_params", "macs",
-                 "val_accuracy_mean", "val_accuracy_std", "test_accuracy_mean", "test_accuracy_std", "seeds",
-                 "epochs", "search_val_accuracy", "on_front", "arch", "val_accuracy",
-                 "test_accuracy")
+                 "val_accuracy_mean", "val_accuracy_std", "test_accuracy_mean",
+                 "test_accuracy_std", "seeds", "epochs", "search_val_accuracy", "on_front",
+                 "arch", "val_accuracy", "test_accuracy")
 FINAL_PNG = "final-pareto.png"  # test accuracy (mean over seeds) vs nonzero params
 
 

@@ -40,7 +40,7 @@ from search.errors import MachineError, UserError, describe_os_error, machine_ca
 from search.run.interrupt import Interrupted
 from search.run.outcome import SearchOutcome
 from search.run.preflight import Checked, absolute_data_path, detach, preflight
-from search.run.ray_runtime import init_ray
+from search.run.ray_runtime import cluster_address, init_ray
 from search.rundir.layout import RunDir, write_atomic
 from search.rundir.owner import own_run
 from search.rundir.storage import attach
@@ -154,7 +154,33 @@ def _search_in(spec: SearchSpec, run: RunDir, *, resuming: bool, checked: Checke
                address: str | None, progress: bool, progress_interval_s: float,
                extend_s: float | None = None) -> SearchOutcome:
     """Train the search in ``run`` with what :func:`preflight` checked; ``extend_s``: a
-    resume's extra wall time (search.run.searcher)."""
+    resume's extra wall time (search.run.searcher).
+
+    Run from the run dir. Every path is absolute by now, and the directory the driver started
+    in may vanish: a Ray Job's working_dir copy, in a session folder that another node on the
+    same host cleans up (nodes started as Ray's docs start them share it). MLflow's store
+    resolves its default artifact root against the cwd when it opens, and Ray Tune's
+    experiment analysis calls ``os.getcwd()`` at the end: both failed on a vanished cwd.
+    """
+    try:
+        previous: str | None = os.getcwd()
+    except FileNotFoundError:  # already gone: nothing to go back to
+        previous = None
+    os.chdir(run.path)
+    try:
+        return _train(spec, run, resuming=resuming, checked=checked, address=address,
+                      progress=progress, progress_interval_s=progress_interval_s,
+                      extend_s=extend_s)
+    finally:
+        if previous is not None:
+            with contextlib.suppress(OSError):
+                os.chdir(previous)
+
+
+def _train(spec: SearchSpec, run: RunDir, *, resuming: bool, checked: Checked,
+           address: str | None, progress: bool, progress_interval_s: float,
+           extend_s: float | None) -> SearchOutcome:
+    """:func:`_search_in`'s work, from the run dir."""
     import sys
     import time
     from concurrent.futures import ThreadPoolExecutor
@@ -186,26 +212,20 @@ def _search_in(spec: SearchSpec, run: RunDir, *, resuming: bool, checked: Checke
             # ray.init replaces the SIGTERM handler with one that exits at once: put back ours
             # (SIGTERM stops Tune like Ctrl-C: trials saved, the run resumable).
             sigterm_as_sigint()
+            if cluster_address(address) is not None:
+                # A cluster: every node's trial workers import torch now, while the data
+                # loads, not in each node's first trial (search/run/warmup.py).
+                from search.run.warmup import warm_nodes
+
+                print(warm_nodes(checked.plan.cpu, dict(checked.plan.custom)), file=sys.stderr,
+                      flush=True)
             splits.exception()  # wait for it (an unreadable dataset raises its DataError below)
         from search.run.tuner import fit
 
-        # Every path is absolute by now; the directory the driver started in may vanish (a
-        # job's working_dir cleaned up by another node's runtime-env agent), and Ray Tune's
-        # experiment analysis calls os.getcwd() at the end: run from the run dir instead.
-        try:
-            previous: str | None = os.getcwd()
-        except FileNotFoundError:  # already gone: nothing to go back to
-            previous = None
-        os.chdir(run.path)
-        try:
-            outcome = fit(spec, run, splits.result(), resuming=resuming, tracker=tracker,
-                          background=background, progress=progress, started_at=started_at,
-                          progress_interval_s=progress_interval_s, plan=checked.plan,
-                          extend_s=extend_s)
-        finally:
-            if previous is not None:
-                with contextlib.suppress(OSError):
-                    os.chdir(previous)
+        outcome = fit(spec, run, splits.result(), resuming=resuming, tracker=tracker,
+                      background=background, progress=progress, started_at=started_at,
+                      progress_interval_s=progress_interval_s, plan=checked.plan,
+                      extend_s=extend_s)
     except KeyboardInterrupt:
         # A second Ctrl-C (Tune stops cleanly on the first), or one during start-up.
         resumable = run.has_experiment()

@@ -6,7 +6,11 @@ data is missing, is submitted the moment the head's job server answers (a fresh 
 agent may not be up yet). Every search goes through the installed console script:
 ``sparse-search run --address 127.0.0.1:<gcs>`` (a user attaching to a head they started by
 hand) and ``sparse-search submit --follow --address http://127.0.0.1:<dashboard>`` (a Ray Job),
-both of the same space. The last test loses node 2 mid-search.
+both of the same space. The last test on it loses node 2 mid-search.
+
+Two tests start a cluster of their own, as users do: two nodes started as Ray's docs start them
+(the joining node shares the head's session folder) taking a submitted search with MLflow on;
+and Ray's fake multi-node autoscaler growing from no worker node while a search waits.
 
 The submitted search's run dir is on S3: moto's standalone S3 server runs INSIDE the cluster's
 network namespace (host loopback is not reachable from there), started with the harness's
@@ -387,3 +391,80 @@ def _training_on(node) -> bool:
         if title.startswith(b"ray::ImplicitFunc"):
             return True
     return False
+
+
+def test_submit_to_two_nodes_started_as_rays_docs_start_them(tmp_path_factory):
+    """Its own cluster, started as a user following Ray's docs would on one host: ``ray start
+    --head --port --dashboard-host --dashboard-port --num-cpus=1 --temp-dir=DIR``, then ``ray
+    start --address=HEAD --num-cpus=1`` and nothing else (both nodes share the head's session
+    folder, where the job's working dir is unpacked and their runtime-env agents clean up).
+    ``submit --follow`` with MLflow on: SUCCEEDED, exit 0, no traceback, trials on both nodes,
+    no MLflow run left RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    tmp = tmp_path_factory.mktemp("docs")
+    with LoopbackCluster() as c:
+        c.start_head(num_cpus=1, as_docs=True)
+        c.add_node(num_cpus=1, as_docs=True)
+        # one session folder for both nodes: the joining node's raylet logs into the head's
+        logs = list(c.nodes[0].temp_dir.glob("session_2*/logs/raylet*.out"))  # not _latest
+        assert len({p.parent.parent for p in logs}) == 1 and len(logs) >= 2, logs
+        c.wait_job_server()
+        spec = _spec(tmp, "docs", resources="{cpu: 1}", n=2, epochs=24, subset=600)
+        uri = f"sqlite:///{tmp / 'mlflow.db'}"
+        done = c.run([CLI, "submit", str(spec), "--address", c.dashboard_url, "--follow",
+                      "--json", "--storage", str(tmp / "runs"), "--tracking-uri", uri],
+                     cwd=tmp, timeout=600)
+        alive = {n["id"] for n in c.alive_nodes()}
+    assert done.returncode == 0, _why(done)
+    assert re.fullmatch(r"job \S+: SUCCEEDED", done.stdout.strip().splitlines()[-1]), _why(done)
+    assert "Traceback" not in done.stdout + done.stderr, _why(done)
+    (run_dir,) = (tmp / "runs").iterdir()
+    with open(run_dir / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"TERMINATED"}, rows
+    assert {r["node"] for r in rows} == alive and len(alive) == 2, (rows, alive)
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}, runs
+
+
+def test_a_search_on_a_cluster_that_grows_from_no_worker(tmp_path_factory):
+    """Ray's fake multi-node autoscaler (``RAY_FAKE_CLUSTER=1 ray start --head
+    --autoscaling-config``; its nodes are real raylets it starts on this host): a head with no
+    CPU and a worker type of 2 CPUs at zero nodes. The search's trials (2 CPUs each) fit no
+    node at start: one line says they wait for the autoscaler (no refusal, no repeated Ray
+    warning); it adds nodes, the trials run there, the search completes, each trial recorded
+    once."""
+    tmp = tmp_path_factory.mktemp("grows")
+    config = tmp / "autoscaling.json"
+    config.write_text(json.dumps({
+        "cluster_name": "grows", "max_workers": 2, "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 5, "head_node_type": "ray.head.default",
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True,
+                     "disable_node_updaters": True, "disable_launch_config_check": True,
+                     "gcs_address": "127.0.0.1:46379"},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+            "cpu2": {"resources": {"CPU": 2, "object_store_memory": 200 * 2**20},
+                     "node_config": {}, "min_workers": 0, "max_workers": 2}},
+        **{k: [] for k in ("initialization_commands", "setup_commands", "head_setup_commands",
+                           "worker_setup_commands", "head_start_ray_commands",
+                           "worker_start_ray_commands", "cluster_synced_files",
+                           "rsync_exclude", "rsync_filter")},
+        "auth": {}, "docker": {}, "file_mounts": {}, "file_mounts_sync_continuously": False}))
+    with LoopbackCluster(env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}) as c:
+        c.start_head(num_cpus=0, args=[f"--autoscaling-config={config}"])
+        head = {n["id"] for n in c.alive_nodes()}
+        assert len(head) == 1
+        spec = _spec(tmp, "grows", resources="{cpu: 2}", n=2, epochs=2, subset=300)
+        done = _run(c, spec, tmp)
+        alive = {n["id"]: n["res"].get("CPU") for n in c.alive_nodes()}
+    assert done.returncode == 0, _why(done)
+    assert "trials wait for the autoscaler to add one" in done.stderr, _why(done)
+    assert "Ignore this message if the cluster is autoscaling" not in done.stderr, _why(done)
+    summary, rows = _rows(done)
+    assert summary["complete"] and len(rows) == 2 == len({r["trial_key"] for r in rows})
+    assert {r["status"] for r in rows} == {"TERMINATED"}, rows
+    added = {n for n, cpu in alive.items() if n not in head and cpu == 2}
+    assert added and {r["node"] for r in rows} <= added, (rows, alive)
