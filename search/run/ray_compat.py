@@ -44,8 +44,6 @@ def _hooks() -> dict[str, bool]:
         "ray.tune TuneController._create_checkpoint_manager": _snapshot_hook_present(),
         "ray.tune SearchGenerator.set_state 'finished'": _finished_flag_present(),
         "ray.tune ConcurrencyLimiter.live_trials": _limiter_live_trials_present(),
-        "ray._private.ray_constants.DEBUG_AUTOSCALING_STATUS": hasattr(
-            ray_constants, "DEBUG_AUTOSCALING_STATUS"),
     }
 
 
@@ -312,15 +310,3 @@ def optuna_fixed_params(trial: Any) -> dict[str, Any]:
     """The parameters an enqueued Optuna trial was asked to take (``system_attrs``)."""
     return dict(trial.system_attrs["fixed_params"])
 
-
-def autoscaler_running() -> bool:
-    """Whether an autoscaler reports on the cluster this process is attached to: its monitor
-    (``ray start --head --autoscaling-config``, ``ray up``, KubeRay's autoscaler container)
-    writes its status to the GCS key-value store every update (Ray 2.60's monitor.py). Tune's
-    own test is the file ``ray up`` leaves on the head, which a KubeRay head never has."""
-    import ray._private.ray_constants as ray_constants
-    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
-
-    if not _internal_kv_initialized():
-        return False
-    return _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) is not None

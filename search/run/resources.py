@@ -11,9 +11,10 @@ search compares the spec's ``resources`` with the nodes first:
 up to its CPUs per trial, never more than a GPU node can give each of its trials) where a node
 has GPUs; otherwise CPU-only trials that share the CPUs among ``max_concurrent`` trials. The
 plan is one line printed at start. On an autoscaling cluster (Ray's cluster launcher leaves
-``~/ray_bootstrap_config.yaml`` on the head; any autoscaler, KubeRay's too, writes its status to
-the GCS) a trial no node holds yet is not refused: nodes may come; the wait is reported in one
-line instead of Ray's repeated warning. Under a time budget
+``~/ray_bootstrap_config.yaml`` on the head, as Ray Tune checks; an autoscaler's status in the
+GCS does not tell, since every ``ray start --head`` runs a read-only one) a trial no node holds
+yet is not refused: nodes may come; the wait is reported in one line instead of Ray's repeated
+warning. Under a time budget
 no more trials are handed out than can run at once (:meth:`TrialPlan.outstanding`): one that
 waited for a slot would start after the budget last checked it.
 """
@@ -28,7 +29,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from search.errors import UserError
-from search.run.ray_compat import autoscaler_running
 
 if TYPE_CHECKING:
     from search.spec import Resources
@@ -158,7 +158,7 @@ def ray_cluster(address: str) -> Cluster:
                   and not k.startswith(("node:", "accelerator_type:"))}
         nodes.append(Node(str(n.get("NodeID", "?"))[:8], float(res.get("CPU", 0.0)),
                           float(res.get("GPU", 0.0)), custom))
-    autoscaling = AUTOSCALER_BOOTSTRAP.expanduser().exists() or autoscaler_running()
+    autoscaling = AUTOSCALER_BOOTSTRAP.expanduser().exists()
     return Cluster(tuple(nodes), where=f"the cluster at {address}", autoscaling=autoscaling)
 
 

@@ -432,7 +432,8 @@ def test_submit_to_two_nodes_started_as_rays_docs_start_them(tmp_path_factory):
 def test_a_search_on_a_cluster_that_grows_from_no_worker(tmp_path_factory):
     """Ray's fake multi-node autoscaler (``RAY_FAKE_CLUSTER=1 ray start --head
     --autoscaling-config``; its nodes are real raylets it starts on this host): a head with no
-    CPU and a worker type of 2 CPUs at zero nodes. The search's trials (2 CPUs each) fit no
+    CPU and a worker type of 2 CPUs at zero nodes; the driver's HOME holds the config as
+    ``ray up`` leaves it on a head. The search's trials (2 CPUs each) fit no
     node at start: one line says they wait for the autoscaler (no refusal, no repeated Ray
     warning); it adds nodes, the trials run there, the search completes, each trial recorded
     once."""
@@ -458,7 +459,14 @@ def test_a_search_on_a_cluster_that_grows_from_no_worker(tmp_path_factory):
         head = {n["id"] for n in c.alive_nodes()}
         assert len(head) == 1
         spec = _spec(tmp, "grows", resources="{cpu: 2}", n=2, epochs=2, subset=300)
-        done = _run(c, spec, tmp)
+        # The driver runs where `ray up` leaves the cluster's config (as Ray Tune checks):
+        # a HOME of its own holding ~/ray_bootstrap_config.yaml.
+        home = tmp / "home"
+        home.mkdir()
+        (home / "ray_bootstrap_config.yaml").write_text(config.read_text())
+        done = c.run([CLI, "run", str(spec), "--address", c.gcs_address, "--no-mlflow", "--json",
+                      "--storage", str(tmp / "runs")], env={"HOME": str(home)}, timeout=600,
+                     cwd=tmp)
         alive = {n["id"]: n["res"].get("CPU") for n in c.alive_nodes()}
     assert done.returncode == 0, _why(done)
     assert "trials wait for the autoscaler to add one" in done.stderr, _why(done)
