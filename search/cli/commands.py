@@ -232,7 +232,7 @@ def pareto(
 @app.command()
 def export(
     run_id: str = typer.Argument(..., metavar="RUN_ID|RUN_DIR", help="a child (trial) run on the Pareto front, or a run directory (a path or a storage URI) with TRIAL_KEY"),
-    trial_key: str | None = typer.Argument(None, metavar="[TRIAL_KEY]", help="with RUN_DIR: the trial (results.csv's trial_key); its trials/KEY/model.pt"),
+    trial_key: str | None = typer.Argument(None, metavar="[TRIAL_KEY]", help="with RUN_DIR: the trial (results.csv's trial_key; its trials/KEY/model.pt), or final/MEMBER-sSEED: a finalized member's retrained weights"),
     fmt: str = typer.Option(..., "--format", help=" | ".join(EXPORT_FORMATS)),
     out: Path = typer.Option(..., "-o", "--output", help="file to write"),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else ./mlflow.db"),

@@ -14,7 +14,9 @@ test accuracies, the calibration size, the file's weight bytes).
 
 ``export RUN_DIR TRIAL_KEY`` (:func:`export_trial`) reads the same two files from the run
 directory instead (``trials/<key>/``, a local folder or a storage URI, :mod:`search.rundir.storage`),
-and the dataset from its spec.yaml: no MLflow needed.
+and the dataset from its spec.yaml: no MLflow needed. ``export RUN_DIR final/<member>-s<seed>``
+exports a finalized member's retrained weights: what final-pareto.csv measured (in a deployment
+search its int8 file is rebuilt byte for byte: the same calibration images).
 """
 
 from __future__ import annotations
@@ -157,18 +159,27 @@ def export_model(model: nn.Module, arch: ArchConfig, fmt: str, out: str | Path) 
 
 def load_trial_model(run_dir: str | Path, trial_key: str) -> tuple[nn.Module, ArchConfig]:
     """Trial ``trial_key``'s network from a run dir (local or a URI): trials/<key>/arch.yaml
-    and model.pt (only TERMINATED trials have weights)."""
-    from search.rundir.layout import ARCH_YAML, MODEL_FILE, TRIALS_DIR
+    and model.pt (only TERMINATED trials have weights); ``final/<member>-s<seed>``: that
+    retraining of ``sparse-search finalize`` (the weights final-pareto.csv's figures are of)."""
+    from search.rundir.layout import ARCH_YAML, FINAL_DIR, MODEL_FILE, TRIALS_DIR
     from search.rundir.storage import read_file
     from trainables.arch import ArchConfig
 
     key = str(trial_key)
+    final = key.startswith(f"{FINAL_DIR}/")
+    folder = key if final else f"{TRIALS_DIR}/{key}"
+    if final and (key.count("/") != 1 or key.endswith(("/", "/.", "/.."))):
+        raise UserError(f"{key!r} is invalid: expected {FINAL_DIR}/<member>-s<seed>, a folder "
+                        f"of {run_dir}/{FINAL_DIR}/")
     with tempfile.TemporaryDirectory() as tmp:
         paths = {}
         for name in (ARCH_YAML, MODEL_FILE):
             try:
-                data = read_file(run_dir, f"{TRIALS_DIR}/{key}/{name}")
+                data = read_file(run_dir, f"{folder}/{name}")
             except UserError as e:
+                if final:
+                    raise UserError(f"{e} ({key!r}: {FINAL_DIR}/ holds a folder per finished "
+                                    "retraining of `sparse-search finalize`)") from None
                 raise UserError(f"{e} (trial {key!r}: results.csv lists the trial keys; only a "
                                 "trial that finished all its epochs has model.pt)") from None
             paths[name] = Path(tmp) / name

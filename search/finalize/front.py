@@ -26,8 +26,9 @@ __all__ = ["FINAL_COLUMNS", "FINAL_PARETO", "FINAL_PNG", "final_csv", "final_fro
 
 FINISHED = "FINISHED"  # a retraining's record status (search.finalize writes it)
 FINAL_PARETO = "final-pareto.csv"
-# Metrics averaged over seeds (mean and std columns) where the retraining reports them.
-AVERAGED = ("val_accuracy", "test_accuracy")
+# Metrics averaged over seeds (mean and std columns) where the retraining reports them (the
+# int8 ones in a deployment search: the quantized model's, as it ships).
+AVERAGED = ("val_accuracy", "test_accuracy", "int8_val_accuracy", "int8_test_accuracy")
 # Counts of the delivered model (the same for every seed, up to pruning ties): their mean.
 COUNTS = ("nonzero_params", "deploy_params", "macs", "nonzero_macs", "flash_bytes",
           "sram_bytes")
@@ -37,7 +38,9 @@ FINAL_COLUMNS = ("trial_key", "prune_round", "nonzero_params", "deploy_params", 
                  "val_accuracy_mean", "val_accuracy_std", "test_accuracy_mean",
                  "test_accuracy_std", "seeds", "epochs", "search_val_accuracy", "on_front",
                  "arch", "val_accuracy", "test_accuracy")
-FINAL_PNG = "final-pareto.png"  # test accuracy (mean over seeds) vs nonzero params
+# Test accuracy (mean over seeds) vs nonzero params; a deployment search's: int8 test accuracy
+# vs flash bytes, what the device runs and holds.
+FINAL_PNG = "final-pareto.png"
 
 
 
@@ -116,18 +119,19 @@ def final_csv(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def final_png(rows: Sequence[Mapping[str, Any]], path: Path, *, title: str) -> None:
     """The retrained members' test accuracy (mean over seeds) against nonzero params, the final
-    front in red: what the search's front became at full fidelity."""
+    front in red: what the search's front became at full fidelity. Where the members were
+    quantized (a deployment search): int8 test accuracy against flash bytes."""
     import pandas as pd
 
     from search.tracking.plots import render_png
 
-    table = pd.DataFrame([{"test_accuracy": r.get("test_accuracy_mean"),
-                           "nonzero_params": r.get("nonzero_params"),
+    int8 = any(r.get("int8_test_accuracy_mean") not in (None, "") for r in rows)
+    acc, size = ("int8_test_accuracy", "flash_bytes") if int8 else ("test_accuracy", "nonzero_params")
+    table = pd.DataFrame([{acc: r.get(f"{acc}_mean"), size: r.get(size),
                            "on_front": str(r.get("on_front")).lower() == "true"} for r in rows])
     table = table.dropna() if len(table) else table
     tmp = path.with_name(path.name + ".tmp.png")
-    render_png(table, tmp, objectives={"test_accuracy": "max", "nonzero_params": "min"},
-               title=title, axes=("test_accuracy", "nonzero_params"))
+    render_png(table, tmp, objectives={acc: "max", size: "min"}, title=title, axes=(acc, size))
     tmp.replace(path)
 
 
@@ -144,8 +148,12 @@ def front_text(rows: Sequence[Mapping[str, Any]]) -> str:
 
     # A frozen trunk ships more than trains: its deploy_params column, only where they differ.
     deploy = any(r.get("deploy_params") not in (None, "", r.get("nonzero_params")) for r in rows)
+    # A deployment search's quantized members: their int8 test accuracy, flash and SRAM bytes.
+    int8 = any(r.get("int8_test_accuracy_mean") not in (None, "") for r in rows)
     lines = [f"{'':1} {'trial':>6} {'params':>10} " + (f"{'deploy':>11} " if deploy else "")
-             + f"{'macs':>12} {'val_acc':>15} {'test_acc':>15} {'seeds':>5} {'epochs':>6}  arch"]
+             + f"{'macs':>12} {'val_acc':>15} {'test_acc':>15} "
+             + (f"{'int8_test':>15} {'flash_B':>9} {'sram_B':>9} " if int8 else "")
+             + f"{'seeds':>5} {'epochs':>6}  arch"]
     for r in rows:
         lines.append(
             f"{'*' if str(r.get('on_front')).lower() == 'true' else ' '} {r['trial_key']:>6} "
@@ -153,7 +161,9 @@ def front_text(rows: Sequence[Mapping[str, Any]]) -> str:
             + (f"{f(r.get('deploy_params'), ',.0f'):>11} " if deploy else "")
             + f"{f(r.get('macs'), ',.0f'):>12} "
             f"{mean_std(r, 'val_accuracy')} {mean_std(r, 'test_accuracy')} "
-            f"{r.get('seeds', ''):>5} {r.get('epochs', ''):>6}  {r.get('arch', '')}")
+            + (f"{mean_std(r, 'int8_test_accuracy')} {f(r.get('flash_bytes'), ',.0f'):>9} "
+               f"{f(r.get('sram_bytes'), ',.0f'):>9} " if int8 else "")
+            + f"{r.get('seeds', ''):>5} {r.get('epochs', ''):>6}  {r.get('arch', '')}")
     return "\n".join(lines)
 
 

@@ -34,7 +34,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ from search.finalize.front import (
 )
 from search.rundir.layout import (
     ARCH_YAML,
+    FINAL_DIR,
     MODEL_FILE,
     RESULT_JSON,
     RESULTS_FILE,
@@ -67,7 +68,6 @@ from search.rundir.storage import attach
 __all__ = ["FINAL_DIR", "FinalizeOutcome", "Member", "finalize_run", "front_members", "open_run",
            "pick_order", "trial_recipe"]
 
-FINAL_DIR = "final"  # run_dir/final/<member>-s<seed>/result.json, model.pt
 FAILED = "FAILED"
 
 
@@ -161,14 +161,20 @@ def pick_order(members: list[Member], pick: str,
 
 def front_members(run: RunDir, *, top: int | None, epochs: int | None, pick: str = "smallest",
                   objective: tuple[str, str] = ("val_accuracy", "max"),
-                  overrides: Mapping[str, Any] | None = None) -> list[Member]:
+                  overrides: Mapping[str, Any] | None = None,
+                  under: Mapping[str, Sequence[float]] | None = None,
+                  echo: Callable[[str], Any] = print) -> list[Member]:
     """pareto.csv's points in order of params (smallest first), at most ``top``: the smallest,
-    or (``pick="best"``) the best in ``objective`` (its column, max | min)."""
+    or (``pick="best"``) the best in ``objective`` (its column, max | min); with ``under``
+    ({metric: caps}) and no ``top``: for each cap the best in ``objective`` among the points at
+    or under it (a cap no point is under is said through ``echo``)."""
     if not run.pareto_csv.is_file():
         raise UserError(f"{run.path}: {run.pareto_csv.name} is missing: no trial finished yet")
     with run.pareto_csv.open(newline="") as f:
         rows = sorted(csv.DictReader(f), key=_rank("smallest", objective))
-    if top is not None and pick == "best":
+    if under and top is None:
+        rows = _under_caps(rows, under, objective, echo)
+    elif top is not None and pick == "best":
         best = {id(r) for r in sorted(rows, key=_rank(pick, objective))[:top]}
         rows = [r for r in rows if id(r) in best]
     members = []
@@ -181,12 +187,31 @@ def front_members(run: RunDir, *, top: int | None, epochs: int | None, pick: str
     return members
 
 
+def _under_caps(rows: list[dict[str, str]], under: Mapping[str, Sequence[float]],
+                objective: tuple[str, str], echo: Callable[[str], Any]) -> list[dict[str, str]]:
+    """``rows`` (smallest first) cut to the best in ``objective`` under each cap of ``under``."""
+    picked: set[int] = set()
+    for metric, caps in under.items():
+        for cap in caps:
+            fits = [r for r in rows if r.get(metric) not in (None, "") and float(r[metric]) <= cap]
+            if not fits:
+                echo(f"no front member has {metric} <= {cap:,.0f}: nothing to retrain for it")
+                continue
+            best = min(fits, key=_rank("best", objective))
+            echo(f"{metric} <= {cap:,.0f}: trial {best['trial_key']} ({metric} "
+                 f"{float(best[metric]):,.0f}, {objective[0]} {best.get(objective[0])})")
+            picked.add(id(best))
+    return [r for r in rows if id(r) in picked]
+
+
 # ---------------------------------------------------------------------- one retraining
 def retrain(arch_yaml: str, cfg_flat: Mapping[str, Any], splits: Any, use_gpu: bool,
-            progress: Any = None, job_id: str = "") -> dict:
+            progress: Any = None, job_id: str = "", int8: bool = False) -> dict:
     """Train one (member, seed) (a Ray task body; plain data in and out): the final report,
     per-epoch reports, the delivered weights (``torch.save`` bytes) and the node it ran on.
-    ``progress``: a Ray queue its epochs are reported to (search.finalize.progress)."""
+    ``progress``: a Ray queue its epochs are reported to (search.finalize.progress). ``int8``
+    (a deployment search's, ``SearchSpec.int8_eval``): the retrained weights also quantized as
+    a trial's are, their int8 metrics in the report and their ONNX files in ``files``."""
     import torch
 
     from search.finalize.progress import report_epochs
@@ -207,6 +232,11 @@ def retrain(arch_yaml: str, cfg_flat: Mapping[str, Any], splits: Any, use_gpu: b
             weights["model"] = fold_pruning(state()["model"])
 
     result = train_arch(arch, splits, cfg, device=device, on_epoch=on_epoch)
+    metrics, files = dict(result.metrics), {}
+    if int8 and "model" in weights:
+        metrics_int8, files = _int8(arch, weights["model"], splits, metrics["val_accuracy"],
+                                    threads=cfg.threads or 1)
+        metrics.update(metrics_int8)
     buf = io.BytesIO()
     torch.save(weights.get("model", {}), buf)
     node = None
@@ -216,8 +246,27 @@ def retrain(arch_yaml: str, cfg_flat: Mapping[str, Any], splits: Any, use_gpu: b
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     except Exception:  # (the node is a label, never worth a failure)
         node = None
-    return {"metrics": _plain(result.metrics), "history": [_plain(m) for m in result.history],
-            "model": buf.getvalue(), "node": node}
+    return {"metrics": _plain(metrics), "history": [_plain(m) for m in result.history],
+            "model": buf.getvalue(), "files": files, "node": node}
+
+
+def _int8(arch: Any, state: Mapping[str, Any], splits: Any, val_accuracy: float, *,
+          threads: int) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The search trial's int8 step on the retrained weights (``trial_int8``: the same 256
+    calibration images, so ``sparse-search export ... --format onnx-int8`` of this member
+    rebuilds the same file): its int8 metrics, and the fp32 and int8 ONNX files' bytes."""
+    import tempfile
+
+    from trainables.deploy.quantize import FP32_ONNX_FILE, INT8_ONNX_FILE, trial_int8
+    from trainables.models import build_model
+
+    model = build_model(arch)
+    model.load_state_dict(state)  # folded (plain weights, zeros baked in): as it ships
+    with tempfile.TemporaryDirectory(prefix="sparse-search-final-int8-") as d:
+        metrics = trial_int8(model.eval(), splits, d, val_accuracy=val_accuracy, threads=threads)
+        files = {name: (Path(d) / name).read_bytes() for name in (FP32_ONNX_FILE, INT8_ONNX_FILE)
+                 if (Path(d) / name).is_file()}
+    return metrics, files
 
 
 def _plain(m: Mapping[str, Any]) -> dict[str, Any]:
@@ -307,7 +356,8 @@ def _finalize(run: RunDir, *, top: int | None, seeds: int | None, epochs: int | 
     budget_s = budget_s if budget_s is not None else settings.time_budget
     objective = headline_objective(spec)
     members = front_members(run, top=top, epochs=epochs, pick=settings.pick,
-                            objective=objective, overrides=settings.train)
+                            objective=objective, overrides=settings.train,
+                            under=settings.under, echo=echo)
     if not members:
         raise UserError(f"{run.pareto_csv} holds no front member: nothing to finalize")
     offsets = range(seeds)
@@ -433,7 +483,7 @@ def _train_on_ray(run: RunDir, spec: Any, jobs: Mapping[str, tuple[Member, int]]
                 cfg = m.train.replace(seed=seed)
                 cfg = cfg if cfg.threads is not None else cfg.replace(threads=threads)
                 pending[task.remote(m.arch.to_yaml(), cfg.to_flat(), splits_ref, plan.gpu > 0,
-                                    reports, jid)] = (jid, m, seed, time.time())
+                                    reports, jid, spec.int8_eval())] = (jid, m, seed, time.time())
 
         try:
             submit()
@@ -483,6 +533,8 @@ def _save(run: RunDir, jid: str, m: Member, seed: int, train_flat: dict[str, Any
     else:
         write_atomic(out / MODEL_FILE, res["model"])
         write_atomic(out / ARCH_YAML, m.arch.to_yaml())
+        for name, data in res.get("files", {}).items():  # an int8 search's ONNX files
+            write_atomic(out / name, data)
         rec = {**base, "status": FINISHED, "error": None, "metrics": res["metrics"],
                "history": res["history"], "node": res["node"]}
     write_json(out / RESULT_JSON, rec)

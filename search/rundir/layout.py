@@ -42,6 +42,9 @@ RESULTS_FILE = "results.csv"
 POINTS_FILE = "points.csv"
 PARETO_FILE = "pareto.csv"
 TRIALS_DIR = "trials"
+# finalize's retrainings: final/<member>-s<seed>/ holds result.json, arch.yaml and model.pt as
+# trials/<key>/ does (+ the ONNX files in a deployment search), so export reads either.
+FINAL_DIR = "final"
 # Inside trials/<key>/:
 RESULT_JSON = "result.json"
 ARCH_YAML = "arch.yaml"

@@ -174,6 +174,11 @@ class Finalize:
     # Wall seconds of one finalize call (written 75m, 2h, ...): no retraining starts whose
     # estimated end (its search trial's measured s/epoch x its epochs) is later; null: no limit.
     time_budget: float | None = None
+    # Budget points instead of top: {metric: [cap, ...]} over the counted metrics (nonzero_params,
+    # flash_bytes, ...): for each cap, the front member best in the headline objective among
+    # those at or under it, e.g. {flash_bytes: [24000, 64000]}: one front, two deployment
+    # targets, each retrained. Members in cap order; one member under two caps is trained once.
+    under: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
 
 
 @public("search.spec")

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from search.schema import SCREENED_METRICS
 from search.spec.arch import read_arch_space
 from search.spec.dims import FloatRange, is_int, is_number, plain
 from search.spec.model import (
@@ -259,10 +260,13 @@ def _search_settings(r: Reader, d: Any) -> SearchSettings:
     elif settings.sampler == "lamarckian":
         lamarck = Lamarckian()
     if final is not None:
-        final_train = None
+        final_train = final_under = None
         if isinstance(final, Mapping) and "train" in final:
             final = dict(final)
             final_train = _finalize_train(r, final.pop("train"))
+        if isinstance(final, Mapping) and "under" in final:
+            final = dict(final)
+            final_under = _finalize_under(r, final.pop("under"))
         final = r.dataclass(Finalize, final, "search.finalize", {
             "top": int_check(1, nullable=True),
             "pick": one_of(FINALIZE_PICKS),
@@ -274,6 +278,13 @@ def _search_settings(r: Reader, d: Any) -> SearchSettings:
             final = dataclasses.replace(final, time_budget=parse_duration(final.time_budget))
         if final_train:
             final = dataclasses.replace(final, train=final_train)
+        if final_under:
+            for name, clash in (("top", final.top is not None), ("pick", final.pick != "best")):
+                if clash:
+                    r.fail(f"search.finalize.{name}", f"={plain(getattr(final, name))!r} cannot "
+                           "go with search.finalize.under (it picks the best member under each "
+                           "cap): drop one of them")
+            final = dataclasses.replace(final, under=final_under)
     return dataclasses.replace(settings, early_stopping=early, fill_budget=fill, initial=initial,
                                finalize=final, lamarckian=lamarck)
 
@@ -377,6 +388,20 @@ def _data(r: Reader, d: Any) -> DataConfig:
     except ValueError as e:
         # DataConfig's messages already read "data.<field>=<value> is invalid: expected ...".
         raise SpecError(f"{r.source}: {e}") from None
+
+
+def _finalize_under(r: Reader, d: Any) -> dict[str, tuple[float, ...]]:
+    """``search.finalize.under``: {counted metric: a cap or a list of caps, each > 0}; {}: none
+    (top and pick decide)."""
+    path = "search.finalize.under"
+    kw = r.mapping(d, path, SCREENED_METRICS)
+    out = {}
+    for k, v in kw.items():
+        caps = list(v) if isinstance(v, (list, tuple)) else [v]
+        if not caps or not all(is_number(c) and c > 0 for c in caps):
+            r.invalid(f"{path}.{k}", plain(v), "a number > 0 or a list of them")
+        out[k] = tuple(caps)
+    return out
 
 
 def _finalize_train(r: Reader, d: Any) -> dict[str, Any]:

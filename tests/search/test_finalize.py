@@ -173,6 +173,15 @@ def test_spec_section_defaults_and_errors() -> None:
                                         r"expected one of best, smallest"):
         parse_spec({"data": {"name": "digits"}, "search": {"finalize": {"pick": "largest"}}},
                    source="x.yaml")
+    capped = parse_spec({"data": {"name": "digits"},
+                         "search": {"finalize": {"under": {"flash_bytes": [24000, 64000], "macs": 1e6}}}})
+    assert capped.search.finalize.under == {"flash_bytes": (24000, 64000), "macs": (1e6,)}
+    assert parse_spec(capped.to_dict()).search.finalize == capped.search.finalize
+    for bad, match in (({"under": {"flash": 1}}, r"search\.finalize\.under\.flash is not a known key"),
+                       ({"under": {"flash_bytes": [0]}}, r"under\.flash_bytes=\[0\] is invalid: expected a number > 0"),
+                       ({"top": 2, "under": {"macs": 1}}, r"search\.finalize\.top=2 cannot go with search\.finalize\.under")):
+        with pytest.raises(UserError, match=match):
+            parse_spec({"data": {"name": "digits"}, "search": {"finalize": bad}}, source="x.yaml")
 
 
 def test_pick_smallest_or_best_of_the_front(searched: tuple[Path, str]) -> None:
@@ -195,6 +204,15 @@ def test_pick_smallest_or_best_of_the_front(searched: tuple[Path, str]) -> None:
     params = [int(m.search_point["nonzero_params"]) for m in front_members(run, top=2, epochs=1)]
     assert params == sorted(params)  # listed smallest first
     assert len(front_members(run, top=None, epochs=1, pick="best")) == len(front)
+    # under: per cap the best at or under it (one front, several deployment targets); a cap
+    # below every member says so and picks nothing; a member under two caps is trained once.
+    said: list[str] = []
+    small, large = int(front[0]["nonzero_params"]), int(front[-1]["nonzero_params"])
+    caps = front_members(run, top=None, epochs=1, pick="best", echo=said.append,
+                         under={"nonzero_params": (small - 1, small, large, large + 5)})
+    assert [m.trial_key for m in caps] == [front[0]["trial_key"], front[-1]["trial_key"]]
+    assert said[0] == f"no front member has nonzero_params <= {small - 1:,}: nothing to retrain for it"
+    assert said[1].startswith(f"nonzero_params <= {small:,}: trial {front[0]['trial_key']} ")
 
 
 class _M:  # the Member fields final_front reads

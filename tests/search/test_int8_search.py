@@ -95,6 +95,32 @@ def test_run_with_objective_int8_accuracy(tmp_path: Path) -> None:
         logged = children[r["trial_key"]].data.metrics
         assert logged["int8_val_accuracy"] == pytest.approx(float(r["int8_val_accuracy"]))
         assert logged["int8_test_accuracy"] == pytest.approx(float(r["int8_test_accuracy"]))
+    _finalize_then_export(run_dir, tmp_path)
+
+
+def _finalize_then_export(run_dir: Path, tmp_path: Path) -> None:
+    """The finalized members are quantized as the trials were, and what final-pareto.csv says of
+    one is what its exported int8 file scores and weighs (ONNX Runtime, the file's initializers)."""
+    from trainables.data import DataConfig, load_dataset
+    from trainables.deploy.quantize import evaluate_onnx, onnx_weight_bytes
+
+    done = _cli("finalize", str(run_dir), "--top", "1", "--seeds", "1", "--epochs", "3",
+                "--no-mlflow", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = _rows(run_dir / "final-pareto.csv")
+    assert "int8_test" in done.stdout and "flash_B" in done.stdout  # the printed final front
+    (retrained,) = (run_dir / "final").iterdir()  # final/<member>-s<seed>
+    assert retrained.name.startswith(f"{row['trial_key']}-s")
+    assert (retrained / INT8_ONNX_FILE).is_file() and (retrained / FP32_ONNX_FILE).is_file()
+    job = f"final/{retrained.name}"
+    out = tmp_path / "member-int8.onnx"
+    done = _cli("export", str(run_dir), job, "--format", "onnx-int8", "-o", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    splits = load_dataset(DataConfig(name="digits", val_fraction=0.2, subset=500))
+    measured = evaluate_onnx(out, splits.x_test, splits.y_test, splits.mean, splits.std)
+    assert measured == float(row["int8_test_accuracy"]) == float(row["int8_test_accuracy_mean"])
+    assert onnx_weight_bytes(out).weights == int(row["flash_bytes"])
+    assert json.loads(Path(f"{out}.json").read_text())["accuracy_int8"] == measured
 
 
 def test_switch_off_fills_no_int8_column_and_writes_no_onnx(tmp_path: Path) -> None:
