@@ -359,7 +359,8 @@ class SearchSpec:
                     out[key] = "{}"
                 for k, sub in v.items():
                     walk(f"{key}/{k}", sub)
-            elif isinstance(v, (Mapping, list)):
+            elif isinstance(v, (Mapping, list, tuple)):  # (tuple: finalize.under's caps)
+                v = list(v) if isinstance(v, tuple) else v
                 out[key] = yaml.safe_dump(v, default_flow_style=True, width=10**6).strip()
             else:
                 out[key] = v
