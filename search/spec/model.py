@@ -177,7 +177,7 @@ class Finalize:
     # Budget points instead of top: {metric: [cap, ...]} over the counted metrics (nonzero_params,
     # flash_bytes, ...): for each cap, the front member best in the headline objective among
     # those at or under it, e.g. {flash_bytes: [24000, 64000]}: one front, two deployment
-    # targets, each retrained. Members in cap order; one member under two caps is trained once.
+    # targets, each retrained (best first, as pick: best); one member under two caps, once.
     under: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
 
 
