@@ -75,14 +75,17 @@ def test_every_shipped_space_dry_runs(path):
     spec = load_spec(path)
     shape, classes = SHAPES[spec.data.name]
     result = dry_run(spec, 3, input_shape=shape, num_classes=classes)
-    assert isinstance(result, DryRun) and len(result.proposals) == 3
+    # A space with fewer points than asked (the ResNet-8 anchor: one) says it is exhausted and
+    # holds exactly what its search trains.
+    assert isinstance(result, DryRun) and (len(result.proposals) == 3 or (
+        result.exhausted and len(result.proposals) == spec.search.num_samples))
     assert 0 < result.feasible_fraction <= 1 and result.ms_per_screen > 0
     for p in result.proposals:
         assert p.feasible and p.arch.input_size == shape[1:] and p.arch.num_classes == classes
         if spec.constraints.max_params is not None:
             assert p.screened_params <= spec.constraints.max_params
     text = result.text()
-    assert "3 feasible proposals" in text and "nonzero params" in text and "MACs" in text
+    assert f"{len(result.proposals)} feasible proposals" in text and "nonzero params" in text and "MACs" in text
 
 
 def test_tight_budget_rejects_are_told_and_tpe_learns_faster_than_random():
