@@ -26,8 +26,8 @@ def report_epochs(queue: Any, job_id: str, total: int) -> Callable[[dict[str, An
     def put(metrics: dict[str, Any]) -> None:
         # Sent to the queue's actor without waiting for it: Queue.put / put_nowait block in
         # ray.get, and Ray lends a blocked task's CPUs to the next queued task, which then runs
-        # beside this one (two 2-thread retrainings on 2 cores: ResNet-8 at ~150 s an epoch
-        # instead of 34). (The driver may be gone: training goes on.)
+        # beside this one (two 2-thread retrainings on 2 cores: ResNet-8 at ~150 s an epoch each
+        # instead of 18 one at a time). (The driver may be gone: training goes on.)
         with contextlib.suppress(Exception):
             queue.actor.put_nowait.remote((job_id, int(metrics.get("epoch") or 0), total,
                                            metrics.get("val_accuracy")))
