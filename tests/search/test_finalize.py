@@ -256,8 +256,8 @@ def test_final_front_by_hand() -> None:
 def test_a_retraining_keeps_its_cpus_while_it_reports_epochs(ray_session: None) -> None:
     """Ray lends a task's CPUs to queued tasks while the task blocks in ``ray.get``: epoch reports
     that waited on the queue's actor let a second 2-CPU retraining start beside the first on 2
-    CPUs (4 threads on 2 cores: ResNet-8 trained at ~150 s an epoch each instead of 18 one at a time). So a report is
-    sent without waiting, and it still arrives."""
+    CPUs (4 threads on 2 cores: ResNet-8 trained at ~150 s an epoch each, 18 s one at a time).
+    So a report is sent without waiting, and it still arrives."""
     import ray
     from ray.util.queue import Queue
 
