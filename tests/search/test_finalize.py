@@ -273,7 +273,7 @@ def test_a_retraining_keeps_its_cpus_while_it_reports_epochs(ray_session: None) 
 
     queue = Queue(actor_options={"num_cpus": 0})
     try:
-        (a0, a1), (b0, b1) = ray.get([job.remote(queue, "a"), job.remote(queue, "b")])
+        (a0, a1), (b0, b1) = ray.get([job.remote(queue, "a"), job.remote(queue, "b")], timeout=120)
         assert a1 <= b0 or b1 <= a0, f"both ran at once: a {a0:.2f}-{a1:.2f}, b {b0:.2f}-{b1:.2f}"
         deadline, items = time.monotonic() + 30, []
         while len(items) < 6 and time.monotonic() < deadline:
