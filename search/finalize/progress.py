@@ -61,20 +61,26 @@ class Board:
         self.done += ok
         self.failed += not ok
 
-    def line(self, running: list[str]) -> str:
-        parts = []
-        for jid in running:
-            epoch, total, val = self.latest.get(jid, (0, 0, None))
+    def line(self, pending: list[str]) -> str:
+        # A submitted retraining counts as running once it has reported (epoch 0 at its start):
+        # without a time budget every one is submitted and Ray queues what does not fit.
+        parts, started = [], 0
+        for jid in pending:
+            if jid not in self.latest:
+                parts.append(f"{jid} waiting")
+                continue
+            started += 1
+            epoch, total, val = self.latest[jid]
             acc = f" val {val:.4f}" if isinstance(val, float) and math.isfinite(val) else ""
-            parts.append(f"{jid} epoch {epoch}/{total}{acc}" if total else f"{jid} starting")
+            parts.append(f"{jid} epoch {epoch}/{total}{acc}" if epoch else f"{jid} starting")
         minutes = (time.monotonic() - self.began) / 60
         clock = f"{minutes:.0f}/{self.budget_s / 60:.0f} min" if self.budget_s else f"{minutes:.0f} min"
-        return (f"final {self.done}/{self.total} done, {len(running)} running, {self.failed} failed"
+        return (f"final {self.done}/{self.total} done, {started} running, {self.failed} failed"
                 f" | {', '.join(parts) or '-'} | {clock}")
 
-    def tick(self, running: list[str]) -> None:
+    def tick(self, pending: list[str]) -> None:
         """Drain the reports; print the line when an interval has passed."""
         self.drain()
         if time.monotonic() - self._last >= self.interval_s:
             self._last = time.monotonic()
-            self.echo(self.line(running))
+            self.echo(self.line(pending))

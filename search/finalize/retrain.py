@@ -231,6 +231,8 @@ def retrain(arch_yaml: str, cfg_flat: Mapping[str, Any], splits: Any, use_gpu: b
         if "test_accuracy" in metrics:  # the last report: keep the delivered weights
             weights["model"] = fold_pruning(state()["model"])
 
+    if report is not None:
+        report({"epoch": 0})  # started: the driver's line tells it from one Ray still queues
     result = train_arch(arch, splits, cfg, device=device, on_epoch=on_epoch)
     metrics, files = dict(result.metrics), {}
     if int8 and "model" in weights:
