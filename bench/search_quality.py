@@ -33,18 +33,27 @@ inheritance (``sampler: lamarckian``) and early stopping are sparse-search's, of
 Quality is the hypervolume of the (test error, log10 nonzero params) front of the trials
 finished by the wall time (``search.rundir.pareto.hypervolume_2d``; reference point fixed in
 advance: error 1 and the params budget). Each method runs ``--seeds`` times (sampler seeds
-0..); the data split is the same for all. Prints a per-run table and the mean (sd) of each
+``--first-seed``.., default 0..: tune a change on seeds the reported figures do not use); the
+data split is the same for all. Prints a per-run table and the mean (sd) of each
 method; writes every finished trial as CSV, a plot, and ``--json-out``
 (docs/results/search_quality-<space>.json) with ``hv_ratio_vs_best_peer`` (ours over the
 best peer's mean hypervolume at the wall time), ``time_to_best_peer_hv_ratio`` (the time our
 mean curve takes to reach the best peer's mean final hypervolume over the time the peer's own
-takes; < 1 is faster; null if never), ``peers``, ``seeds`` and the per-method figures. The
+takes; < 1 is faster; null if never), ``hv_ratio_ci95`` (that ratio's 95% bootstrap interval
+over the seeds: how far the seeds' spread leaves it open), ``peers``, ``seeds`` and the
+per-method figures, among them ``hv_pooled`` (the hypervolume of all its searches' trials
+together: the front N times the compute finds, a yardstick for how much one search could
+still gain at this fidelity) and ``hv_pooled_all`` (every method's trials together). The
 LAST line printed is the same JSON.
 
     .venv/bin/python bench/search_quality.py --quick          # ~3-minute smoke check
-    .venv/bin/python bench/search_quality.py                  # 4 methods x 5 seeds x 45 s: ~17 min
+    .venv/bin/python bench/search_quality.py                  # 5 methods x 5 seeds x 45 s: ~19 min
     .venv/bin/python bench/search_quality.py --methods sparse-search \\
         --ours 'search.early_stopping={scheduler: moasha}'   # try a change against the peers
+    .venv/bin/python bench/search_quality.py --first-seed 5 --methods sparse-search,optuna-tpe \\
+        --json-out /tmp/s5-9.json                              # five more seeds of ours and TPE
+    .venv/bin/python bench/search_quality.py --combine \\
+        docs/results/search_quality-tiny-mnist.json /tmp/s5-9.json   # the ten seeds together
 """
 
 from __future__ import annotations
@@ -330,6 +339,27 @@ def run_one(spec: Any, storage: Path, method: str) -> RunResult:
 
 
 # ---------------------------------------------------------------------- report
+def pooled_hv(runs: Sequence[RunResult], *, max_params: int, wall: float) -> float:
+    """The hypervolume of every trial the ``runs`` finished by ``wall``, pooled."""
+    from search.rundir.pareto import hypervolume_2d
+
+    done = [p for r in runs for p in r.points if p.seconds <= wall]
+    return hypervolume_2d([p.test_error for p in done], [p.nonzero_params for p in done],
+                          max_params_ref=max_params)
+
+
+def ratio_ci95(ours: Sequence[float], peer: Sequence[float], *, draws: int = 10_000,
+               seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of mean(ours) / mean(peer), the seeds of each
+    resampled with replacement (the searches are independent)."""
+    import random
+
+    rng = random.Random(seed)
+    ratios = sorted(statistics.fmean(rng.choices(ours, k=len(ours)))
+                    / statistics.fmean(rng.choices(peer, k=len(peer))) for _ in range(draws))
+    return ratios[int(0.025 * draws)], ratios[int(0.975 * draws) - 1]
+
+
 def summarize(runs: Sequence[RunResult], *, max_params: int, wall: float,
               methods: Sequence[str]) -> tuple[dict[str, Any], dict[str, list]]:
     """Per method: mean / sd of the hypervolume at ``wall``; ours against the best peer."""
@@ -346,11 +376,13 @@ def summarize(runs: Sequence[RunResult], *, max_params: int, wall: float,
                 "trained_mean": statistics.fmean(sum(p.seconds <= wall for p in r.points
                                                      if not math.isnan(p.test_error))
                                                  for r in mine),
-                "screened_out_mean": statistics.fmean(r.rejected for r in mine)}
+                "screened_out_mean": statistics.fmean(r.rejected for r in mine),
+                "hv_pooled": pooled_hv(mine, max_params=max_params, wall=wall)}
 
     per = {m: stats(m) for m in methods}
     peers = [m for m in methods if m != OURS]
-    result: dict[str, Any] = {"peers": peers, "methods": per}
+    result: dict[str, Any] = {"peers": peers, "methods": per,
+                              "hv_pooled_all": pooled_hv(runs, max_params=max_params, wall=wall)}
     if OURS in per and peers:
         best = max(peers, key=lambda m: per[m]["hv_mean"])
         target = per[best]["hv_mean"]
@@ -358,6 +390,8 @@ def summarize(runs: Sequence[RunResult], *, max_params: int, wall: float,
         result |= {
             "best_peer": best,
             "hv_ratio_vs_best_peer": per[OURS]["hv_mean"] / target if target else None,
+            "hv_ratio_ci95": ratio_ci95(per[OURS]["hv_per_seed"], per[best]["hv_per_seed"])
+            if target else None,
             "time_to_best_peer_hv_ratio": None if ours_t is None or not peer_t
             else ours_t / peer_t,
             "hv_ratio_vs": {m: per[OURS]["hv_mean"] / per[m]["hv_mean"]
@@ -413,6 +447,34 @@ def plot(means: dict[str, list[tuple[float, float]]], path: Path, *, wall: float
     plt.close(fig)
 
 
+def combine(paths: Sequence[Path]) -> dict[str, Any]:
+    """Runs' JSON files (same space and size, other seeds) as one run's figures: each method's
+    per-seed hypervolumes joined, ours against the best peer over all of them."""
+    docs = [json.loads(p.read_text()) for p in paths]
+    size = ("space", "wall", "subset", "test_subset", "epochs", "batch_size", "concurrent",
+            "cpus", "space_changes", "ours_changes")
+    for p, d in zip(paths[1:], docs[1:], strict=True):
+        differ = [k for k in size if d.get(k) != docs[0].get(k)]
+        if differ:
+            raise ValueError(f"{p}: {differ} differ from {paths[0]}'s: not one benchmark")
+    seeds = [list(range(d.get("first_seed", 0), d.get("first_seed", 0) + d["seeds"]))
+             for d in docs]
+    flat = [s for ss in seeds for s in ss]
+    if len(set(flat)) != len(flat):
+        raise ValueError(f"seeds {seeds} overlap: the runs would count a search twice")
+    methods = [m for m in docs[0]["methods"] if all(m in d["methods"] for d in docs)]
+    per = {m: [v for d in docs for v in d["methods"][m]["hv_per_seed"]] for m in methods}
+    out: dict[str, Any] = {"combined": [str(p) for p in paths], "seeds": flat,
+                           "hv_mean": {m: statistics.fmean(v) for m, v in per.items()}}
+    peers = [m for m in methods if m != OURS]
+    if OURS in per and peers:
+        best = max(peers, key=lambda m: out["hv_mean"][m])
+        out |= {"best_peer": best,
+                "hv_ratio_vs_best_peer": out["hv_mean"][OURS] / out["hv_mean"][best],
+                "hv_ratio_ci95": ratio_ci95(per[OURS], per[best])}
+    return out
+
+
 # ---------------------------------------------------------------------- main
 def parse_changes(flag: str, items: Sequence[str]) -> list[tuple[str, Any]]:
     import yaml
@@ -434,10 +496,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="the space's dataset file (default: MNIST .npz, Keras layout)")
     helps = {"wall": "wall seconds per search", "subset": "train+val images",
              "test_subset": "test images", "epochs": "epochs per trial",
-             "batch_size": "images per step", "seeds": "searches per method (seeds 0..)"}
+             "batch_size": "images per step", "seeds": "searches per method"}
     for name, text in helps.items():
         ap.add_argument(f"--{name.replace('_', '-')}", type=int,
                         help=f"{text} (default {DEFAULT_SIZE[name]}, --quick {QUICK_SIZE[name]})")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="the first sampler seed (default 0): seeds first..first+seeds-1")
     ap.add_argument("--concurrent", type=int, default=2, help="trials at once (default 2)")
     ap.add_argument("--cpus", type=float, default=2.0, help="CPUs shared by those trials")
     ap.add_argument("--methods", default=",".join(METHODS),
@@ -448,11 +512,21 @@ def main(argv: list[str] | None = None) -> int:
                     help="change the space for every method (dotted key, YAML value); "
                     "repeatable")
     ap.add_argument("--quick", action="store_true", help="a ~3-minute smoke check")
+    ap.add_argument("--combine", type=Path, nargs="+", metavar="JSON",
+                    help="run nothing: the figures of these runs' JSON files (same size, other "
+                    "seeds) taken together, ours against the best peer over all their seeds")
     ap.add_argument("--json-out", type=Path, help="default docs/results/search_quality-"
-                    "<space>.json (--quick, --set, --ours or --methods: not written unless "
-                    "given)")
+                    "<space>.json (--quick, --set, --ours, --methods or --first-seed: not written "
+                    "unless given)")
     ap.add_argument("--csv", type=Path, help="every finished trial (default: beside --json-out)")
     args = ap.parse_args(argv)
+    if args.combine:
+        try:
+            print(json.dumps(combine(args.combine)))
+        except (OSError, ValueError, KeyError) as e:
+            print(f"error: --combine: {e}", file=sys.stderr)
+            return 2
+        return 0
     base = QUICK_SIZE if args.quick else DEFAULT_SIZE
     size = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in base.items()}
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -465,6 +539,9 @@ def main(argv: list[str] | None = None) -> int:
         if v < 1:
             print(f"error: --{name.replace('_', '-')}={v} must be >= 1", file=sys.stderr)
             return 2
+    if args.first_seed < 0:
+        print(f"error: --first-seed={args.first_seed} must be >= 0", file=sys.stderr)
+        return 2
     if not args.data.is_file():
         print(f"error: no dataset at {args.data}: pass --data PATH", file=sys.stderr)
         return 2
@@ -476,7 +553,8 @@ def main(argv: list[str] | None = None) -> int:
                   f" (or leave it out: --methods {','.join(m for m in methods if m != MOREA)})",
                   file=sys.stderr)
             return 2
-    official = not (args.quick or args.ours or args.every or args.methods != ",".join(METHODS))
+    official = not (args.quick or args.ours or args.every or args.first_seed
+                    or args.methods != ",".join(METHODS))
     json_out = args.json_out or (RESULTS / f"search_quality-{args.space.stem}.json"
                                  if official else None)
 
@@ -484,18 +562,19 @@ def main(argv: list[str] | None = None) -> int:
     from search.run.ray_runtime import init_ray
 
     seeds, wall = size.pop("seeds"), size["wall"]
+    seed_list = range(args.first_seed, args.first_seed + seeds)
     try:
         ours, every = parse_changes("--ours", args.ours), parse_changes("--set", args.every)
         specs = {(m, s): bench_spec(args.space, method=m, seed=s, data=args.data,
                                     concurrent=args.concurrent, cpus=args.cpus, ours=ours,
                                     every=every, **size)
-                 for s in range(seeds) for m in methods}
+                 for s in seed_list for m in methods}
     except (UserError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    max_params = specs[(methods[0], 0)].constraints.max_params
+    max_params = specs[(methods[0], seed_list[0])].constraints.max_params
     print(f"space {args.space.name}: budget {max_params:,} params; {len(methods)} methods x "
-          f"{seeds} seeds x {wall} s; data subset {size['subset']}, test {size['test_subset']}, "
+          f"{seeds} seeds ({seed_list[0]}-{seed_list[-1]}) x {wall} s; data subset {size['subset']}, test {size['test_subset']}, "
           f"{size['epochs']} epoch(s), batch {size['batch_size']}; {args.concurrent} trials at "
           f"once on {args.cpus:g} CPUs" + (f"; all: {args.every}" if args.every else "")
           + (f"; ours: {args.ours}" if args.ours else ""),
@@ -505,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[RunResult] = []
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="search-quality-") as tmp:
-        for s in range(seeds):  # seeds outermost: a drift in the machine's speed hits all
+        for s in seed_list:  # seeds outermost: a drift in the machine's speed hits all
             for m in methods:
                 run = run_one(specs[(m, s)], Path(tmp) / f"{m}-{s}", m)
                 runs.append(run)
@@ -521,9 +600,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{m:<14} HV at {wall} s: mean {r['hv_mean']:.4f} (sd {r['hv_sd']:.4f}), "
               f"{r['trained_mean']:.1f} trained, {r['screened_out_mean']:.1f} screened out")
     if "best_peer" in result:
+        lo, hi = result["hv_ratio_ci95"] or (math.nan, math.nan)
         print(f"ours / best peer ({result['best_peer']}): HV {result['hv_ratio_vs_best_peer']:.3f}"
-              f"x; time to its HV: {result['time_to_best_peer_hv_ratio']}")
-    result |= {"space": args.space.name, "seeds": seeds, **size, "concurrent": args.concurrent,
+              f"x (95% bootstrap over seeds {lo:.3f}-{hi:.3f}); time to its HV: "
+              f"{result['time_to_best_peer_hv_ratio']}")
+    print("pooled hypervolume (all seeds' trials together): " + ", ".join(
+        f"{m} {result['methods'][m]['hv_pooled']:.4f}" for m in methods)
+        + f"; all methods {result['hv_pooled_all']:.4f}")
+    result |= {"space": args.space.name, "seeds": seeds, "first_seed": args.first_seed, **size, "concurrent": args.concurrent,
                "cpus": args.cpus, "space_changes": args.every, "ours_changes": args.ours,
                "minutes": round((time.time() - started) / 60, 1)}
     if json_out is not None:

@@ -3,12 +3,14 @@
 Every study space loads and dry-runs on its dataset's shape (no data files needed: the shapes
 are what load_dataset reports); the seeds the files rely on really propose what their comments
 say; bench/make_imagefolder.py writes a folder that loads as the imagefolder dataset with the
-exact pixels; bench/search_quality.py's curve maths on hand-computed steps.
+exact pixels; bench/search_quality.py's curve maths on hand-computed steps, its pooled
+hypervolume, bootstrap interval and runs combined over seeds.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -216,6 +218,38 @@ def test_search_quality_curves_on_hand_computed_steps():
     assert [round(h, 12) for _, h in mean] == [0.0, 0.05, 0.175, 0.175, 0.25, 0.35]
     assert sq.time_to_reach(mean, 0.25) == 4.0
     assert sq.time_to_reach(mean, 0.36) is None
+    # Pooled: two searches' fronts together. The second's point (error 0.4, 1 param: y 0)
+    # adds the strip under the first's y 0.5: 0.6 * 0.5 = 0.3 more; after the wall it is out.
+    runs = [sq.RunResult("m", 0, 5.0, tuple(points), rejected=0),
+            sq.RunResult("m", 1, 5.0, (P(2.5, 0.4, 1.0),), rejected=0)]
+    assert math.isclose(sq.pooled_hv(runs, max_params=ref, wall=5.0), 0.4 + 0.3)
+    assert math.isclose(sq.pooled_hv(runs, max_params=ref, wall=2.0), 0.25)
+    # The ratio's bootstrap interval: equal seeds leave nothing open; spread seeds bracket it.
+    assert sq.ratio_ci95([2.0, 2.0], [1.0, 1.0]) == (2.0, 2.0)
+    lo, hi = sq.ratio_ci95([1.0, 1.2, 1.4], [1.0, 1.1, 1.2])
+    assert 1.0 / 1.2 <= lo < 1.2 / 1.1 < hi <= 1.4 / 1.0
+
+
+def test_search_quality_combines_runs_of_other_seeds_and_refuses_overlaps(tmp_path, capsys):
+    sq = load_script("search_quality")
+    size = {"space": "s.yaml", "wall": 45, "subset": 3000, "epochs": 1}
+
+    def run(name: str, first: int, ours: list[float], tpe: list[float], **kw) -> Path:
+        doc = {**size, **kw, "seeds": len(ours), "first_seed": first, "methods": {
+            sq.OURS: {"hv_per_seed": ours}, "optuna-tpe": {"hv_per_seed": tpe}}}
+        (tmp_path / name).write_text(json.dumps(doc))
+        return tmp_path / name
+
+    a, b = run("a.json", 0, [0.3, 0.3], [0.2, 0.2]), run("b.json", 2, [0.3], [0.5])
+    assert sq.main(["--combine", str(a), str(b)]) == 0
+    out = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert out["seeds"] == [0, 1, 2] and out["best_peer"] == "optuna-tpe"
+    assert math.isclose(out["hv_ratio_vs_best_peer"], 0.3 / 0.3)
+    assert sq.main(["--combine", str(a), str(a)]) == 2  # the same seeds twice
+    assert "overlap" in capsys.readouterr().err
+    c = run("c.json", 5, [0.3], [0.2], wall=120)  # another benchmark size
+    assert sq.main(["--combine", str(a), str(c)]) == 2
+    assert "['wall'] differ" in capsys.readouterr().err
 
 
 def test_search_quality_peers_search_the_same_space_without_our_strategy(tmp_path):
