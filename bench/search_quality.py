@@ -360,6 +360,20 @@ def ratio_ci95(ours: Sequence[float], peer: Sequence[float], *, draws: int = 10_
     return ratios[int(0.025 * draws)], ratios[int(0.975 * draws) - 1]
 
 
+def versus_best_peer(per_seed: dict[str, Sequence[float]]) -> dict[str, Any]:
+    """Ours against the peer with the highest mean hypervolume (``per_seed``: each method's
+    per-seed values, ours among them): ``best_peer``, ``hv_ratio_vs_best_peer`` and its
+    ``hv_ratio_ci95``; empty without ours or a peer."""
+    peers = [m for m in per_seed if m != OURS]
+    if OURS not in per_seed or not peers:
+        return {}
+    best = max(peers, key=lambda m: statistics.fmean(per_seed[m]))
+    target = statistics.fmean(per_seed[best])
+    return {"best_peer": best,
+            "hv_ratio_vs_best_peer": statistics.fmean(per_seed[OURS]) / target if target else None,
+            "hv_ratio_ci95": ratio_ci95(per_seed[OURS], per_seed[best]) if target else None}
+
+
 def summarize(runs: Sequence[RunResult], *, max_params: int, wall: float,
               methods: Sequence[str]) -> tuple[dict[str, Any], dict[str, list]]:
     """Per method: mean / sd of the hypervolume at ``wall``; ours against the best peer."""
@@ -383,15 +397,12 @@ def summarize(runs: Sequence[RunResult], *, max_params: int, wall: float,
     peers = [m for m in methods if m != OURS]
     result: dict[str, Any] = {"peers": peers, "methods": per,
                               "hv_pooled_all": pooled_hv(runs, max_params=max_params, wall=wall)}
-    if OURS in per and peers:
-        best = max(peers, key=lambda m: per[m]["hv_mean"])
+    versus = versus_best_peer({m: per[m]["hv_per_seed"] for m in methods})
+    if versus:
+        best = versus["best_peer"]
         target = per[best]["hv_mean"]
         ours_t, peer_t = time_to_reach(means[OURS], target), time_to_reach(means[best], target)
-        result |= {
-            "best_peer": best,
-            "hv_ratio_vs_best_peer": per[OURS]["hv_mean"] / target if target else None,
-            "hv_ratio_ci95": ratio_ci95(per[OURS]["hv_per_seed"], per[best]["hv_per_seed"])
-            if target else None,
+        result |= versus | {
             "time_to_best_peer_hv_ratio": None if ours_t is None or not peer_t
             else ours_t / peer_t,
             "hv_ratio_vs": {m: per[OURS]["hv_mean"] / per[m]["hv_mean"]
@@ -464,15 +475,8 @@ def combine(paths: Sequence[Path]) -> dict[str, Any]:
         raise ValueError(f"seeds {seeds} overlap: the runs would count a search twice")
     methods = [m for m in docs[0]["methods"] if all(m in d["methods"] for d in docs)]
     per = {m: [v for d in docs for v in d["methods"][m]["hv_per_seed"]] for m in methods}
-    out: dict[str, Any] = {"combined": [str(p) for p in paths], "seeds": flat,
-                           "hv_mean": {m: statistics.fmean(v) for m, v in per.items()}}
-    peers = [m for m in methods if m != OURS]
-    if OURS in per and peers:
-        best = max(peers, key=lambda m: out["hv_mean"][m])
-        out |= {"best_peer": best,
-                "hv_ratio_vs_best_peer": out["hv_mean"][OURS] / out["hv_mean"][best],
-                "hv_ratio_ci95": ratio_ci95(per[OURS], per[best])}
-    return out
+    return {"combined": [str(p) for p in paths], "seeds": flat,
+            "hv_mean": {m: statistics.fmean(v) for m, v in per.items()}, **versus_best_peer(per)}
 
 
 # ---------------------------------------------------------------------- main
